@@ -1,0 +1,17 @@
+"""One exception hierarchy: every error jaxquant raises on purpose is a JaxquantError."""
+
+
+class JaxquantError(Exception):
+    """Base class; messages say what was wrong, where, and what to do."""
+
+
+class FormatError(JaxquantError, ValueError):
+    """Unknown format, or a tensor whose shape or bytes do not fit its format."""
+
+
+class QuantizeInputError(JaxquantError, ValueError):
+    """Bad input to quantize: NaN/Inf, wrong dtype, row length not a multiple of the block."""
+
+
+class FileFormatError(JaxquantError):
+    """A model file that cannot be read: truncated, bad magic, unknown type, ..."""

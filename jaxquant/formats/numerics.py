@@ -1,0 +1,66 @@
+"""Float arithmetic that reproduces llama.cpp's C code bit for bit under XLA.
+
+ggml-quants.c is compiled without FMA (ggml-base has no -march flags) and sums left to right.
+XLA's CPU backend contracts ``a*b + c`` into an FMA and reductions run as trees, so the
+quantizers use these helpers wherever the rounding of an intermediate decides a result.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+F32 = jnp.float32
+
+
+def rnd(p: jax.Array) -> jax.Array:
+    """Pin ``p`` as a rounded f32 value: a select the compiler cannot fold into an FMA."""
+    return jnp.where(p == p, p, F32(np.nan))
+
+
+def mul(a, b) -> jax.Array:
+    """``a*b`` rounded to f32, never fused with a following add (C's ``a*b`` without FMA)."""
+    return rnd(jnp.multiply(a, b))
+
+
+def nearest_int(x: jax.Array) -> jax.Array:
+    """ggml's ``nearest_int``: the 1.5*2^23 trick, i.e. round half to even (|x| < 2^22)."""
+    return jnp.round(x).astype(jnp.int32)
+
+
+def roundf(x: jax.Array) -> jax.Array:
+    """C ``roundf``: round half away from zero (returns f32)."""
+    t = jnp.trunc(x)
+    return jnp.where(jnp.abs(x - t) >= 0.5, t + jnp.sign(x), t)
+
+
+def to_f16(x: jax.Array) -> jax.Array:
+    """``GGML_FP32_TO_FP16``: round to nearest even."""
+    return x.astype(jnp.float16)
+
+
+def f16_round(x: jax.Array) -> jax.Array:
+    """``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(x))``."""
+    return x.astype(jnp.float16).astype(F32)
+
+
+def seqsum(x: jax.Array, axis: int = -1) -> jax.Array:
+    """``float s = 0; for (i...) s += x[i];`` along ``axis``: strictly left to right."""
+    x = jnp.moveaxis(x, axis, 0)
+    if x.shape[0] <= 64:  # unrolled; products among the terms must come from mul()
+        s = jnp.zeros(x.shape[1:], x.dtype)
+        for i in range(x.shape[0]):
+            s = s + x[i]
+        return s
+    return lax.scan(lambda s, v: (s + v, None), jnp.zeros(x.shape[1:], x.dtype), x)[0]
+
+
+def first_argmax_abs(x: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+    """``if (amax < fabsf(v)) {amax = fabsf(v); max = v;}``: (amax, signed value at first max)."""
+    ax = jnp.abs(x)
+    i = jnp.argmax(ax, axis=axis, keepdims=True)
+    amax = jnp.squeeze(jnp.take_along_axis(ax, i, axis=axis), axis)
+    mx = jnp.squeeze(jnp.take_along_axis(x, i, axis=axis), axis)
+    return amax, jnp.where(amax > 0, mx, F32(0))  # C keeps max = +0.0f for an all-zero block
