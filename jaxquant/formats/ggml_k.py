@@ -1,1 +1,332 @@
-"""llama.cpp K-quants with per-sub-block minimums: Q2_K, Q4_K, Q5_K (256-element super-blocks)."""
+"""llama.cpp K-quants with per-sub-block minimums: Q2_K, Q4_K, Q5_K (256-element super-blocks).
+
+A super-block holds sub-blocks (16 of 16 for Q2_K, 8 of 32 for Q4_K/Q5_K), each ``x ~ d*sc*q - dmin*m``
+with small integer scale ``sc`` and min ``m`` quantized against the super-block's f16 ``d``/``dmin``.
+Without importance weights the quantizers are ``quantize_row_q*_K_ref`` (``make_qkx2_quants`` per
+sub-block, max-based scale quantization); with them ``quantize_row_q*_K_impl`` (``make_qkx3_quants``,
+then ``make_qp_quants`` for the scales and mins). Both re-derive the quants from the rounded d/dmin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxquant.formats.numerics import F32, mul, nearest_int, seqsum, to_f16
+from jaxquant.formats.registry import Field, Format, register
+
+QK_K = 256
+GROUP_MAX_EPS = F32(1e-15)
+
+
+def _step_factors(rmin: float, rdelta: float, nsteps: int, nmax: int) -> np.ndarray:
+    """C's ``rmin + rdelta*is + nmax`` for each step, in f32 (numpy never fuses the multiply-add)."""
+    steps = np.asarray(nsteps, np.float32) if np.ndim(nsteps) else np.arange(nsteps + 1, dtype=np.float32)
+    return np.float32(rmin) + np.float32(rdelta) * steps + np.float32(nmax)
+
+
+def make_qkx_quants(x: jax.Array, weights: jax.Array, nmax: int, rmin: float, rdelta: float, nstep: int,
+                    use_mad: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """ggml's ``make_qkx2_quants`` over the last axis (= ``make_qkx3_quants`` when weights are given).
+
+    Fits ``x ~ scale * L - the_min`` with ``L`` in [0, nmax] by a search over ``nstep + 1`` trial
+    inverse scales, each refined by weighted least squares. Returns (scale, the_min, L int32).
+    """
+    # Element axis first: every step of the C loops over i is one vector op across all groups.
+    x = jnp.moveaxis(x, -1, 0)
+    w = jnp.moveaxis(weights, -1, 0)
+    mn0 = jnp.minimum(jnp.min(x, axis=0), F32(0))
+    mx = jnp.max(x, axis=0)
+    flat = mx <= mn0  # all equal (after min is clamped to <= 0): L = 0, scale 0
+    sum_w = seqsum(w, 0)
+    sum_x = seqsum(mul(w, x), 0)
+
+    def quants(iscale, mn):
+        return jnp.clip(nearest_int(mul(iscale, x - mn)), 0, nmax)
+
+    def error(scale, mn, l):
+        diff = mul(scale, l.astype(F32)) + mn - x
+        return seqsum(mul(w, jnp.abs(diff) if use_mad else mul(diff, diff)), 0)
+
+    iscale = F32(nmax) / jnp.where(flat, F32(1), mx - mn0)
+    scale = 1 / iscale
+    l = quants(iscale, mn0)
+    best = error(scale, mn0, l)
+
+    def step(carry, factor):
+        l, best, scale, mn = carry  # C updates min on success; later trials start from it
+        la = quants(factor / (mx - mn), mn)
+        lf = la.astype(F32)
+        wl = mul(w, lf)
+        sum_l, sum_l2, sum_xl = seqsum(wl, 0), seqsum(mul(wl, lf), 0), seqsum(mul(wl, x), 0)
+        det = mul(sum_w, sum_l2) - mul(sum_l, sum_l)
+        ok = det > 0
+        det = jnp.where(ok, det, F32(1))
+        this_scale = (mul(sum_w, sum_xl) - mul(sum_x, sum_l)) / det
+        this_min = (mul(sum_l2, sum_x) - mul(sum_l, sum_xl)) / det
+        pos = this_min > 0
+        this_scale = jnp.where(pos, sum_xl / jnp.where(pos, sum_l2, F32(1)), this_scale)
+        this_min = jnp.where(pos, F32(0), this_min)
+        cur = error(this_scale, this_min, la)
+        take = ok & (cur < best)
+        return (jnp.where(take, la, l), jnp.where(take, cur, best), jnp.where(take, this_scale, scale),
+                jnp.where(take, this_min, mn)), None
+
+    factors = jnp.asarray(_step_factors(rmin, rdelta, nstep, nmax))
+    (l, _, scale, mn), _ = lax.scan(step, (l, best, scale, mn0), factors)
+    scale = jnp.where(flat, F32(0), scale)
+    l = jnp.where(flat, 0, l)
+    return scale, -mn, jnp.moveaxis(l, 0, -1)
+
+
+def make_qp_quants(x: jax.Array, quant_weights: jax.Array, nmax: int) -> tuple[jax.Array, jax.Array]:
+    """ggml's ``make_qp_quants`` over the last axis: (scale, L) with ``x ~ scale * L``.
+
+    ``L`` holds what C stores in its ``uint8_t`` array (0..255, int32).
+    """
+    x = jnp.moveaxis(x, -1, 0)
+    w = jnp.moveaxis(quant_weights, -1, 0)
+    n = x.shape[0]
+    mx = jnp.maximum(jnp.max(x, axis=0), F32(0))
+    zero = mx < GROUP_MAX_EPS
+    mx = jnp.where(zero, F32(1), mx)
+
+    def mse(scale, lf):
+        diff = x - mul(scale, lf)
+        return seqsum(mul(mul(w, diff), diff), 0)
+
+    iscale = F32(nmax) / mx
+    best = mse(1 / iscale, (nearest_int(mul(iscale, x)) & 0xFF).astype(F32))
+    for factor in _step_factors(0, 0.1, [i for i in range(-4, 5) if i], nmax):
+        iscale_is = factor / mx
+        cur = mse(1 / iscale_is, jnp.minimum(nmax, nearest_int(mul(iscale_is, x))).astype(F32))
+        take = cur < best
+        best = jnp.where(take, cur, best)
+        iscale = jnp.where(take, iscale_is, iscale)
+
+    l = jnp.minimum(nmax, nearest_int(mul(iscale, x)))
+    lf = l.astype(F32)
+    sumlx = seqsum(mul(mul(w, x), lf), 0)
+    suml2 = seqsum(mul(mul(w, lf), lf), 0)
+
+    def refine(_, carry):
+        big_l, sumlx, suml2 = carry
+        big_l = list(big_l)
+        for i in range(n):  # C updates the sums after each element: strictly sequential
+            wi, xi, li = w[i], x[i], big_l[i].astype(F32)
+            wx = mul(wi, xi)
+            slx = sumlx - mul(wx, li)
+            sl2 = suml2 - mul(mul(wi, li), li)
+            ok = (slx > 0) & (sl2 > 0)
+            new_l = jnp.minimum(nmax, nearest_int(xi * sl2 / jnp.where(ok, slx, F32(1))))
+            nf = new_l.astype(F32)
+            slx = slx + mul(wx, nf)
+            sl2 = sl2 + mul(mul(wi, nf), nf)
+            take = ok & (new_l != big_l[i]) & (mul(mul(slx, slx), suml2) > mul(mul(sumlx, sumlx), sl2))
+            big_l[i] = jnp.where(take, new_l & 0xFF, big_l[i])
+            sumlx = jnp.where(take, slx, sumlx)
+            suml2 = jnp.where(take, sl2, suml2)
+        return jnp.stack(big_l), sumlx, suml2
+
+    # C stops once a pass changes nothing; a pass over an unchanged state changes nothing again.
+    big_l, sumlx, suml2 = lax.fori_loop(0, 5, refine, (l & 0xFF, sumlx, suml2))
+    scale = jnp.where(suml2 > 0, sumlx / jnp.where(suml2 > 0, suml2, F32(1)), F32(0))
+    return jnp.where(zero, F32(0), scale), jnp.moveaxis(jnp.where(zero, 0, big_l), 0, -1)
+
+
+# ---- scale/min byte layouts -------------------------------------------------------------------
+
+def _pack_scale_min_k4(ls: jax.Array, lm: jax.Array) -> jax.Array:
+    """Inverse of ``get_scale_min_k4``: 8 six-bit scales and mins (0..255 as C's uint8) -> 12 bytes."""
+    lo = ls[..., :4] | ((ls[..., 4:] >> 4) << 6)
+    mid = lm[..., :4] | ((lm[..., 4:] >> 4) << 6)
+    hi = (ls[..., 4:] & 0xF) | ((lm[..., 4:] & 0xF) << 4)
+    return (jnp.concatenate([lo, mid, hi], axis=-1) & 0xFF).astype(jnp.uint8)
+
+
+def _unpack_scale_min_k4(scales: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``get_scale_min_k4`` for j = 0..7: 12 bytes -> (sc, m), int32 [..., 8]."""
+    s = scales.astype(jnp.int32)
+    lo, mid, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = jnp.concatenate([lo & 63, (hi & 0xF) | ((lo >> 6) << 4)], axis=-1)
+    m = jnp.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=-1)
+    return sc, m
+
+
+def _unpack_scale_min_q2(scales: jax.Array) -> tuple[jax.Array, jax.Array]:
+    s = scales.astype(jnp.int32)
+    return s & 0xF, s >> 4
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """What differs between Q2_K, Q4_K and Q5_K in the C quantizers."""
+
+    sub: int  # elements per sub-block
+    nmax: int  # largest quant
+    ref_search: tuple[float, float, int]  # (rmin, rdelta, nstep) of make_qkx2_quants in *_ref
+    scale_bits: int  # 4 (Q2_K) or 6 bits per sub-block scale/min
+    clamp_impl: bool  # the _impl variant clamps make_qp_quants' uint8 results to 63 (Q5_K only)
+
+    @property
+    def scale_max(self) -> int:
+        return (1 << self.scale_bits) - 1
+
+
+def _super_blocks(x: jax.Array, sub: int) -> jax.Array:
+    """[R, K] -> [R, K/256, 256/sub, sub]."""
+    return x.reshape(x.shape[0], -1, QK_K // sub, sub)
+
+
+def _ref_scales(spec: _Spec, scales: jax.Array, mins: jax.Array):
+    """``*_ref``: sub-block scales/mins quantized against the super-block maxima -> (d, dmin, ls, lm)."""
+    q = F32(spec.scale_max)
+
+    def positive_max(v):  # C starts from +0.0f and keeps only larger values
+        vmax = jnp.max(v, axis=-1)
+        return jnp.where(vmax > 0, vmax, F32(0))
+
+    max_scale, max_min = positive_max(scales), positive_max(mins)
+
+    def levels(v, vmax):
+        inv = jnp.where(vmax > 0, q / jnp.where(vmax > 0, vmax, F32(1)), F32(0))
+        l = nearest_int(mul(inv[..., None], v)) & 0xFF  # C stores into uint8_t
+        return jnp.minimum(spec.scale_max, l) if spec.scale_bits == 6 else l
+
+    return to_f16(max_scale / q), to_f16(max_min / q), levels(scales, max_scale), levels(mins, max_min)
+
+
+def _requantize(spec: _Spec, xb: jax.Array, big_l: jax.Array, d: jax.Array, dmin: jax.Array,
+                sc: jax.Array, m: jax.Array) -> jax.Array:
+    """Quants recomputed from the stored f16 d/dmin and integer sc/m; sub-blocks with d*sc == 0 keep L."""
+    dd = mul(d.astype(F32)[..., None], sc.astype(F32))[..., None]
+    dm = mul(dmin.astype(F32)[..., None], m.astype(F32))[..., None]
+    q = jnp.clip(nearest_int((xb + dm) / jnp.where(dd != 0, dd, F32(1))), 0, spec.nmax)
+    return jnp.where(dd != 0, q, big_l)
+
+
+def _quantize(spec: _Spec, x: jax.Array, qw: jax.Array | None) -> tuple[dict[str, jax.Array], jax.Array]:
+    """The shared body of quantize_row_q{2,4,5}_K_ref / _impl: (d/dmin/scales fields, quants [R, NB, 256])."""
+    xb = _super_blocks(x, spec.sub)
+    if qw is None:
+        if spec.sub == 16:  # Q2_K: weights |x|, mean absolute error
+            weights, use_mad = jnp.abs(xb), True
+        else:
+            av_x = jnp.sqrt(seqsum(mul(xb, xb)) / F32(spec.sub))
+            weights, use_mad = av_x[..., None] + jnp.abs(xb), False
+        scales, mins, big_l = make_qkx_quants(xb, weights, spec.nmax, *spec.ref_search, use_mad)
+        d, dmin, ls, lm = _ref_scales(spec, scales, mins)
+    else:
+        xs = x.reshape(x.shape[0], -1, QK_K)
+        sum_x2 = seqsum(mul(xs, xs))
+        sigma2 = (sum_x2 if spec.sub == 16 else F32(2) * sum_x2) / F32(QK_K)
+        weights = mul(_super_blocks(qw[None], spec.sub), jnp.sqrt(sigma2[..., None, None] + mul(xb, xb)))
+        sw = seqsum(weights)
+        scales, mins, big_l = make_qkx_quants(xb, weights, spec.nmax, -0.9, 0.05, 36)
+        d_block, ls = make_qp_quants(scales, sw, spec.scale_max)
+        m_block, lm = make_qp_quants(mins, sw, spec.scale_max)
+        if spec.clamp_impl:
+            ls, lm = jnp.minimum(63, ls), jnp.minimum(63, lm)
+        d, dmin = to_f16(d_block), to_f16(m_block)
+
+    if spec.scale_bits == 4:
+        packed = ((ls | (lm << 4)) & 0xFF).astype(jnp.uint8)
+        sc, m = _unpack_scale_min_q2(packed)
+    else:
+        packed = _pack_scale_min_k4(ls, lm)
+        sc, m = _unpack_scale_min_k4(packed)
+    big_l = _requantize(spec, xb, big_l, d, dmin, sc, m)
+    return {"d": d, "dmin": dmin, "scales": packed}, big_l.reshape(*x.shape[:1], -1, QK_K)
+
+
+def _shifted_or(q: jax.Array, bits: int) -> jax.Array:
+    """OR ``q[..., s, :] << (bits*s)`` over axis -2 into uint8."""
+    out = q[..., 0, :]
+    for s in range(1, q.shape[-2]):
+        out = out | (q[..., s, :] << (bits * s))
+    return out.astype(jnp.uint8)
+
+
+def _unshift(packed: jax.Array, bits: int, count: int) -> jax.Array:
+    """Inverse of ``_shifted_or``: [..., n] uint8 -> [..., count, n] int32."""
+    shifts = jnp.arange(count, dtype=jnp.int32)[:, None] * bits
+    return (packed.astype(jnp.int32)[..., None, :] >> shifts) & ((1 << bits) - 1)
+
+
+# ---- Q2_K ---------------------------------------------------------------------------------------
+
+Q2 = _Spec(sub=16, nmax=3, ref_search=(-0.5, 0.1, 15), scale_bits=4, clamp_impl=False)
+
+
+def _q2_k_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
+    out, q = _quantize(Q2, x, qw)
+    # qs[32h + l] holds L[128h + 32s + l] at bits 2s
+    out["qs"] = _shifted_or(q.reshape(*q.shape[:2], 2, 4, 32), 2).reshape(*q.shape[:2], 64)
+    return out
+
+
+def _dequant(d, dmin, sc, m, q):
+    """``d*sc * q - dmin*m`` per sub-block as gguf-py computes it: q [..., S, n] -> f32 [..., S*n]."""
+    dl = mul(d.astype(F32)[..., None], sc.astype(F32))[..., None]
+    ml = mul(dmin.astype(F32)[..., None], m.astype(F32))[..., None]
+    return (mul(dl, q.astype(F32)) - ml).reshape(*q.shape[:-2], -1)
+
+
+def _q2_k_dequantize(a: dict[str, jax.Array]) -> jax.Array:
+    qs = a["qs"]
+    q = _unshift(qs.reshape(*qs.shape[:-1], 2, 32), 2, 4).reshape(*qs.shape[:-1], 16, 16)
+    sc, m = _unpack_scale_min_q2(a["scales"])
+    return _dequant(a["d"], a["dmin"], sc, m, q).reshape(*qs.shape[:-2], -1)
+
+
+# ---- Q4_K / Q5_K --------------------------------------------------------------------------------
+
+Q4 = _Spec(sub=32, nmax=15, ref_search=(-1.0, 0.1, 20), scale_bits=6, clamp_impl=False)
+Q5 = _Spec(sub=32, nmax=31, ref_search=(-0.5, 0.1, 15), scale_bits=6, clamp_impl=True)
+
+
+def _q4_k_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
+    out, q = _quantize(Q4, x, qw)
+    # qs[32c + l] = L[64c + l] | L[64c + 32 + l] << 4
+    out["qs"] = _shifted_or(q.reshape(*q.shape[:2], 4, 2, 32), 4).reshape(*q.shape[:2], 128)
+    return out
+
+
+def _q5_k_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
+    out, q = _quantize(Q5, x, qw)
+    q = q.reshape(*q.shape[:2], 4, 2, 32)
+    out["qs"] = _shifted_or(q & 0xF, 4).reshape(*q.shape[:2], 128)
+    # qh[l] bit 2c+h is the fifth bit of L[64c + 32h + l]
+    out["qh"] = _shifted_or((q >> 4).reshape(*q.shape[:2], 8, 32), 1)
+    return out
+
+
+def _k4_dequantize(a: dict[str, jax.Array], q: jax.Array) -> jax.Array:
+    sc, m = _unpack_scale_min_k4(a["scales"])
+    return _dequant(a["d"], a["dmin"], sc, m, q).reshape(*q.shape[:-3], -1)
+
+
+def _q4_k_dequantize(a: dict[str, jax.Array]) -> jax.Array:
+    qs = a["qs"]
+    q = _unshift(qs.reshape(*qs.shape[:-1], 4, 32), 4, 2).reshape(*qs.shape[:-1], 8, 32)
+    return _k4_dequantize(a, q)
+
+
+def _q5_k_dequantize(a: dict[str, jax.Array]) -> jax.Array:
+    qs = a["qs"]
+    low = _unshift(qs.reshape(*qs.shape[:-1], 4, 32), 4, 2).reshape(*qs.shape[:-1], 8, 32)
+    return _k4_dequantize(a, low | (_unshift(a["qh"], 1, 8) << 4))
+
+
+_HALF = (Field("d", "float16"), Field("dmin", "float16"))
+Q2_K = register(Format("Q2_K", QK_K, (Field("scales", "uint8", 16), Field("qs", "uint8", 64), *_HALF),
+                       _q2_k_dequantize, _q2_k_quantize, "ggml_k"))
+Q4_K = register(Format("Q4_K", QK_K, (*_HALF, Field("scales", "uint8", 12), Field("qs", "uint8", 128)),
+                       _q4_k_dequantize, _q4_k_quantize, "ggml_k"))
+Q5_K = register(Format("Q5_K", QK_K, (*_HALF, Field("scales", "uint8", 12), Field("qh", "uint8", 32),
+                                      Field("qs", "uint8", 128)),
+                       _q5_k_dequantize, _q5_k_quantize, "ggml_k"))
