@@ -1,1 +1,178 @@
-"""llama.cpp symmetric K-quants (scale only, no minimum): Q3_K, Q6_K (256-element super-blocks)."""
+"""llama.cpp symmetric K-quants (scale only, no minimum): Q3_K, Q6_K (256-element super-blocks).
+
+A super-block holds 16 sub-blocks of 16 values, each with its own integer scale times the f16
+super-block scale ``d``. Without importance weights the quantizers are ``quantize_row_q3_K_ref``
+/ ``quantize_row_q6_K_ref``; with them, ``quantize_row_q3_K_impl`` / ``quantize_row_q6_K_impl``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxquant.formats.ggml_legacy import make_qx_quants
+from jaxquant.formats.numerics import F32, f16_round, first_argmax_abs, mul, nearest_int, seqsum, to_f16
+from jaxquant.formats.registry import Field, Format, register
+
+QK_K = 256
+SUB = 16  # values per sub-block; also sub-blocks per super-block
+GROUP_MAX_EPS = F32(1e-15)
+
+
+def _sub_blocks(x: jax.Array) -> jax.Array:
+    """[R, K] -> [R, K/256, 16 sub-blocks, 16 values]."""
+    return x.reshape(x.shape[0], -1, SUB, SUB)
+
+
+def _or_shifted(v: jax.Array, bits: int) -> jax.Array:
+    """(..., G, N) small ints -> (..., N) uint8 holding ``v[..., g, :] << (bits*g)`` for every g."""
+    v = v.astype(jnp.uint8)
+    out = v[..., 0, :]
+    for g in range(1, v.shape[-2]):
+        out = out | (v[..., g, :] << (bits * g))
+    return out
+
+
+def _unpack_bits(v: jax.Array, bits: int, groups: int) -> jax.Array:
+    """Inverse of ``_or_shifted``: (..., N) uint8 -> (..., groups, N) int32."""
+    shifts = jnp.arange(groups, dtype=jnp.uint8)[:, None] * bits
+    return ((v[..., None, :] >> shifts) & ((1 << bits) - 1)).astype(jnp.int32)
+
+
+def _requantize(xs: jax.Array, d: jax.Array, L: jax.Array, nmax: int) -> jax.Array:
+    """``d = d_super * sc; if (!d) continue; L = nearest_int(x/d)`` clipped, per sub-block.
+
+    Sub-blocks whose effective scale is zero keep the quants of the first pass, as in the C.
+    """
+    keep = (d == 0)[..., None]
+    l = jnp.clip(nearest_int(xs / jnp.where(keep, F32(1), d[..., None])), -nmax, nmax - 1) + nmax
+    return jnp.where(keep, L, l)
+
+
+def make_q3_quants(x: jax.Array, nmax: int) -> tuple[jax.Array, jax.Array]:
+    """ggml's ``make_q3_quants(..., do_rmse=true)`` over the last axis: (scale, L in [0, 2*nmax)).
+
+    The greedy refinement visits the values one at a time, each update changing the sums seen
+    by the next, so it runs as 5 sweeps of sequential steps vectorized over all sub-blocks; a
+    sweep that changes nothing leaves the state as it is, which equals the C's early exit.
+    """
+    amax, mx = first_argmax_abs(x)
+    zero = amax < GROUP_MAX_EPS
+    iscale = F32(-nmax) / jnp.where(zero, F32(1), mx)
+    xt = jnp.moveaxis(x, -1, 0)  # values first: each step reads one contiguous slice
+    wt = mul(xt, xt)
+    wx = mul(wt, xt)
+    L0 = jnp.clip(nearest_int(mul(iscale, xt)), -nmax, nmax - 1).astype(F32)
+    sumlx = seqsum(mul(wx, L0), axis=0)
+    suml2 = seqsum(mul(mul(wt, L0), L0), axis=0)
+
+    def sweep(_, state):
+        L, sumlx, suml2 = state
+        L = list(L)
+        for i in range(len(L)):
+            w, xi, li = wt[i], xt[i], L[i]
+            slx = sumlx - mul(wx[i], li)
+            sl2 = suml2 - mul(mul(w, li), li)
+            pos = slx > 0
+            new_l = jnp.clip(nearest_int(mul(xi, sl2) / jnp.where(pos, slx, F32(1))), -nmax, nmax - 1).astype(F32)
+            slx = slx + mul(wx[i], new_l)
+            sl2 = sl2 + mul(mul(w, new_l), new_l)
+            take = pos & (new_l != li) & (sl2 > 0) & (mul(mul(slx, slx), suml2) > mul(mul(sumlx, sumlx), sl2))
+            L[i] = jnp.where(take, new_l, li)
+            sumlx = jnp.where(take, slx, sumlx)
+            suml2 = jnp.where(take, sl2, suml2)
+        return tuple(L), sumlx, suml2
+
+    L, sumlx, suml2 = lax.fori_loop(0, 5, sweep, (tuple(L0), sumlx, suml2))
+    scale = jnp.where(suml2 > 0, sumlx / jnp.where(suml2 > 0, suml2, F32(1)), F32(0))
+    L = jnp.stack(L, axis=-1).astype(jnp.int32) + nmax
+    return jnp.where(zero, F32(0), scale), jnp.where(zero[..., None], 0, L)
+
+
+# ---------------------------------------------------------------- Q3_K
+
+def _q3_pack(d: jax.Array, ls: jax.Array, L: jax.Array) -> dict[str, jax.Array]:
+    """d f32 [R, nb]; ls 6-bit scales [R, nb, 16] in [0, 64); L quants [R, nb, 256] in [0, 8)."""
+    lead = L.shape[:-1]
+    lo = ls & 0xF
+    scales = jnp.concatenate([_or_shifted(lo.reshape(*lead, 2, 8), 4),
+                              _or_shifted((ls >> 4).reshape(*lead, 4, 4), 2)], axis=-1)
+    # high bit of value 32*b + m goes to bit b of hmask[m]; 2-bit quants of 32*s + l (per half) to qs[l]
+    hmask = _or_shifted((L >> 2).reshape(*lead, 8, 32), 1)
+    qs = _or_shifted((L & 3).reshape(*lead, 2, 4, 32), 2).reshape(*lead, 64)
+    return {"hmask": hmask, "qs": qs, "scales": scales, "d": to_f16(d)}
+
+
+def _q3_finish(xs: jax.Array, L: jax.Array, d: jax.Array, ls: jax.Array) -> dict[str, jax.Array]:
+    """Re-quantize every sub-block with its stored scale ``f16(d) * (ls - 32)``, then pack."""
+    d_eff = mul(f16_round(d)[..., None], (ls - 32).astype(F32))
+    L = _requantize(xs, d_eff, L, 4)
+    return _q3_pack(d, ls, L.reshape(*L.shape[:-2], QK_K))
+
+
+def _q3_k_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
+    xs = _sub_blocks(x)
+    if qw is None:
+        scales, L = make_q3_quants(xs, 4)
+        _, max_scale = first_argmax_abs(scales)
+        nz = max_scale != 0
+        iscale = F32(-32) / jnp.where(nz, max_scale, F32(1))
+        ls = jnp.clip(nearest_int(mul(iscale[..., None], scales)), -32, 31) + 32
+        # all scales zero: memset scales to 0 (read back as -32) and d = 0
+        return _q3_finish(xs, L, jnp.where(nz, 1 / iscale, F32(0)), jnp.where(nz[..., None], ls, 0))
+    x2 = mul(xs, xs)
+    sigma2 = F32(2) * seqsum(x2.reshape(*x2.shape[:-2], QK_K)) / F32(QK_K)
+    weight = mul(qw.reshape(-1, SUB, SUB), jnp.sqrt(sigma2[..., None, None] + x2))
+    scales, L = make_qx_quants(xs, 4, 1, weight)
+    d_block, ls = make_qx_quants(scales, 32, 1, seqsum(weight))
+    return _q3_finish(xs, L, d_block, ls)
+
+
+def _q3_k_dequantize(a: dict[str, jax.Array]) -> jax.Array:
+    hmask, qs, sc = a["hmask"], a["qs"], a["scales"]
+    lead = qs.shape[:-1]
+    low = _unpack_bits(qs.reshape(*lead, 2, 32), 2, 4).reshape(*lead, QK_K)
+    high = _unpack_bits(hmask, 1, 8).reshape(*lead, QK_K)
+    q = (low - 4 * (1 - high)).astype(F32).reshape(*lead, SUB, SUB)
+    ls = _unpack_bits(sc[..., :8], 4, 2).reshape(*lead, SUB) | (_unpack_bits(sc[..., 8:], 2, 4).reshape(*lead, SUB) << 4)
+    dl = mul(a["d"].astype(F32)[..., None], (ls - 32).astype(F32))
+    return mul(dl[..., None], q).reshape(*lead[:-1], -1)
+
+
+# ---------------------------------------------------------------- Q6_K
+
+def _q6_k_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
+    xs = _sub_blocks(x)
+    scales, L = make_qx_quants(xs, 32, 1, None if qw is None else qw.reshape(-1, SUB, SUB))
+    amax, max_scale = first_argmax_abs(scales)
+    live = amax >= GROUP_MAX_EPS  # otherwise the whole block is zero bytes
+    iscale = F32(-128) / jnp.where(live, max_scale, F32(1))
+    d = jnp.where(live, 1 / iscale, F32(0))
+    sc = jnp.where(live[..., None], jnp.minimum(127, nearest_int(mul(iscale[..., None], scales))), 0)
+    L = _requantize(xs, mul(f16_round(d)[..., None], sc.astype(F32)), L, 32)
+    L = jnp.where(live[..., None, None], L, 0)
+    lead = L.shape[:-2]
+    L = L.reshape(*lead, 2, 4, 32)  # [half][quarter s][l]
+    lo = (L & 0xF).reshape(*lead, 2, 2, 2, 32).swapaxes(-3, -2)  # [half][s & 1][s >> 1][l]
+    return {"ql": _or_shifted(lo, 4).reshape(*lead, 128),
+            "qh": _or_shifted(L >> 4, 2).reshape(*lead, 64),
+            "scales": sc.astype(jnp.int8), "d": to_f16(d)}
+
+
+def _q6_k_dequantize(a: dict[str, jax.Array]) -> jax.Array:
+    ql, qh = a["ql"], a["qh"]
+    lead = ql.shape[:-1]
+    lo = _unpack_bits(ql.reshape(*lead, 2, 2, 32), 4, 2).swapaxes(-3, -2)  # [half][s >> 1][s & 1][l]
+    hi = _unpack_bits(qh.reshape(*lead, 2, 32), 2, 4)
+    q = ((lo.reshape(*lead, 2, 4, 32) | (hi << 4)) - 32).astype(F32).reshape(*lead, SUB, SUB)
+    dl = mul(a["d"].astype(F32)[..., None], a["scales"].astype(F32))
+    return mul(dl[..., None], q).reshape(*lead[:-1], -1)
+
+
+Q3_K = register(Format("Q3_K", QK_K, (Field("hmask", "uint8", 32), Field("qs", "uint8", 64),
+                                      Field("scales", "uint8", 12), Field("d", "float16")),
+                       _q3_k_dequantize, _q3_k_quantize, "ggml_k"))
+Q6_K = register(Format("Q6_K", QK_K, (Field("ql", "uint8", 128), Field("qh", "uint8", 64),
+                                      Field("scales", "int8", 16), Field("d", "float16")),
+                       _q6_k_dequantize, _q6_k_quantize, "ggml_k"))
