@@ -1,1 +1,175 @@
-"""llama.cpp lattice (grid) formats, dequantize only: IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S."""
+"""llama.cpp lattice (grid) formats, dequantize only: IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S.
+
+Each group of 8 (IQ1/IQ2) or 4 (IQ3) weights is an index into a fixed grid of byte vectors from
+ggml-common.h (shipped as data/iq_grids.npz, written by data/make_iq_grids.py); signs come
+from ``ksigns_iq2xs`` (7 bits + parity) or a plain sign bit per weight. The dequantizers follow
+``dequantize_row_*`` of ggml-quants.c operation for operation.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.formats.numerics import F32, mul
+from jaxquant.formats.registry import Field, Format, register
+
+QK_K = 256
+IQ1S_DELTA = 0.125  # IQ1M_DELTA is the same
+
+
+def _load_grids() -> dict[str, np.ndarray]:
+    """The header's tables; grids as [n, 8 or 4] rows of their little-endian bytes."""
+    with np.load(pathlib.Path(__file__).with_name("data") / "iq_grids.npz") as z:
+        t = {k: z[k] for k in z.files}
+    rows = lambda a, dt: a.astype(a.dtype.newbyteorder("<")).view(dt).reshape(a.size, -1)  # noqa: E731
+    return {
+        "kmask": t["kmask_iq2xs"],
+        "ksigns": t["ksigns_iq2xs"],
+        "iq2xxs": rows(t["iq2xxs_grid"], np.uint8),
+        "iq2xs": rows(t["iq2xs_grid"], np.uint8),
+        "iq2s": rows(t["iq2s_grid"], np.uint8),
+        "iq3xxs": rows(t["iq3xxs_grid"], np.uint8),
+        "iq3s": rows(t["iq3s_grid"], np.uint8),
+        "iq1s": rows(t["iq1s_grid"], np.int8),
+    }
+
+
+_T = _load_grids()
+
+
+def _grid(name: str, idx: jax.Array) -> jax.Array:
+    """Grid rows as f32: idx [...] -> [..., 8 or 4]."""
+    return jnp.asarray(_T[name].astype(np.float32))[idx.astype(jnp.int32)]
+
+
+def _sign_bits(signs: jax.Array) -> jax.Array:
+    """Sign bytes [...] -> bools [..., 8]: ``signs & kmask_iq2xs[j]``."""
+    return (signs[..., None] & jnp.asarray(_T["kmask"])) != 0
+
+
+def _ksigns(bits7: jax.Array) -> jax.Array:
+    """7-bit sign indices [...] -> bools [..., 8] (``ksigns_iq2xs`` adds the parity bit)."""
+    return _sign_bits(jnp.asarray(_T["ksigns"])[bits7.astype(jnp.int32) & 127])
+
+
+def _signed(db: jax.Array, grid: jax.Array, neg: jax.Array) -> jax.Array:
+    """``db * grid[j] * (neg ? -1.f : 1.f)`` with db broadcast over the last axis."""
+    p = mul(db[..., None], grid)
+    return jnp.where(neg, -p, p)
+
+
+def _d(a: dict[str, jax.Array]) -> jax.Array:
+    return a["d"].astype(F32)
+
+
+def _flat(y: jax.Array, nb_axes: int) -> jax.Array:
+    """[..., nb, (per-block dims)] -> [..., nb * 256]."""
+    return y.reshape(*y.shape[:-nb_axes - 1], -1)
+
+
+def _half_db(d: jax.Array, ls: jax.Array, tail: float) -> jax.Array:
+    """``d * (0.5f + ls) * tail`` (IQ2_XXS/XS/S: tail 0.25; IQ3_XXS: 0.5)."""
+    return mul(mul(d, F32(0.5) + ls.astype(F32)), F32(tail))
+
+
+def _iq2_xxs_dequantize(a: dict[str, jax.Array]) -> jax.Array:
+    qs = a["qs"].astype(jnp.uint32).reshape(*a["qs"].shape[:-1], 8, 4)  # [..., nb, ib32, 4 x u16]
+    aux0, aux1 = qs[..., 0] | (qs[..., 1] << 16), qs[..., 2] | (qs[..., 3] << 16)
+    db = _half_db(_d(a)[..., None], aux1 >> 28, 0.25)  # [..., nb, 8]
+    l = np.arange(4)
+    grid = _grid("iq2xxs", (aux0[..., None] >> (8 * l)) & 0xFF)  # [..., nb, 8, 4, 8]
+    neg = _ksigns(aux1[..., None] >> (7 * l))
+    return _flat(_signed(db[..., None], grid, neg), 3)
+
+
+def _iq2_xs_dequantize(a: dict[str, jax.Array]) -> jax.Array:
+    qs = a["qs"].reshape(*a["qs"].shape[:-1], 8, 4)  # [..., nb, ib32, l]
+    sc = a["scales"][..., None]
+    db = _half_db(_d(a)[..., None, None], (sc >> np.array([0, 4], np.uint8)) & 0xF, 0.25)  # [..., nb, 8, 2]
+    db = jnp.repeat(db, 2, axis=-1)  # l -> db[l/2]
+    return _flat(_signed(db, _grid("iq2xs", qs & 511), _ksigns(qs >> 9)), 3)
+
+
+def _iq2_s_dequantize(a: dict[str, jax.Array]) -> jax.Array:
+    qs = a["qs"].astype(jnp.int32)
+    lo, signs = qs[..., :QK_K // 8], qs[..., QK_K // 8:]  # grid index low bytes, then sign bytes
+    l = np.arange(4)
+    hi = ((a["qh"][..., None].astype(jnp.int32) >> (2 * l)) & 3) << 8  # [..., nb, ib32, l]
+    idx = lo.reshape(hi.shape) | hi
+    sc = a["scales"][..., None]
+    db = jnp.repeat(_half_db(_d(a)[..., None, None], (sc >> np.array([0, 4], np.uint8)) & 0xF, 0.25), 2, axis=-1)
+    return _flat(_signed(db, _grid("iq2s", idx), _sign_bits(signs.reshape(hi.shape))), 3)
+
+
+def _iq3_xxs_dequantize(a: dict[str, jax.Array]) -> jax.Array:
+    qs = a["qs"]
+    idx = qs[..., :QK_K // 4].reshape(*qs.shape[:-1], 8, 4, 2)  # [..., nb, ib32, l, grid1/grid2]
+    b = qs[..., QK_K // 4:].astype(jnp.uint32).reshape(*qs.shape[:-1], 8, 4)
+    aux = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)  # [..., nb, 8]
+    db = _half_db(_d(a)[..., None], aux >> 28, 0.5)
+    neg = _ksigns(aux[..., None] >> (7 * np.arange(4))).reshape(idx.shape + (4,))  # bits j, j+4
+    grid = _grid("iq3xxs", idx)  # [..., nb, 8, 4, 2, 4]
+    return _flat(_signed(db[..., None, None], grid, neg), 4)
+
+
+def _iq3_s_dequantize(a: dict[str, jax.Array]) -> jax.Array:
+    qs = a["qs"].astype(jnp.int32)  # one index per 4 weights
+    g = np.arange(QK_K // 4)
+    idx = qs | (((a["qh"][..., g // 8].astype(jnp.int32) >> (g % 8)) & 1) << 8)
+    ib32 = np.arange(QK_K // 32)
+    db = mul(_d(a)[..., None], (1 + 2 * ((a["scales"][..., ib32 // 2] >> (4 * (ib32 % 2))) & 0xF)).astype(F32))
+    neg = _sign_bits(a["signs"]).reshape(*idx.shape[:-1], 8, 8, 4)  # [..., nb, ib32, 8 groups, 4]
+    grid = _grid("iq3s", idx).reshape(neg.shape)
+    return _flat(_signed(db[..., None], grid, neg), 3)
+
+
+def _iq1_values(dl: jax.Array, idx: jax.Array, negative_delta: jax.Array) -> jax.Array:
+    """``dl * (grid[j] + delta)`` with delta = -+IQ1S_DELTA per group of 8."""
+    delta = jnp.where(negative_delta, F32(-IQ1S_DELTA), F32(IQ1S_DELTA))
+    return mul(dl[..., None], _grid("iq1s", idx) + delta[..., None])
+
+
+def _iq1_s_dequantize(a: dict[str, jax.Array]) -> jax.Array:
+    qh = a["qh"].astype(jnp.int32)  # [..., nb, 8]
+    dl = mul(_d(a)[..., None], (2 * ((qh >> 12) & 7) + 1).astype(F32))
+    l = np.arange(4)
+    idx = a["qs"].astype(jnp.int32).reshape(*qh.shape, 4) | (((qh[..., None] >> (3 * l)) & 7) << 8)
+    y = _iq1_values(dl[..., None], idx, (qh[..., None] & 0x8000) != 0)
+    return _flat(y, 3)
+
+
+def _iq1_m_dequantize(a: dict[str, jax.Array]) -> jax.Array:
+    b = a["scales"].astype(jnp.uint16)
+    sc = b[..., 0::2] | (b[..., 1::2] << 8)  # [..., nb, 4] as the C's uint16 view
+    # the f16 super-block scale lives in the top nibbles of the four uint16
+    bits = (sc[..., 0] >> 12) | ((sc[..., 1] >> 8) & 0x00F0) | ((sc[..., 2] >> 4) & 0x0F00) | (sc[..., 3] & 0xF000)
+    d = jax.lax.bitcast_convert_type(bits, jnp.float16).astype(F32)
+    f = np.arange(QK_K // 16)  # 3-bit sub-scale f covers groups 2f, 2f + 1
+    dl = mul(d[..., None], (2 * ((sc[..., f // 4] >> (3 * (f % 4))) & 7) + 1).astype(F32))
+    qh = a["qh"].astype(jnp.int32)[..., None] >> np.array([0, 4])  # [..., nb, 16, 2]: group 2k + n
+    idx = a["qs"].astype(jnp.int32).reshape(qh.shape) | ((qh & 7) << 8)
+    return _flat(_iq1_values(jnp.repeat(dl, 2, axis=-1).reshape(qh.shape), idx, (qh & 8) != 0), 3)
+
+
+def _lattice(name: str, fields: tuple[Field, ...], dequantize) -> Format:
+    return register(Format(name, QK_K, fields, dequantize, None, "ggml_iq_lattice"))
+
+
+_D = Field("d", "float16")
+IQ2_XXS = _lattice("IQ2_XXS", (_D, Field("qs", "uint16", QK_K // 8)), _iq2_xxs_dequantize)
+IQ2_XS = _lattice("IQ2_XS", (_D, Field("qs", "uint16", QK_K // 8), Field("scales", "uint8", QK_K // 32)),
+                  _iq2_xs_dequantize)
+IQ2_S = _lattice("IQ2_S", (_D, Field("qs", "uint8", QK_K // 4), Field("qh", "uint8", QK_K // 32),
+                           Field("scales", "uint8", QK_K // 32)), _iq2_s_dequantize)
+IQ3_XXS = _lattice("IQ3_XXS", (_D, Field("qs", "uint8", 3 * QK_K // 8)), _iq3_xxs_dequantize)
+IQ3_S = _lattice("IQ3_S", (_D, Field("qs", "uint8", QK_K // 4), Field("qh", "uint8", QK_K // 32),
+                           Field("signs", "uint8", QK_K // 8), Field("scales", "uint8", QK_K // 64)),
+                 _iq3_s_dequantize)
+IQ1_S = _lattice("IQ1_S", (_D, Field("qs", "uint8", QK_K // 8), Field("qh", "uint16", QK_K // 32)),
+                 _iq1_s_dequantize)
+IQ1_M = _lattice("IQ1_M", (Field("qs", "uint8", QK_K // 8), Field("qh", "uint8", QK_K // 16),
+                           Field("scales", "uint8", QK_K // 32)), _iq1_m_dequantize)
