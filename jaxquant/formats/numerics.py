@@ -15,9 +15,13 @@ from jax import lax
 F32 = jnp.float32
 
 
+# x86's default NaN (sign set), what C's invalid operations (inf - inf, 0/0) produce there.
+X86_NAN = np.uint32(0xFFC00000).view(np.float32)
+
+
 def rnd(p: jax.Array) -> jax.Array:
     """Pin ``p`` as a rounded f32 value: a select the compiler cannot fold into an FMA."""
-    return jnp.where(p == p, p, F32(np.nan))
+    return jnp.where(p == p, p, X86_NAN)
 
 
 def mul(a, b) -> jax.Array:
@@ -64,3 +68,11 @@ def first_argmax_abs(x: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array
     amax = jnp.squeeze(jnp.take_along_axis(ax, i, axis=axis), axis)
     mx = jnp.squeeze(jnp.take_along_axis(x, i, axis=axis), axis)
     return amax, jnp.where(amax > 0, mx, F32(0))  # C keeps max = +0.0f for an all-zero block
+
+
+def div(a, b) -> jax.Array:
+    """C's ``a / b`` as a true IEEE division. XLA rewrites a division by a constant or a broadcast
+    scalar into a multiplication by its rounded reciprocal; a divisor that depends on ``a`` (the
+    NaN numerator itself where ``a`` is NaN, which C's quotient would be anyway) cannot be."""
+    a, b = jnp.broadcast_arrays(jnp.asarray(a, F32), jnp.asarray(b, F32))
+    return a / jnp.where(a != a, a, b)

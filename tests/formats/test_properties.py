@@ -1,0 +1,93 @@
+"""Properties over every registered format: llama.cpp's bytes for any shape and values the format
+admits (zeros, huge and tiny values included), and clear errors for bad input."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import jaxquant as jq
+import llama_oracle
+from jaxquant.errors import QuantizeInputError
+
+QUANTIZABLE = [n for n in jq.list_formats(quantizable_only=True) if n not in ("F32", "F16", "BF16")]
+
+
+@st.composite
+def matrices(draw, block: int) -> np.ndarray:
+    rows = draw(st.sampled_from([1, 3]))
+    k = block * draw(st.sampled_from([1, 2]))
+    scale = draw(st.sampled_from([1e-20, 1e-3, 1.0, 1e3, 1e30]))
+    x = draw(st.integers(0, 2**32 - 1).map(lambda s: np.random.default_rng(s).standard_normal((rows, k))))
+    x = (x * scale).astype(np.float32)
+    kind = draw(st.sampled_from(["plain", "zero_block", "outlier", "sparse", "constant"]))
+    if kind == "zero_block":
+        x[0, :block] = 0
+    elif kind == "outlier":
+        x[-1, draw(st.integers(0, k - 1))] = draw(st.sampled_from([-6e4, 3e38, 1e10]))
+    elif kind == "sparse":
+        x[np.abs(x) < np.median(np.abs(x))] = 0
+    elif kind == "constant":
+        x[:] = np.float32(scale)
+    return x
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", QUANTIZABLE)
+def test_quantize_matches_llama_cpp_on_any_input(name):
+    fmt = jq.get_format(name)
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(x=matrices(fmt.block_size), with_imatrix=st.booleans())
+    def check(x, with_imatrix):
+        imatrix = np.random.default_rng(1).uniform(0.01, 4.0, x.shape[-1]).astype(np.float32) if with_imatrix else None
+        q = jq.quantize(x, name, imatrix)
+        ref = llama_oracle.quantize(x, name, imatrix)
+        assert np.array_equal(fmt.to_bytes(q), ref)
+        if np.abs(x).max() < 1e15:  # beyond, squares overflow and llama.cpp itself writes NaN scales
+            scales = [np.asarray(a, np.float32) for a in q.arrays.values() if a.dtype == jnp.float16]
+            assert all(not np.isnan(s).any() for s in scales), "NaN scale"
+
+    check()
+
+
+def test_nan_and_inf_name_the_tensor_and_first_index():
+    x = np.ones((4, 64), np.float32)
+    x[2, 17] = np.nan
+    x[3, 0] = np.inf
+    with pytest.raises(QuantizeInputError, match=r"'blk\.3\.attn_q\.weight'.*index \(2, 17\)"):
+        jq.quantize(x, "Q4_0", name="blk.3.attn_q.weight")
+    w = np.ones(64, np.float32)
+    w[5] = np.inf
+    with pytest.raises(QuantizeInputError, match=r"importance weight.*index \(5,\)"):
+        jq.quantize(np.ones((4, 64), np.float32), "Q4_0", w)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "IQ4_XS"])
+def test_row_length_not_divisible(name):
+    block = jq.get_format(name).block_size
+    with pytest.raises(QuantizeInputError, match=f"row length {block + 16}.*block size {block}"):
+        jq.quantize(np.ones((2, block + 16), np.float32), name, name="t")
+
+
+def test_wrong_dtypes_and_shapes():
+    with pytest.raises(QuantizeInputError, match="dtype int32"):
+        jq.quantize(np.ones((2, 32), np.int32), "Q8_0")
+    with pytest.raises(QuantizeInputError, match=r"importance weights.*shape \(16,\), expected \(32,\)"):
+        jq.quantize(np.ones((2, 32), np.float32), "Q4_0", np.ones(16, np.float32))
+    with pytest.raises(jq.FormatError, match="unknown format 'Q9_9'; valid: .*Q4_K"):
+        jq.quantize(np.ones((2, 32), np.float32), "Q9_9")
+
+
+def test_dequantize_only_formats_refuse_to_quantize():
+    with pytest.raises(jq.FormatError, match="IQ2_XXS can be loaded and dequantized but not quantized"):
+        jq.quantize(np.ones((1, 256), np.float32), "IQ2_XXS")
+
+
+def test_bf16_and_f16_round_like_ggml():
+    x = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    assert np.array_equal(np.asarray(jq.quantize(x, "F16")).view(np.uint16), llama_oracle.quantize(x, "F16").view(np.uint16).reshape(8, 64))
+    assert np.array_equal(np.asarray(jq.quantize(x, "BF16")).view(np.uint16), llama_oracle.quantize(x, "BF16").view(np.uint16).reshape(8, 64))
