@@ -1,0 +1,422 @@
+"""GGUF in and out through gguf-py: lazy, memory-mapped reading and exact writing.
+
+Shapes: gguf-py reports a tensor's ``ne`` (row length first); our logical shape is numpy order
+(row length last), ``tuple(reversed(ne))``. Quantized tensors load as QTensors straight from
+their block bytes (never through floats), so writing them back reproduces the file's bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import mmap
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+from jaxquant.errors import FileFormatError, FormatError, JaxquantError
+from jaxquant.formats import get_format
+from jaxquant.io.source import Deferred, Tensor, TensorInfo
+from jaxquant.qtensor import QTensor
+
+SUPPORTED_VERSIONS = (2, 3)
+MAX_DIMS = 4  # GGML_MAX_DIMS
+HEADER_BYTES = 24  # magic, version, tensor count, kv count
+CHUNK_BYTES = 1 << 24  # bigger tensors load in row chunks of about this size
+
+# GGUF tensor types that are plain numpy arrays with no jaxquant format (64-bit ones stay numpy:
+# JAX without x64 would narrow them).
+NUMPY_TYPES = {"I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64, "F64": np.float64}
+
+ValueTypes = tuple[GGUFValueType, ...]  # (UINT32,) or (ARRAY, STRING)
+
+
+class _Reader(gguf.GGUFReader):
+    """gguf-py's reader with every read bounded by the file size, metadata arrays read in one
+    piece (gguf-py makes numpy views per element: 49 s and 700 MB for Gemma-3's 262k-token
+    vocabulary) and tensor infos validated before gguf-py builds its views."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        super().__init__(path, mode="r")
+
+    def _fail(self, what: str) -> FileFormatError:
+        return FileFormatError(f"{self.path}: {what}")
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        offset, count = int(offset), int(count)
+        end = offset + np.dtype(dtype).itemsize * count
+        if end > self.data.size:
+            raise self._fail(f"reading {count} x {np.dtype(dtype).name} at offset {offset} runs past the end "
+                             f"of the file ({self.data.size} bytes): truncated file or corrupt length/count field")
+        return super()._get(offset, dtype, count, override_order)
+
+    def _value_type(self, raw: int, offset: int) -> GGUFValueType:
+        try:
+            return GGUFValueType(int(raw))
+        except ValueError:
+            raise self._fail(f"unknown metadata value type {int(raw)} at offset {offset}") from None
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        gtype = self._value_type(raw_type, orig_offs - 4)
+        if gtype != GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype, alen = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+        itype, n, offs = self._value_type(raw_itype[0], orig_offs), int(alen[0]), orig_offs + 12
+        if itype == GGUFValueType.ARRAY:
+            raise self._fail(f"nested metadata array at offset {orig_offs} (llama.cpp does not support them)")
+        if itype != GGUFValueType.STRING:
+            values = self._get(offs, self.gguf_scalar_to_np[itype], n)
+            return 12 + int(values.nbytes), [raw_itype, alen, values], [2], [gtype, itype]
+        # One part per string holding its bytes (gguf-py keeps the length parts too; nothing reads them).
+        parts: list[np.ndarray] = [raw_itype, alen]
+        plain, size = self.data.view(np.ndarray), int(self.data.size)
+        for _ in range(n):
+            if offs + 8 > size:
+                self._get(offs, np.uint64)  # raises the truncation error
+            end = offs + 8 + struct.unpack_from("<Q", plain, offs)[0]
+            if end > size:
+                self._get(offs + 8, np.uint8, end - offs - 8)
+            parts.append(plain[offs + 8: end])
+            offs = end
+        return offs - orig_offs, parts, list(range(2, n + 2)), [gtype, itype]
+
+    def _build_fields(self, offs, count):
+        self.kv_start = offs
+        self.kv_end = super()._build_fields(offs, count)
+        return self.kv_end
+
+    def _build_tensor_info(self, offs, count):
+        offs, fields = super()._build_tensor_info(offs, count)
+        self.info_end = offs
+        return offs, fields
+
+    def _build_tensors(self, start_offs, fields):
+        seen: dict[str, int] = {}
+        spans = []
+        for field in fields:
+            _, name_data, _, dims, raw_type, rel = field.parts
+            name = _decode(bytes(name_data), self, f"tensor name at offset {field.offset}")
+            if name in seen:
+                raise self._fail(f"duplicate tensor name {name!r} (tensor infos at offsets {seen[name]} and "
+                                 f"{field.offset})")
+            seen[name] = field.offset
+            where = f"tensor {name!r} (tensor info at offset {field.offset})"
+            type_offset = field.offset + 8 + len(name_data) + 4 + 8 * len(dims)
+            try:
+                ggml_type = GGMLQuantizationType(int(raw_type[0]))
+            except ValueError:
+                raise self._fail(f"{where}: unknown type id {int(raw_type[0])} at offset {type_offset}") from None
+            ne = [int(d) for d in dims]
+            if len(ne) > MAX_DIMS:
+                raise self._fail(f"{where}: {len(ne)} dimensions, GGUF allows at most {MAX_DIMS}")
+            block, type_size = GGML_QUANT_SIZES[ggml_type]
+            if any(d >= 2**63 for d in ne) or math.prod(ne) >= 2**63:
+                raise self._fail(f"{where}: dimensions {ne} overflow int64")
+            if ne and ne[0] % block:
+                raise self._fail(f"{where}: row length {ne[0]} is not a multiple of the {ggml_type.name} "
+                                 f"block size {block}")
+            start, nbytes = start_offs + int(rel[0]), math.prod(ne) // block * type_size
+            if int(rel[0]) % self.alignment:
+                raise self._fail(f"{where}: data offset {int(rel[0])} is not a multiple of the alignment "
+                                 f"{self.alignment}")
+            if start + nbytes > self.data.size:
+                raise self._fail(f"{where}: data [{start}, {start + nbytes}) of {ggml_type.name} "
+                                 f"{tuple(reversed(ne))} runs past the end of the file ({self.data.size} bytes)")
+            spans.append((start, start + nbytes, name))
+        spans.sort()
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:
+                raise self._fail(f"data of tensors {a!r} and {b!r} overlap at offset {start}")
+        super()._build_tensors(start_offs, fields)
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array on a 64-byte boundary: jax.device_put adopts such a host buffer on CPU
+    instead of copying it."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    buf = np.empty(nbytes + 64, np.uint8)
+    off = -buf.ctypes.data % 64
+    return buf[off:off + nbytes].view(dtype).reshape(shape)
+
+
+def _decode(raw: bytes, reader: _Reader, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise reader._fail(f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def _string(raw: np.ndarray) -> str | bytes:
+    """A metadata string; bytes when it is not UTF-8, so that writing it back stays exact."""
+    b = raw.tobytes()
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return b
+
+
+def _open_reader(path: Path) -> _Reader:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise FileFormatError(f"{path}: cannot open ({e.strerror})") from None
+    if len(head) < 8:
+        raise FileFormatError(f"{path}: truncated: {len(head)} bytes, a GGUF header needs at least {HEADER_BYTES}")
+    if head[:4] != b"GGUF":
+        raise FileFormatError(f"{path}: wrong magic {head[:4]!r} at offset 0, expected b'GGUF' (not a GGUF file)")
+    version = int.from_bytes(head[4:8], "little")
+    if version & 0xFFFF == 0 and version:
+        raise FileFormatError(f"{path}: big-endian GGUF (version field {head[4:8].hex()} at offset 4) is not supported")
+    if version not in SUPPORTED_VERSIONS:
+        raise FileFormatError(f"{path}: unsupported GGUF version {version} at offset 4 "
+                              f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))})")
+    try:
+        return _Reader(path)
+    except JaxquantError:
+        raise
+    except (ValueError, KeyError, IndexError, OverflowError, TypeError, UnicodeDecodeError, struct.error) as e:
+        raise FileFormatError(f"{path}: invalid GGUF: {e}") from None
+
+
+class GGUFSource:
+    """A GGUF file, memory-mapped: metadata and tensor infos at once, tensor data on ``load``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._reader = _open_reader(self.path)
+        self.metadata: dict[str, Any] = {}
+        self.value_types: dict[str, ValueTypes] = {}
+        for key, field in self._reader.fields.items():
+            if key.startswith("GGUF."):  # version and counts, not metadata
+                continue
+            self.metadata[key] = _field_value(field)
+            self.value_types[key] = tuple(field.types)
+        self._reader.fields.clear()  # its per-string views of the vocabulary cost ~30 MB; metadata has them now
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        with open(self.path, "rb") as f:  # our own map of the data, so that pages can be dropped after a load
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    @property
+    def alignment(self) -> int:
+        return int(self._reader.alignment)
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        t = self._tensor(name)
+        return TensorInfo(name, tuple(int(d) for d in reversed(t.shape)), t.tensor_type.name, int(t.n_bytes))
+
+    def offset(self, name: str) -> int:
+        """Absolute file offset of the tensor's data."""
+        return int(self._tensor(name).data_offset)
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes in the file (uint8, a read-only view of the memory map)."""
+        t = self._tensor(name)
+        return np.frombuffer(self._map, np.uint8, int(t.n_bytes), int(t.data_offset))
+
+    def load(self, name: str) -> Tensor:
+        """The tensor as a QTensor (quantized types), a jax array (F32/F16/BF16) or, for the integer
+        and F64 types, a numpy array. Nothing is dequantized."""
+        info = self.info(name)
+        if info.type in NUMPY_TYPES:
+            out = self.raw(name).view(NUMPY_TYPES[info.type]).reshape(info.shape).copy()
+            self._release(self.offset(name), info.nbytes)
+            return out
+        try:
+            fmt = get_format(info.type)
+        except FormatError:
+            raise FormatError(f"{self.path}: tensor {name!r} has type {info.type}, which jaxquant cannot "
+                              "load yet (no registered format)") from None
+        rows = math.prod(info.shape[:-1])
+        step = max(1, CHUNK_BYTES * rows // max(info.nbytes, 1))
+        if rows <= step:
+            out = fmt.from_bytes(self.raw(name), info.shape)
+            self._release(self.offset(name), info.nbytes)
+            return out
+        return self._load_chunked(info, fmt, step)
+
+    def _load_chunked(self, info: TensorInfo, fmt, step: int) -> Tensor:
+        """A big tensor in chunks of ``step`` rows: each chunk's file pages are dropped once converted
+        and its fields gathered into buffers that jax adopts without a copy, so that the file's bytes
+        and the loaded arrays are not both resident (peak ~1x the tensor instead of 2x)."""
+        lead, k = info.shape[:-1], info.shape[-1]
+        rows = math.prod(lead)
+        row_bytes, start, raw = info.nbytes // rows, self.offset(info.name), self.raw(info.name)
+        bufs: dict[str | None, np.ndarray] = {}
+        for r in range(0, rows, step):
+            n = min(step, rows - r)
+            part = fmt.from_bytes(raw[r * row_bytes:(r + n) * row_bytes], (n, k))
+            for key, a in (part.arrays if isinstance(part, QTensor) else {None: part}).items():
+                if key not in bufs:
+                    bufs[key] = _aligned_empty((rows, *a.shape[1:]), a.dtype)
+                bufs[key][r:r + n] = np.asarray(a)
+            self._release(start + r * row_bytes, n * row_bytes)
+        arrays = {key: jax.device_put(b.reshape(*lead, *b.shape[1:])) for key, b in bufs.items()}
+        return arrays[None] if None in arrays else QTensor(arrays, fmt.name, info.shape)
+
+    def _release(self, start: int, nbytes: int) -> None:
+        """Drop the mapped pages of a loaded tensor from this process (they stay in the page cache
+        and are read again on the next access), so that loading a model costs its size only once."""
+        page = mmap.PAGESIZE
+        lo, hi = -(-start // page) * page, (start + nbytes) // page * page
+        if hi > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def deferred(self, name: str) -> Deferred:
+        """The tensor for ``write_gguf``, read only when written."""
+        return Deferred(self.info(name), functools.partial(self.load, name))
+
+    def layout(self) -> dict[str, int]:
+        """Where the file's bytes go: header, metadata, tensor infos, padding, tensor data."""
+        r = self._reader
+        data = sum(int(t.n_bytes) for t in r.tensors)
+        size = int(r.data.size)
+        return {"header": r.kv_start, "metadata": r.kv_end - r.kv_start, "tensor_info": r.info_end - r.kv_end,
+                "padding": size - r.info_end - data, "tensor_data": data, "file": size}
+
+    @functools.cached_property
+    def config(self):
+        from jaxquant.config import ModelConfig
+
+        try:
+            return ModelConfig.from_gguf(self.metadata, self.tensor_names)
+        except JaxquantError as e:
+            raise type(e)(f"{self.path}: {e}") from None
+
+    @functools.cached_property
+    def tokenizer(self):
+        from jaxquant.io import tokenizer
+
+        return tokenizer.from_gguf(self.metadata)
+
+    def _tensor(self, name: str) -> gguf.ReaderTensor:
+        t = self._tensors.get(name)
+        if t is None:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        return t
+
+    def __repr__(self) -> str:
+        return f"GGUFSource({str(self.path)!r}, {len(self._tensors)} tensors)"
+
+
+def _field_value(field: gguf.ReaderField) -> Any:
+    main = field.types[0]
+    if main == GGUFValueType.STRING:
+        return _string(field.parts[-1])
+    if main != GGUFValueType.ARRAY:
+        return field.parts[-1].tolist()[0]
+    if field.types[-1] == GGUFValueType.STRING:
+        return [_string(field.parts[i]) for i in field.data]
+    return field.parts[field.data[0]].tolist() if field.data else []
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+_ARRAY_TYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(jnp.bfloat16): "BF16",
+                **{np.dtype(v): k for k, v in NUMPY_TYPES.items()}}
+
+
+def tensor_info(name: str, value: Tensor | Deferred) -> TensorInfo:
+    """Shape, GGML type and byte size of a tensor about to be written."""
+    if isinstance(value, Deferred):
+        return value.info
+    if isinstance(value, QTensor):
+        return TensorInfo(name, value.shape, value.fmt, value.nbytes)
+    dt = np.dtype(value.dtype)
+    if dt not in _ARRAY_TYPES:
+        raise FormatError(f"tensor {name!r}: dtype {dt} has no GGUF type; quantize it or cast it to "
+                          "float32/float16/bfloat16")
+    return TensorInfo(name, tuple(value.shape), _ARRAY_TYPES[dt], int(np.prod(value.shape)) * dt.itemsize)
+
+
+def tensor_bytes(value: Tensor) -> np.ndarray:
+    """The GGUF data bytes of a QTensor or array (uint8)."""
+    if isinstance(value, QTensor):
+        return get_format(value.fmt).to_bytes(value).reshape(-1)
+    return np.ascontiguousarray(np.asarray(value)).reshape(-1).view(np.uint8)
+
+
+def infer_value_types(value: Any) -> ValueTypes:
+    """GGUF value type for a python value: ints as UINT32 where they fit (llama.cpp's usual type),
+    arrays of ints as INT32 where they fit, floats as FLOAT32."""
+    if isinstance(value, bool):
+        return (GGUFValueType.BOOL,)
+    if isinstance(value, int):
+        for t, lo, hi in ((GGUFValueType.UINT32, 0, 2**32), (GGUFValueType.INT32, -2**31, 2**31),
+                          (GGUFValueType.INT64, -2**63, 2**63), (GGUFValueType.UINT64, 0, 2**64)):
+            if lo <= value < hi:
+                return (t,)
+        raise FormatError(f"integer {value} does not fit any GGUF type")
+    if isinstance(value, float):
+        return (GGUFValueType.FLOAT32,)
+    if isinstance(value, (str, bytes)):
+        return (GGUFValueType.STRING,)
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise FormatError("cannot infer the element type of an empty array; pass its value type")
+        kinds = {infer_value_types(v)[0] for v in value}
+        if kinds <= {GGUFValueType.UINT32, GGUFValueType.INT32}:
+            return (GGUFValueType.ARRAY, GGUFValueType.INT32 if all(-2**31 <= v < 2**31 for v in value)
+                    else GGUFValueType.INT64)
+        if len(kinds) != 1:
+            raise FormatError(f"array mixes value types {sorted(k.name for k in kinds)}")
+        return (GGUFValueType.ARRAY, kinds.pop())
+    raise FormatError(f"value {value!r} of type {type(value).__name__} has no GGUF type")
+
+
+def write_gguf(path: str | os.PathLike, metadata: Mapping[str, Any], tensors: Mapping[str, Tensor | Deferred],
+               value_types: Mapping[str, ValueTypes] | None = None) -> None:
+    """Write a GGUF file with gguf-py's writer: ``metadata`` in order (``value_types`` gives each
+    key's GGUF type, e.g. ``GGUFSource.value_types``; missing ones are inferred), then the tensors
+    in order. ``Deferred`` tensors are loaded one at a time while writing, so a model streams
+    through with about one tensor in memory. The file appears atomically at ``path``."""
+    path = Path(path)
+    value_types = value_types or {}
+    arch = metadata.get("general.architecture")
+    if not isinstance(arch, str):
+        raise FormatError("GGUF metadata needs a string 'general.architecture'")
+    infos = [tensor_info(name, value) for name, value in tensors.items()]
+    tmp = path.with_name(path.name + ".tmp")
+    writer = gguf.GGUFWriter(tmp, arch)
+    writer.kv_data[0].clear()  # the constructor adds general.architecture; keep the caller's order
+    try:
+        for key, value in metadata.items():
+            vt = value_types.get(key) or infer_value_types(value)
+            if vt[0] == GGUFValueType.ARRAY and not len(value):
+                raise FormatError(f"metadata key {key!r}: gguf-py cannot write an empty array")
+            writer.add_key_value(key, list(value) if vt[0] == GGUFValueType.ARRAY else value, vt[0],
+                                 vt[1] if len(vt) > 1 else None)
+        if "general.alignment" in metadata:
+            writer.data_alignment = int(metadata["general.alignment"])
+        for info in infos:
+            qtype = GGMLQuantizationType[info.type]
+            block, type_size = GGML_QUANT_SIZES[qtype]
+            byte_shape = (*info.shape[:-1], info.shape[-1] // block * type_size)
+            writer.add_tensor_info(info.name, byte_shape, np.dtype(np.uint8), info.nbytes, raw_dtype=qtype)
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for info, value in zip(infos, tensors.values()):
+            data = tensor_bytes(value.load() if isinstance(value, Deferred) else value)
+            if data.nbytes != info.nbytes:
+                raise FormatError(f"tensor {info.name!r}: {data.nbytes} bytes of data, its info says {info.nbytes}")
+            writer.write_tensor_data(data)
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)
