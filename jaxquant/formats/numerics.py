@@ -73,6 +73,8 @@ def first_argmax_abs(x: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array
 def div(a, b) -> jax.Array:
     """C's ``a / b`` as a true IEEE division. XLA rewrites a division by a constant or a broadcast
     scalar into a multiplication by its rounded reciprocal; a divisor that depends on ``a`` (the
-    NaN numerator itself where ``a`` is NaN, which C's quotient would be anyway) cannot be."""
+    NaN numerator itself where ``a`` is NaN, which C's quotient would be anyway) cannot be. The
+    quotient is pinned too: XLA also merges chained divisions (``1/(c/s)`` -> ``s/c``, ``(a/b)/c``
+    -> ``a/(b*c)``)."""
     a, b = jnp.broadcast_arrays(jnp.asarray(a, F32), jnp.asarray(b, F32))
-    return a / jnp.where(a != a, a, b)
+    return rnd(a / jnp.where(a != a, a, b))
