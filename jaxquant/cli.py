@@ -1,0 +1,110 @@
+"""The ``jaxquant`` command: a thin dispatcher, one subcommand per user verb."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+from jaxquant.errors import JaxquantError
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]):
+    """Register ``run(args) -> exit code`` as subcommand ``name``."""
+
+    def register(run: Callable[[argparse.Namespace], int]):
+        COMMANDS[name] = (help, arguments, run)
+        return run
+
+    return register
+
+
+# ---- inspect ------------------------------------------------------------------------------------
+
+def _inspect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", nargs="?", default="default",
+                   help="GGUF file or Hugging Face checkpoint directory (default: the embedded Gemma-3-270M)")
+    p.add_argument("--no-tensors", action="store_true", help="print the totals and metadata only")
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _short(value) -> str:
+    if isinstance(value, list):
+        return f"[{len(value)} items]" if len(value) > 8 else repr(value)
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+@command("inspect", "tensors (name, shape, type, bits per weight, bytes), totals and metadata of a model",
+         _inspect_arguments)
+def inspect(args: argparse.Namespace) -> int:
+    from jaxquant.io import GGUFSource, open_model
+
+    src = open_model(args.path)
+    infos = [src.info(n) for n in src.tensor_names]
+    print(f"{src.path}")
+    if not args.no_tensors:
+        width = max((len(i.name) for i in infos), default=4)
+        print(f"\n{'tensor':<{width}}  {'shape':<20} {'type':<8} {'bpw':>7} {'bytes':>12}")
+        for i in infos:
+            print(f"{i.name:<{width}}  {str(list(i.shape)):<20} {i.type:<8} {i.bits_per_weight:>7.4f} {i.nbytes:>12}")
+
+    per_type: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for i in infos:
+        t = per_type[i.type]
+        t[0], t[1], t[2] = t[0] + 1, t[1] + i.size, t[2] + i.nbytes
+    print(f"\n{'type':<10} {'tensors':>7} {'weights':>13} {'bpw':>7} {'bytes':>12}")
+    for name, (count, size, nbytes) in sorted(per_type.items(), key=lambda kv: -kv[1][2]):
+        print(f"{name:<10} {count:>7} {size:>13} {8 * nbytes / size:>7.4f} {nbytes:>12}")
+    size = sum(i.size for i in infos)
+    data = sum(i.nbytes for i in infos)
+    print(f"{'tensors':<10} {len(infos):>7} {size:>13} {8 * data / max(size, 1):>7.4f} {data:>12}  "
+          f"({_human(data)}; bits per weight of the whole model)")
+    if isinstance(src, GGUFSource):
+        layout = src.layout()
+        for part in ("header", "metadata", "tensor_info", "padding"):
+            print(f"{part:<10} {'':>7} {'':>13} {'':>7} {layout[part]:>12}")
+        print(f"{'file':<10} {'':>7} {'':>13} {'':>7} {layout['file']:>12}  ({_human(layout['file'])})")
+
+    print("\nconfig")
+    try:
+        config = src.config
+    except JaxquantError as e:
+        print(f"  {e}")
+    else:
+        for key, value in vars(config).items():
+            print(f"  {key}: {_short(value)}")
+    print("\nmetadata")
+    for key, value in src.metadata.items():
+        if key.startswith("general.") or not isinstance(value, list):
+            print(f"  {key}: {_short(value)}")
+    return 0
+
+
+# ---- entry point --------------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxquant", description="Quantized LLMs as pure JAX functions.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help, arguments, _) in COMMANDS.items():
+        arguments(sub.add_parser(name, help=help, description=help))
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command][2](args)
+    except JaxquantError as e:
+        print(f"jaxquant {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
