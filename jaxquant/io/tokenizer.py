@@ -114,6 +114,16 @@ class Tokenizer(abc.ABC):
         return _compile_template(self.chat_template)
 
 
+class _GenerationTag(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}`` (transformers' assistant-mask markers) renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> list[Any]:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 @functools.lru_cache(maxsize=8)
 def _compile_template(source: str) -> jinja2.Template:
     """A chat template compiled the way transformers compiles it (sandboxed, trimmed blocks)."""
@@ -126,7 +136,7 @@ def _compile_template(source: str) -> jinja2.Template:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                       extensions=[jinja2.ext.loopcontrols])
+                                                       extensions=[jinja2.ext.loopcontrols, _GenerationTag])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -139,10 +149,11 @@ def _compile_template(source: str) -> jinja2.Template:
 # ------------------------------------------------------------------------------------------------ GGUF
 
 
-def _require(metadata: Mapping[str, Any], key: str, kind: type) -> Any:
+def _require(metadata: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     value = metadata.get(key)
     if not isinstance(value, kind):
-        what = "missing" if value is None else f"a {type(value).__name__}, expected {kind.__name__}"
+        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        what = "missing" if value is None else f"a {type(value).__name__}, expected {expected}"
         raise FileFormatError(f"tokenizer metadata: {key} is {what}")
     return value
 
@@ -154,6 +165,8 @@ class GGUFTokenizer(Tokenizer):
         model = _require(metadata, "tokenizer.ggml.model", str)
         self.tokens = list(_require(metadata, "tokenizer.ggml.tokens", (list, tuple)))
         n = len(self.tokens)
+        if (bad := next((i for i, t in enumerate(self.tokens) if not isinstance(t, str)), None)) is not None:
+            raise FileFormatError(f"tokenizer metadata: token {bad} ({self.tokens[bad]!r}) is not a UTF-8 string")
         self.tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(self.tokens)]
         self.token_to_id = {t: i for i, t in enumerate(self.tokens)}
         if len(self.token_to_id) != n:
