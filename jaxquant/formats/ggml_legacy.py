@@ -1,7 +1,8 @@
 """llama.cpp's legacy 32-element block formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0.
 
 Without importance weights the quantizers are ``quantize_row_*_ref``; with them, the
-``quantize_row_*_impl`` variants of ggml-quants.c (a weighted scale search per block).
+``quantize_row_*_impl`` variants of ggml-quants.c (a weighted scale search per block:
+``make_qx_quants`` for the symmetric types, ``make_qkx3_quants`` for the ones with a min).
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxquant.formats.numerics import F32, first_argmax_abs, mul, nearest_int, roundf, seqsum, to_f16
+from jaxquant.formats.ggml_k import make_qkx_quants
+from jaxquant.formats.numerics import F32, div, first_argmax_abs, mul, nearest_int, roundf, seqsum, to_f16
 from jaxquant.formats.registry import Field, Format, register
 
 QK = 32
@@ -20,10 +22,22 @@ def _blocks(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], -1, QK)
 
 
+def inv_or_zero(d: jax.Array) -> jax.Array:
+    """C's ``d ? 1.0f/d : 0.0f``."""
+    nz = d != 0
+    return jnp.where(nz, 1 / jnp.where(nz, d, F32(1)), F32(0))
+
+
 def _row_weights(x: jax.Array, qw: jax.Array) -> jax.Array:
     """``weight[j] = qw[j] * sqrtf(sigma2 + x[j]*x[j])`` with sigma2 the row's mean square."""
-    sigma2 = seqsum(mul(x, x), axis=-1) / F32(x.shape[-1])
+    sigma2 = div(seqsum(mul(x, x), axis=-1), F32(x.shape[-1]))
     return _blocks(mul(qw, jnp.sqrt(sigma2[:, None] + mul(x, x))))
+
+
+def _first(x: jax.Array, arg) -> jax.Array:
+    """The element at the first index of ``arg`` (argmin/argmax): C's strict compares keep the
+    first of equal values, which decides the sign of a zero."""
+    return jnp.take_along_axis(x, arg(x, axis=-1, keepdims=True), axis=-1)[..., 0]
 
 
 def make_qx_quants(x: jax.Array, nmax: int, rmse_type: int, qw: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -62,43 +76,113 @@ def make_qx_quants(x: jax.Array, nmax: int, rmse_type: int, qw: jax.Array | None
     return jnp.where(zero, F32(0), scale), jnp.where(zero[..., None], 0, l + nmax)
 
 
-def _nibbles(lo: jax.Array, hi: jax.Array) -> jax.Array:
-    return (lo.astype(jnp.uint8) & 0xF) | (hi.astype(jnp.uint8) << 4)
+def _symmetric(x: jax.Array, nmax: int, qw: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Q4_0 / Q5_0: (d, q in [0, 2*nmax)) with ``x ~ d*(q - nmax)``."""
+    xb = _blocks(x)
+    if qw is not None:  # quantize_row_q{4,5}_0_impl
+        return make_qx_quants(xb, nmax, 1, _row_weights(x, qw))
+    _, mx = first_argmax_abs(xb)  # quantize_row_q{4,5}_0_ref: d from the signed absmax
+    d = div(mx, F32(-nmax))
+    q = jnp.trunc(mul(xb, inv_or_zero(d)[..., None]) + F32(nmax + 0.5)).astype(jnp.int32)
+    return d, jnp.minimum(2 * nmax - 1, q)
+
+
+def _affine(x: jax.Array, nmax: int, qw: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Q4_1 / Q5_1: (d, m, q in [0, nmax]) with ``x ~ d*q + m``."""
+    xb = _blocks(x)
+    if qw is not None:  # quantize_row_q{4,5}_1_impl
+        d, the_min, q = make_qkx_quants(xb, _row_weights(x, qw), nmax, -0.9, 0.05, 36)
+        return d, -the_min, q
+    mn, mx = _first(xb, jnp.argmin), _first(xb, jnp.argmax)  # quantize_row_q{4,5}_1_ref
+    d = div(mx - mn, F32(nmax))
+    q = jnp.trunc(mul(xb - mn[..., None], inv_or_zero(d)[..., None]) + F32(0.5)).astype(jnp.int32)
+    return d, mn, jnp.minimum(nmax, q)
+
+
+def pack_nibbles(q: jax.Array) -> jax.Array:
+    """32 quants -> 16 bytes: ``qs[j] = q[j] | q[j+16] << 4`` (low nibbles only)."""
+    return (q[..., :16].astype(jnp.uint8) & 0xF) | (q[..., 16:].astype(jnp.uint8) << 4)
+
+
+def _pack_high_bits(q: jax.Array) -> jax.Array:
+    """The 5th bits of q as the little-endian uint32 ``qh`` (bit j = q[j] >> 4), in 4 bytes."""
+    bits = ((q >> 4) & 1).astype(jnp.uint8).reshape(*q.shape[:-1], 4, 8)
+    return jnp.sum(bits << jnp.arange(8, dtype=jnp.uint8), axis=-1, dtype=jnp.uint8)
+
+
+def unpack_nibbles(qs: jax.Array) -> jax.Array:
+    """16 bytes -> 32 quants (int32), the inverse of ``pack_nibbles``."""
+    return jnp.concatenate([qs & 0xF, qs >> 4], axis=-1).astype(jnp.int32)
+
+
+def _unpack5(qh: jax.Array, qs: jax.Array) -> jax.Array:
+    high = (qh[..., :, None] >> jnp.arange(8, dtype=jnp.uint8)) & 1
+    return unpack_nibbles(qs) | (high.reshape(*qh.shape[:-1], QK).astype(jnp.int32) << 4)
+
+
+def _rows(y: jax.Array) -> jax.Array:
+    """[..., nb, 32] -> [..., nb*32]."""
+    return y.reshape(*y.shape[:-2], -1)
 
 
 def _q4_0_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
-    xb = _blocks(x)
-    if qw is None:
-        _, mx = first_argmax_abs(xb)
-        d = mx / F32(-8)
-        idv = jnp.where(d != 0, 1 / jnp.where(d != 0, d, 1), F32(0))
-        q = jnp.minimum(15, jnp.trunc(mul(xb, idv[..., None]) + F32(8.5)).astype(jnp.int32))
-    else:
-        d, q = make_qx_quants(xb, 8, 1, _row_weights(x, qw))
-    return {"d": to_f16(d), "qs": _nibbles(q[..., :16], q[..., 16:])}
+    d, q = _symmetric(x, 8, qw)
+    return {"d": to_f16(d), "qs": pack_nibbles(q)}
 
 
 def _q4_0_dequantize(a: dict[str, jax.Array]) -> jax.Array:
-    d = a["d"].astype(F32)[..., None]
-    qs = a["qs"]
-    q = jnp.concatenate([qs & 0xF, qs >> 4], axis=-1).astype(jnp.int32) - 8
-    return mul(d, q.astype(F32)).reshape(*qs.shape[:-2], -1)
+    # x0*d is the result (no add follows), so a plain multiply keeps the hardware's NaN bits
+    return _rows((unpack_nibbles(a["qs"]) - 8).astype(F32) * a["d"].astype(F32)[..., None])
+
+
+def _q4_1_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
+    d, m, q = _affine(x, 15, qw)
+    return {"d": to_f16(d), "m": to_f16(m), "qs": pack_nibbles(q)}
+
+
+def _q4_1_dequantize(a: dict[str, jax.Array]) -> jax.Array:
+    return _rows(mul(unpack_nibbles(a["qs"]).astype(F32), a["d"].astype(F32)[..., None]) + a["m"].astype(F32)[..., None])
+
+
+def _q5_0_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
+    d, q = _symmetric(x, 16, qw)
+    return {"d": to_f16(d), "qh": _pack_high_bits(q), "qs": pack_nibbles(q)}
+
+
+def _q5_0_dequantize(a: dict[str, jax.Array]) -> jax.Array:
+    return _rows((_unpack5(a["qh"], a["qs"]) - 16).astype(F32) * a["d"].astype(F32)[..., None])
+
+
+def _q5_1_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
+    d, m, q = _affine(x, 31, qw)
+    return {"d": to_f16(d), "m": to_f16(m), "qh": _pack_high_bits(q), "qs": pack_nibbles(q)}
+
+
+def _q5_1_dequantize(a: dict[str, jax.Array]) -> jax.Array:
+    q = _unpack5(a["qh"], a["qs"]).astype(F32)
+    return _rows(mul(q, a["d"].astype(F32)[..., None]) + a["m"].astype(F32)[..., None])
 
 
 def _q8_0_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
     del qw  # llama.cpp's quantize_q8_0 ignores importance weights
     xb = _blocks(x)
-    d = jnp.max(jnp.abs(xb), axis=-1) / F32(127)
-    idv = jnp.where(d != 0, 1 / jnp.where(d != 0, d, 1), F32(0))
-    return {"d": to_f16(d), "qs": roundf(mul(xb, idv[..., None])).astype(jnp.int8)}
+    d = div(jnp.max(jnp.abs(xb), axis=-1), F32(127))
+    return {"d": to_f16(d), "qs": roundf(mul(xb, inv_or_zero(d)[..., None])).astype(jnp.int8)}
 
 
 def _q8_0_dequantize(a: dict[str, jax.Array]) -> jax.Array:
-    qs = a["qs"]
-    return mul(qs.astype(F32), a["d"].astype(F32)[..., None]).reshape(*qs.shape[:-2], -1)
+    return _rows(a["qs"].astype(F32) * a["d"].astype(F32)[..., None])
 
 
-Q4_0 = register(Format("Q4_0", QK, (Field("d", "float16"), Field("qs", "uint8", 16)),
-                       _q4_0_dequantize, _q4_0_quantize, "ggml_legacy"))
-Q8_0 = register(Format("Q8_0", QK, (Field("d", "float16"), Field("qs", "int8", 32)),
-                       _q8_0_dequantize, _q8_0_quantize, "ggml_legacy"))
+def _half(name: str) -> Field:
+    return Field(name, "float16")
+
+
+QH, QS = Field("qh", "uint8", 4), Field("qs", "uint8", 16)
+Q4_0 = register(Format("Q4_0", QK, (_half("d"), QS), _q4_0_dequantize, _q4_0_quantize, "ggml_legacy"))
+Q4_1 = register(Format("Q4_1", QK, (_half("d"), _half("m"), QS), _q4_1_dequantize, _q4_1_quantize, "ggml_legacy"))
+Q5_0 = register(Format("Q5_0", QK, (_half("d"), QH, QS), _q5_0_dequantize, _q5_0_quantize, "ggml_legacy"))
+Q5_1 = register(Format("Q5_1", QK, (_half("d"), _half("m"), QH, QS), _q5_1_dequantize, _q5_1_quantize,
+                       "ggml_legacy"))
+Q8_0 = register(Format("Q8_0", QK, (_half("d"), Field("qs", "int8", 32)), _q8_0_dequantize, _q8_0_quantize,
+                       "ggml_legacy"))
