@@ -1,0 +1,160 @@
+"""Quantized matmul on the GPU: device time per call, GB/s of bytes read, ratio to XLA's bf16 dot.
+
+Shapes are ``KxN`` (in x out features: ``x [M, K] @ W.T`` with ``W [N, K]``), Llama-3-8B's by
+default. Each timing runs one jitted function over enough distinct weights to exceed the 50 MB
+L2 (at least ``--min-mb`` per call), subtracts an empty call with the same arguments (host
+dispatch is ~80 us) and divides by the number of weights; XLA's bf16 dot of the same shapes is
+timed the same way in the same run. Weights hold random bytes (``pallas_kernels.testing``);
+each result is checked against dequantize + f32 dot.
+
+    python benchmarks/qmatmul.py [--formats Q4_0,Q4_K] [--shapes 4096x14336,14336x4096] [--m 1,16,2048]
+    python benchmarks/qmatmul.py --sweep --formats Q4_0 --shapes 4096x14336 --m 1   # tiling sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant import ops
+from jaxquant.formats import get_format
+
+SHAPES = ("4096x4096", "4096x1024", "4096x14336", "14336x4096", "4096x128256")
+FORMATS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+DOT = (((1,), (1,)), ((), ()))
+
+
+def _median_time(f, args, reps: int) -> float:
+    jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def device_us(matmul, x, ws, reps: int) -> tuple[float, list]:
+    """Microseconds per matmul over the distinct weights ``ws``, dispatch subtracted."""
+    full = jax.jit(lambda x, ws: tuple(matmul(x, w) for w in ws))
+    empty = jax.jit(lambda x, ws: x[:1, :1] * 2)
+    outs = full(x, ws)
+    t = _median_time(full, (x, ws), reps) - _median_time(empty, (x, ws), reps)
+    return 1e6 * t / len(ws), outs
+
+
+def rel_err(y, x, w) -> float:
+    ref = jnp.dot(x.astype(jnp.float32), w.dequantize(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
+    return float(jnp.linalg.norm(y.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+
+
+def bench(fmt: str, k: int, n: int, m: int, args, matmul=None) -> dict:
+    """One format, shape and M: time, GB/s and error of ``matmul`` (default: ``qdot`` on Pallas)."""
+    import pallas_kernels as pk
+    from pallas_kernels.testing import random_qtensor
+
+    nbytes = get_format(fmt).row_bytes(k) * n
+    count = max(2, math.ceil(args.min_mb * 1e6 / nbytes))
+    key = jax.random.key(1)
+    ws = [random_qtensor(fmt, n, k, jax.random.fold_in(key, i)) for i in range(count)]
+    x = jax.random.normal(jax.random.key(2), (m, k), jnp.float32).astype(jnp.bfloat16)
+    if matmul is None:  # qdot as models call it; JAXQUANT_QDOT_BACKEND=interpret dry-runs it on a CPU
+        kern = pk.select(ws[0], m)
+        op = kern.op if kern is not None and ops.resolve_backend() != "xla" else "xla"
+        matmul = ops.qdot
+    else:
+        op = "sweep"
+    t0 = time.perf_counter()
+    us, outs = device_us(matmul, x, ws, args.reps)
+    moved = nbytes + 2 * m * k + 4 * m * n  # weights, bf16 x, f32 out
+    return dict(format=fmt, shape=f"{k}x{n}", m=m, op=op, us=us, gbs=moved / us / 1e3,
+                err=rel_err(outs[0], x, ws[0]), wall_s=time.perf_counter() - t0)
+
+
+def bench_bf16(k: int, n: int, m: int, args) -> dict:
+    nbytes = 2 * n * k
+    count = max(2, math.ceil(args.min_mb * 1e6 / nbytes))
+    ws = [jax.random.normal(jax.random.key(10 + i), (n, k), jnp.float32).astype(jnp.bfloat16) for i in range(count)]
+    x = jax.random.normal(jax.random.key(2), (m, k), jnp.float32).astype(jnp.bfloat16)
+    us, _ = device_us(lambda x, w: jax.lax.dot_general(x, w, DOT), x, ws, args.reps)
+    return dict(format="bf16", shape=f"{k}x{n}", m=m, us=us, gbs=(nbytes + 2 * m * k + 2 * m * n) / us / 1e3)
+
+
+def sweep_configs(fmt: str, k: int, n: int, m: int):
+    """Tilings tried by ``--sweep``: (label, matmul) pairs around the default."""
+    import pallas_kernels as pk
+    from pallas_kernels import gemm, gemv
+
+    spec = pk.SPECS[fmt]
+    if m <= pk.GEMV_MAX_M:
+        base, fn = gemv.default_config(spec, m, n, k), gemv.gemv
+        variants = [{}, {"num_warps": 2}, {"num_warps": 8}, {"num_stages": 1}, {"num_stages": 3},
+                    {"block_n": base.block_n // 2}, {"block_n": base.block_n * 2},
+                    {"block_b": base.block_b * 2}, {"block_b": max(1, base.block_b // 2)},
+                    {"splits": base.splits * 2}, {"splits": max(1, base.splits // 2)}]
+    else:
+        base, fn = gemm.default_config(spec, m, n, k), gemm.gemm
+        variants = [{}, {"num_warps": 8 if base.num_warps == 4 else 4}, {"num_stages": 3}, {"num_stages": 1},
+                    {"block_n": base.block_n // 2}, {"block_b": base.block_b * 2},
+                    {"block_m": base.block_m * 2}, {"splits": base.splits * 2}]
+    for v in variants:
+        cfg = dataclasses.replace(base, **v)
+        yield str(cfg), (lambda x, w, cfg=cfg: fn(x, w, spec, config=cfg))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--shapes", default="4096x14336,14336x4096")
+    ap.add_argument("--m", default="1,16,2048")
+    ap.add_argument("--min-mb", type=float, default=150.0, help="weight bytes per timed call")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--sweep", action="store_true", help="time tiling variants instead of the defaults")
+    ap.add_argument("--json", help="write all rows to this file")
+    args = ap.parse_args()
+    print(jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
+    rows = []
+    for shape in args.shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        for m in (int(v) for v in args.m.split(",")):
+            base = bench_bf16(k, n, m, args)
+            rows.append(base)
+            print(f"bf16 {shape} M={m}: {base['us']:.1f} us {base['gbs']:.0f} GB/s", flush=True)
+            for fmt in args.formats.split(","):
+                if args.sweep:
+                    cands = list(sweep_configs(fmt, k, n, m))
+                else:
+                    cands = [("default", None)]
+                for label, mm in cands:
+                    try:
+                        r = bench(fmt, k, n, m, args, mm)
+                    except Exception as e:  # a config the compiler rejects: report, go on
+                        print(f"{fmt} {shape} M={m} {label}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                        continue
+                    r.update(config=label, ratio=base["us"] / r["us"])
+                    rows.append(r)
+                    print(f"{fmt} {shape} M={m} {r['op']} {label}: {r['us']:.1f} us {r['gbs']:.0f} GB/s "
+                          f"x{r['ratio']:.2f} err={r['err']:.1e} ({r['wall_s']:.0f}s)", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    print("\n| format | shape KxN | M | kernel | us | GB/s | bf16 us | x bf16 | rel err |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    bf = {(r["shape"], r["m"]): r for r in rows if r["format"] == "bf16"}
+    for r in rows:
+        if r["format"] != "bf16":
+            b = bf[(r["shape"], r["m"])]
+            print(f"| {r['format']} | {r['shape']} | {r['m']} | {r['op']} | {r['us']:.1f} | {r['gbs']:.0f} | {b['us']:.1f} | "
+                  f"{r['ratio']:.2f} | {r['err']:.1e} |" + (f" {r['config']}" if args.sweep else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""qdot's XLA path (the CPU path, and the GPU fallback) against float64 numpy, every format.
+
+Weights are random packed bytes, so every bit pattern a block can hold is exercised; the
+reference is ``dequantize`` (checked bit-exact against gguf-py in tests/formats) then a float64
+dot. A few Pallas kernels also run in the Pallas interpreter to check their unpacking logic
+on the CPU (the GPU runs them all: tests/gpu/check_kernels.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxquant as jq
+from jaxquant import ops
+from jaxquant.errors import JaxquantError
+from jaxquant.formats import Format, get_format
+from pallas_kernels.testing import random_qtensor
+
+BLOCKED = [f for f in jq.list_formats() if isinstance(get_format(f), Format)]
+
+
+def _ref(x, w) -> np.ndarray:
+    wf = np.asarray(w.dequantize(jnp.float32), np.float64) if isinstance(w, jq.QTensor) else np.asarray(w, np.float64)
+    return np.asarray(x, np.float64) @ wf.T
+
+
+def _rel(y, ref) -> float:
+    return float(np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.parametrize("fmt", BLOCKED)
+def test_xla_qdot_matches_float64(fmt):
+    bs = get_format(fmt).block_size
+    n, k = 24, 2 * max(bs, 256)
+    w = random_qtensor(fmt, n, k, jax.random.key(len(fmt) * 7919 + bs))
+    x = jax.random.normal(jax.random.key(3), (2, 3, k), jnp.float32)
+    y = ops.qdot(x, w, backend="xla")
+    assert y.shape == (2, 3, n) and y.dtype == jnp.float32
+    assert _rel(y, _ref(x.reshape(-1, k), w).reshape(2, 3, n)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_xla_qdot_low_precision_activations(dtype):
+    w = random_qtensor("Q4_K", 16, 512, jax.random.key(0), dtype="bfloat16")
+    x = jax.random.normal(jax.random.key(1), (5, 512), jnp.float32).astype(dtype)
+    y = ops.qdot(x, w, backend="xla")
+    assert y.dtype == jnp.result_type(dtype, jnp.bfloat16)
+    assert _rel(y.astype(jnp.float32), _ref(x.astype(jnp.float32), w)) < 1e-2  # only the output rounding
+
+
+def test_plain_weight():
+    w = jax.random.normal(jax.random.key(4), (7, 40), jnp.float32)
+    x = jax.random.normal(jax.random.key(5), (3, 40), jnp.float32)
+    assert _rel(ops.qdot(x, w), _ref(x, w)) < 1e-6
+
+
+def test_backend_switch(monkeypatch):
+    assert ops.resolve_backend() == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    with ops.use_backend("interpret"):
+        assert ops.resolve_backend() == "interpret"
+        assert ops.resolve_backend("xla") == "xla"  # the argument wins over the block
+    monkeypatch.setenv("JAXQUANT_QDOT_BACKEND", "xla")
+    assert ops.resolve_backend() == "xla"
+    with pytest.raises(JaxquantError, match="unknown qdot backend"):
+        ops.resolve_backend("cuda")
+
+
+def test_shape_errors():
+    w = random_qtensor("Q8_0", 8, 64, jax.random.key(0))
+    with pytest.raises(JaxquantError, match="cannot multiply"):
+        ops.qdot(jnp.ones((2, 32)), w)
+
+
+def test_pallas_forced_without_kernel():
+    import pallas_kernels
+
+    fmt = next(f for f in BLOCKED if pallas_kernels.lookup(f, "gemv") is None)
+    w = random_qtensor(fmt, 8, 256, jax.random.key(0))
+    with pytest.raises(JaxquantError, match="no Pallas kernel"):
+        ops.qdot(jnp.ones((1, 256)), w, backend="pallas")
+
+
+@pytest.mark.parametrize("fmt,m", [("Q4_0", 2), ("Q4_0", 16), ("Q5_1", 1), ("Q4_K", 1)])
+def test_kernels_in_interpreter(fmt, m):
+    """Unpacking and tiling logic of the Pallas kernels (gemv for m <= 8, gemm above)."""
+    w = random_qtensor(fmt, 16, 1024, jax.random.key(m))
+    x = jax.random.normal(jax.random.key(9), (m, 1024), jnp.float32).astype(jnp.bfloat16)
+    y = ops.qdot(x, w, backend="interpret")
+    assert _rel(y.astype(jnp.float32), _ref(x.astype(jnp.float32), w)) < 2e-3
