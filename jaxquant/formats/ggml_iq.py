@@ -23,20 +23,21 @@ NTRY = 7  # the scale search tries (itry - 127) / max for itry in [-NTRY, NTRY]
 GROUP_MAX_EPS = 1e-15
 
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
-# best_index_int8 returns the nearer neighbour, ties going up: the number of midpoints <= x. The
-# C's ``x - val[mu-1] < val[mu] - x`` is exact near a midpoint (small-integer table), so the two agree.
+# best_index_int8 returns the nearer neighbour, ties going up: 15 minus the number of midpoints > x
+# (so NaN gives 15, as in the C). ``x - val[mu-1] < val[mu] - x`` is exact near a midpoint
+# (small-integer table), so the two agree.
 _MIDS = (KVALUES[:-1].astype(np.float32) + KVALUES[1:]) / 2
 _STEPS = np.diff(KVALUES.astype(np.float32))
 
 
 def best_index(x: jax.Array) -> jax.Array:
     """``best_index_int8(16, kvalues_iq4nl, x)`` elementwise (int32 in [0, 16))."""
-    return sum((x >= F32(m)).astype(jnp.int32) for m in _MIDS)
+    return len(_MIDS) - sum((x < F32(m)).astype(jnp.int32) for m in _MIDS)
 
 
 def _best_value(x: jax.Array) -> jax.Array:
     """``(float)kvalues_iq4nl[best_index_int8(16, kvalues_iq4nl, x)]``, without a gather."""
-    return F32(KVALUES[0]) + sum(jnp.where(x >= F32(m), F32(s), F32(0)) for m, s in zip(_MIDS, _STEPS))
+    return F32(KVALUES[-1]) - sum(jnp.where(x < F32(m), F32(s), F32(0)) for m, s in zip(_MIDS, _STEPS))
 
 
 def _block_scales(x: jax.Array, weight: jax.Array) -> jax.Array:
@@ -112,9 +113,11 @@ def _iq4_nl_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]
 def _iq4_xs_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
     xb, weight = _superblocks(x, qw, QK_K)  # [32, 8, R, nb]
     scales = _block_scales(xb, weight)  # [8, R, nb]
-    _, max_scale = first_argmax_abs(scales, axis=0)
+    # ``if (fabsf(d) > amax_scale)`` never takes a NaN scale (overflowed sums)
+    _, max_scale = first_argmax_abs(jnp.where(jnp.isnan(scales), F32(0), scales), axis=0)
     d = -max_scale / F32(32)  # an all-zero super-block stores -0.0, as the C does
-    ls = jnp.clip(nearest_int(mul(_inverse(d), scales)), -32, 31)
+    s = mul(_inverse(d), scales)
+    ls = jnp.clip(jnp.where(jnp.isnan(s), 0, nearest_int(s)), -32, 31)  # ggml's nearest_int(NaN) is 0
     idx = best_index(mul(_inverse(mul(d, ls.astype(F32))), xb))
     ls = (ls + 32).astype(jnp.uint16)
     scales_h = sum((ls[ib] >> 4) << (2 * ib) for ib in range(QK_K // QK)).astype(jnp.uint16)
