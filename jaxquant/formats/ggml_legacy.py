@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxquant.formats.ggml_k import make_qkx_quants
 from jaxquant.formats.numerics import F32, div, first_argmax_abs, mul, nearest_int, roundf, seqsum, to_f16
@@ -41,39 +42,44 @@ def _first(x: jax.Array, arg) -> jax.Array:
 
 
 def make_qx_quants(x: jax.Array, nmax: int, rmse_type: int, qw: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """ggml's ``make_qx_quants`` over the last axis: (scale, L in [0, 2*nmax))."""
+    """ggml's ``make_qx_quants`` over the last axis: (scale, L in [0, 2*nmax)).
+
+    The 18 trial scales run in a ``lax.fori_loop`` that keeps the winning ``iscale``; L is then
+    rebuilt from it once, as the C does when a trial wins (unrolled, XLA recomputes the chain).
+    """
     amax, mx = first_argmax_abs(x)
     zero = amax < F32(1e-15)  # GROUP_MAX_EPS
     safe = jnp.where(zero, F32(1), mx)[..., None]
 
-    def weight():
-        if qw is not None:
-            return qw
-        return {1: mul(x, x), 2: jnp.ones_like(x), 3: jnp.abs(x)}.get(rmse_type, jnp.sqrt(jnp.abs(x)))
-
-    def trial(iscale):
-        l = jnp.clip(nearest_int(mul(iscale, x)), -nmax, nmax - 1)
-        lf = l.astype(F32)
-        w = weight()
-        sumlx = seqsum(mul(mul(w, x), lf))
-        suml2 = seqsum(mul(mul(w, lf), lf))
-        return l, sumlx, suml2
+    def quants(iscale):
+        return jnp.clip(nearest_int(mul(iscale, x)), -nmax, nmax - 1)
 
     iscale = F32(-nmax) / safe
     if rmse_type == 0:
-        l = jnp.clip(nearest_int(mul(iscale, x)), -nmax, nmax - 1)
-        return jnp.where(zero, F32(0), 1 / iscale[..., 0]), jnp.where(zero[..., None], 0, l + nmax)
-    l, sumlx, suml2 = trial(iscale)
+        return jnp.where(zero, F32(0), 1 / iscale[..., 0]), jnp.where(zero[..., None], 0, quants(iscale) + nmax)
+    if qw is None:
+        qw = {1: mul(x, x), 2: jnp.ones_like(x), 3: jnp.abs(x)}.get(rmse_type, jnp.sqrt(jnp.abs(x)))
+    wx = mul(qw, x)
+
+    def sums(iscale):
+        lf = quants(iscale).astype(F32)
+        return seqsum(mul(wx, lf)), seqsum(mul(mul(qw, lf), lf))
+
+    sumlx, suml2 = sums(iscale)
     scale = jnp.where(suml2 != 0, sumlx / jnp.where(suml2 != 0, suml2, 1), F32(0))
-    best = mul(scale, sumlx)
-    for i in [i for i in range(-9, 10) if i != 0]:
-        l2, sumlx2, suml22 = trial(-(F32(nmax) + mul(F32(0.1), F32(i))) / safe)
-        take = (suml22 > 0) & (mul(sumlx2, sumlx2) > mul(best, suml22))
-        scale2 = sumlx2 / jnp.where(take, suml22, 1)
-        l = jnp.where(take[..., None], l2, l)
-        scale = jnp.where(take, scale2, scale)
-        best = jnp.where(take, mul(scale2, sumlx2), best)
-    return jnp.where(zero, F32(0), scale), jnp.where(zero[..., None], 0, l + nmax)
+
+    def trial(k, state):
+        scale, best, best_iscale = state
+        step = (k - 9 + (k >= 9)).astype(F32)  # is = -9..-1, 1..9
+        iscale = -(F32(nmax) + mul(F32(0.1), step)) / safe
+        sumlx, suml2 = sums(iscale)
+        take = (suml2 > 0) & (mul(sumlx, sumlx) > mul(best, suml2))
+        scale2 = sumlx / jnp.where(take, suml2, 1)
+        return (jnp.where(take, scale2, scale), jnp.where(take, mul(scale2, sumlx), best),
+                jnp.where(take[..., None], iscale, best_iscale))
+
+    scale, _, iscale = lax.fori_loop(0, 18, trial, (scale, mul(scale, sumlx), iscale))
+    return jnp.where(zero, F32(0), scale), jnp.where(zero[..., None], 0, quants(iscale) + nmax)
 
 
 def _symmetric(x: jax.Array, nmax: int, qw: jax.Array | None) -> tuple[jax.Array, jax.Array]:
