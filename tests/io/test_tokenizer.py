@@ -79,6 +79,34 @@ def llama_piece(llm: llama_cpp.Llama, token: int, special: bool) -> bytes:
     return buf.raw[:n]
 
 
+def write_vocab_gguf(path, tokens: list[str], types: list[int], bos: int, eos: int, pre: str | None = None,
+                     merges: list[str] | None = None, scores: list[float] | None = None,
+                     add_space_prefix: bool | None = None) -> None:
+    """A GGUF with a vocabulary and no tensors (plus the few llama hparams a vocab-only load reads):
+    ``gpt2`` BPE when ``merges`` are given, else ``llama`` SentencePiece."""
+    w = gguf.GGUFWriter(path, "llama")
+    for add, value in [(w.add_block_count, 1), (w.add_context_length, 64), (w.add_embedding_length, 64),
+                       (w.add_feed_forward_length, 64), (w.add_head_count, 1), (w.add_layer_norm_rms_eps, 1e-5)]:
+        add(value)
+    w.add_tokenizer_model("llama" if merges is None else "gpt2")
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    if merges is not None:
+        w.add_token_merges(merges)
+    if scores is not None:
+        w.add_token_scores(scores)
+    if add_space_prefix is not None:
+        w.add_add_space_prefix(add_space_prefix)
+    w.add_bos_token_id(bos)
+    w.add_eos_token_id(eos)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def first_difference(ours: list[int], ref: list[int]) -> str:
     i = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
     return f"{len(ours)} vs {len(ref)} tokens, first difference at {i}: {ours[i:i + 5]} vs {ref[i:i + 5]}"
@@ -173,6 +201,24 @@ def test_gemma_chat_template(gemma):
         tok.apply_chat_template(CONVERSATION[1:2] * 2)
 
 
+def test_spm_space_prefix_matches_llama_cpp(gemma, tmp_path):
+    """Llama-2-style SentencePiece (add_space_prefix, heavy byte fallback): the first 32k Gemma tokens."""
+    _, _, metadata = gemma
+    n, path = 32768, tmp_path / "spm.gguf"
+    write_vocab_gguf(path, metadata["tokenizer.ggml.tokens"][:n], metadata["tokenizer.ggml.token_type"][:n],
+                     bos=2, eos=1, scores=metadata["tokenizer.ggml.scores"][:n], add_space_prefix=True)
+    tok, llm = from_gguf(open_model(path).metadata), llama_vocab(path)
+    assert tok.add_space_prefix
+    for text in [*SHORT_TEXTS, varied_text(SEEDS[0])]:
+        for add_bos in (False, True):
+            for special in (False, True):
+                ours = tok.encode(text, add_bos=add_bos, parse_special=special)
+                ref = llm.tokenize(text.encode(), add_bos=add_bos, special=special)
+                assert ours == ref, f"{text[:20]!r} {add_bos} {special}: {first_difference(ours, ref)}"
+                for skip_special in (True, False):
+                    assert tok.decode(ref, skip_special) == llama_detokenize(llm, ref, not skip_special)
+
+
 # ---------------------------------------------------------------------------------------------- BPE
 
 SPECIALS = ["<|begin_of_text|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -206,27 +252,9 @@ def bpe(tmp_path_factory):
     merges = json.loads(tok.to_str())["model"]["merges"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
     types = [3 if t in SPECIALS else 4 if t == USER_DEFINED else 1 for t in tokens]
-    ggufs = {}
-    for pre in PRE_NAMES:
-        ggufs[pre] = root / f"vocab-{pre}.gguf"
-        w = gguf.GGUFWriter(ggufs[pre], "llama")
-        w.add_block_count(1)
-        w.add_context_length(64)
-        w.add_embedding_length(64)
-        w.add_feed_forward_length(64)
-        w.add_head_count(1)
-        w.add_layer_norm_rms_eps(1e-5)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(pre)
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        w.add_token_merges(merges)
-        w.add_bos_token_id(0)
-        w.add_eos_token_id(1)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+    ggufs = {pre: root / f"vocab-{pre}.gguf" for pre in PRE_NAMES}
+    for pre, path in ggufs.items():
+        write_vocab_gguf(path, tokens, types, bos=0, eos=1, pre=pre, merges=merges)
     return tok, root, ggufs, len(merges)
 
 
