@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxquant.formats.ggml_legacy import make_qx_quants
-from jaxquant.formats.numerics import F32, f16_round, first_argmax_abs, mul, nearest_int, seqsum, to_f16
+from jaxquant.formats.numerics import F32, div, f16_round, first_argmax_abs, mul, nearest_int, seqsum, to_f16
 from jaxquant.formats.registry import Field, Format, register
 
 QK_K = 256
@@ -45,48 +45,44 @@ def _requantize(xs: jax.Array, d: jax.Array, L: jax.Array, nmax: int) -> jax.Arr
 
     Sub-blocks whose effective scale is zero keep the quants of the first pass, as in the C.
     """
-    keep = (d == 0)[..., None]
-    l = jnp.clip(nearest_int(xs / jnp.where(keep, F32(1), d[..., None])), -nmax, nmax - 1) + nmax
-    return jnp.where(keep, L, l)
+    keep = d == 0
+    l = jnp.clip(nearest_int(div(xs, jnp.where(keep, F32(1), d)[..., None])), -nmax, nmax - 1) + nmax
+    return jnp.where(keep[..., None], L, l)
 
 
 def make_q3_quants(x: jax.Array, nmax: int) -> tuple[jax.Array, jax.Array]:
     """ggml's ``make_q3_quants(..., do_rmse=true)`` over the last axis: (scale, L in [0, 2*nmax)).
 
     The greedy refinement visits the values one at a time, each update changing the sums seen
-    by the next, so it runs as 5 sweeps of sequential steps vectorized over all sub-blocks; a
-    sweep that changes nothing leaves the state as it is, which equals the C's early exit.
+    by the next, so it runs as 5 sweeps of 16 loop steps vectorized over all sub-blocks; a sweep
+    that changes nothing leaves the state as it is, which equals the C's early exit.
     """
     amax, mx = first_argmax_abs(x)
     zero = amax < GROUP_MAX_EPS
-    iscale = F32(-nmax) / jnp.where(zero, F32(1), mx)
+    iscale = div(F32(-nmax), jnp.where(zero, F32(1), mx))
     xt = jnp.moveaxis(x, -1, 0)  # values first: each step reads one contiguous slice
     wt = mul(xt, xt)
     wx = mul(wt, xt)
-    L0 = jnp.clip(nearest_int(mul(iscale, xt)), -nmax, nmax - 1).astype(F32)
-    sumlx = seqsum(mul(wx, L0), axis=0)
-    suml2 = seqsum(mul(mul(wt, L0), L0), axis=0)
+    L = jnp.clip(nearest_int(mul(iscale, xt)), -nmax, nmax - 1).astype(F32)
+    sumlx = seqsum(mul(wx, L), axis=0)
+    suml2 = seqsum(mul(mul(wt, L), L), axis=0)
 
-    def sweep(_, state):
+    def step(i, state):
         L, sumlx, suml2 = state
-        L = list(L)
-        for i in range(len(L)):
-            w, xi, li = wt[i], xt[i], L[i]
-            slx = sumlx - mul(wx[i], li)
-            sl2 = suml2 - mul(mul(w, li), li)
-            pos = slx > 0
-            new_l = jnp.clip(nearest_int(mul(xi, sl2) / jnp.where(pos, slx, F32(1))), -nmax, nmax - 1).astype(F32)
-            slx = slx + mul(wx[i], new_l)
-            sl2 = sl2 + mul(mul(w, new_l), new_l)
-            take = pos & (new_l != li) & (sl2 > 0) & (mul(mul(slx, slx), suml2) > mul(mul(sumlx, sumlx), sl2))
-            L[i] = jnp.where(take, new_l, li)
-            sumlx = jnp.where(take, slx, sumlx)
-            suml2 = jnp.where(take, sl2, suml2)
-        return tuple(L), sumlx, suml2
+        w, xi, wxi, li = (lax.dynamic_index_in_dim(a, i, keepdims=False) for a in (wt, xt, wx, L))
+        slx = sumlx - mul(wxi, li)
+        sl2 = suml2 - mul(mul(w, li), li)
+        pos = slx > 0
+        new_l = jnp.clip(nearest_int(mul(xi, sl2) / jnp.where(pos, slx, F32(1))), -nmax, nmax - 1).astype(F32)
+        slx = slx + mul(wxi, new_l)
+        sl2 = sl2 + mul(mul(w, new_l), new_l)
+        take = pos & (new_l != li) & (sl2 > 0) & (mul(mul(slx, slx), suml2) > mul(mul(sumlx, sumlx), sl2))
+        L = lax.dynamic_update_index_in_dim(L, jnp.where(take, new_l, li), i, 0)
+        return L, jnp.where(take, slx, sumlx), jnp.where(take, sl2, suml2)
 
-    L, sumlx, suml2 = lax.fori_loop(0, 5, sweep, (tuple(L0), sumlx, suml2))
+    L, sumlx, suml2 = lax.fori_loop(0, 5, lambda _, s: lax.fori_loop(0, x.shape[-1], step, s), (L, sumlx, suml2))
     scale = jnp.where(suml2 > 0, sumlx / jnp.where(suml2 > 0, suml2, F32(1)), F32(0))
-    L = jnp.stack(L, axis=-1).astype(jnp.int32) + nmax
+    L = jnp.moveaxis(L, 0, -1).astype(jnp.int32) + nmax
     return jnp.where(zero, F32(0), scale), jnp.where(zero[..., None], 0, L)
 
 
@@ -117,12 +113,12 @@ def _q3_k_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
         scales, L = make_q3_quants(xs, 4)
         _, max_scale = first_argmax_abs(scales)
         nz = max_scale != 0
-        iscale = F32(-32) / jnp.where(nz, max_scale, F32(1))
+        iscale = div(F32(-32), jnp.where(nz, max_scale, F32(1)))
         ls = jnp.clip(nearest_int(mul(iscale[..., None], scales)), -32, 31) + 32
         # all scales zero: memset scales to 0 (read back as -32) and d = 0
-        return _q3_finish(xs, L, jnp.where(nz, 1 / iscale, F32(0)), jnp.where(nz[..., None], ls, 0))
+        return _q3_finish(xs, L, jnp.where(nz, div(F32(1), iscale), F32(0)), jnp.where(nz[..., None], ls, 0))
     x2 = mul(xs, xs)
-    sigma2 = F32(2) * seqsum(x2.reshape(*x2.shape[:-2], QK_K)) / F32(QK_K)
+    sigma2 = div(F32(2) * seqsum(x2.reshape(*x2.shape[:-2], QK_K)), F32(QK_K))
     weight = mul(qw.reshape(-1, SUB, SUB), jnp.sqrt(sigma2[..., None, None] + x2))
     scales, L = make_qx_quants(xs, 4, 1, weight)
     d_block, ls = make_qx_quants(scales, 32, 1, seqsum(weight))
@@ -136,8 +132,9 @@ def _q3_k_dequantize(a: dict[str, jax.Array]) -> jax.Array:
     high = _unpack_bits(hmask, 1, 8).reshape(*lead, QK_K)
     q = (low - 4 * (1 - high)).astype(F32).reshape(*lead, SUB, SUB)
     ls = _unpack_bits(sc[..., :8], 4, 2).reshape(*lead, SUB) | (_unpack_bits(sc[..., 8:], 2, 4).reshape(*lead, SUB) << 4)
-    dl = mul(a["d"].astype(F32)[..., None], (ls - 32).astype(F32))
-    return mul(dl[..., None], q).reshape(*lead[:-1], -1)
+    # (d * sc) * q with no add after it: plain multiplies, which also keep NaN payloads as numpy does
+    dl = a["d"].astype(F32)[..., None] * (ls - 32).astype(F32)
+    return (dl[..., None] * q).reshape(*lead[:-1], -1)
 
 
 # ---------------------------------------------------------------- Q6_K
@@ -147,8 +144,8 @@ def _q6_k_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
     scales, L = make_qx_quants(xs, 32, 1, None if qw is None else qw.reshape(-1, SUB, SUB))
     amax, max_scale = first_argmax_abs(scales)
     live = amax >= GROUP_MAX_EPS  # otherwise the whole block is zero bytes
-    iscale = F32(-128) / jnp.where(live, max_scale, F32(1))
-    d = jnp.where(live, 1 / iscale, F32(0))
+    iscale = div(F32(-128), jnp.where(live, max_scale, F32(1)))
+    d = jnp.where(live, div(F32(1), iscale), F32(0))
     sc = jnp.where(live[..., None], jnp.minimum(127, nearest_int(mul(iscale[..., None], scales))), 0)
     L = _requantize(xs, mul(f16_round(d)[..., None], sc.astype(F32)), L, 32)
     L = jnp.where(live[..., None, None], L, 0)
@@ -166,8 +163,8 @@ def _q6_k_dequantize(a: dict[str, jax.Array]) -> jax.Array:
     lo = _unpack_bits(ql.reshape(*lead, 2, 2, 32), 4, 2).swapaxes(-3, -2)  # [half][s >> 1][s & 1][l]
     hi = _unpack_bits(qh.reshape(*lead, 2, 32), 2, 4)
     q = ((lo.reshape(*lead, 2, 4, 32) | (hi << 4)) - 32).astype(F32).reshape(*lead, SUB, SUB)
-    dl = mul(a["d"].astype(F32)[..., None], a["scales"].astype(F32))
-    return mul(dl[..., None], q).reshape(*lead[:-1], -1)
+    dl = a["d"].astype(F32)[..., None] * a["scales"].astype(F32)
+    return (dl[..., None] * q).reshape(*lead[:-1], -1)
 
 
 Q3_K = register(Format("Q3_K", QK_K, (Field("hmask", "uint8", 32), Field("qs", "uint8", 64),
