@@ -235,7 +235,10 @@ class GGUFTokenizer(Tokenizer):
         for text in _ALWAYS_USER_DEFINED:
             if text in ids:
                 attrs[ids[text]] = USER_DEFINED
-        has = lambda *texts: any(t in ids for t in texts)  # noqa: E731 - all of these are end-of-generation
+
+        def has(*texts: str) -> bool:  # all of these texts are end-of-generation ones
+            return any(t in ids for t in texts)
+
         if has("<|end|>") and ((has("<|return|>") and has("<|call|>")) or (has("<|call|>", "<|calls|>") and
                                                                             has("<|flush|>"))):
             attrs[ids["<|end|>"]] = USER_DEFINED
@@ -329,6 +332,7 @@ class GGUFTokenizer(Tokenizer):
         return out
 
     def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = False) -> list[int]:
+        _check_text(text)
         out: list[int] = []
         if add_bos or (add_bos is None and self.add_bos):
             if self.bos_id is None:
@@ -352,6 +356,8 @@ class GGUFTokenizer(Tokenizer):
         return out
 
     def token_to_piece(self, token: int, special: bool = True) -> bytes:
+        if not 0 <= token < len(self.tokens):
+            raise JaxquantError(f"token id {token} is outside the vocabulary of {len(self.tokens)}")
         attr, text = self.attrs[token], self.tokens[token]
         if attr & _SPECIAL and not special:
             return b""
@@ -376,6 +382,14 @@ class GGUFTokenizer(Tokenizer):
         if self.clean_spaces:
             text = _clean_spaces(text)
         return text.decode("utf-8", errors="replace")
+
+
+def _check_text(text: str) -> None:
+    """llama.cpp takes UTF-8 bytes: text with lone surrogates has none."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise JaxquantError(f"cannot tokenize: {e.reason} at character {e.start} ({text[e.start]!r})") from None
 
 
 def _gpt2_char_to_bytes(ch: str, token: str) -> bytes:
@@ -452,6 +466,7 @@ class HFTokenizer(Tokenizer):
                for name in ("bos_token", "eos_token")}
         self.bos_id, self.eos_id = ids["bos_token"], ids["eos_token"]
         self._byte_level = isinstance(self._tok.decoder, tokenizers.decoders.ByteLevel)
+        self._added = self._tok.get_added_tokens_decoder()  # id -> AddedToken
         # Default BOS: tokenizer_config.json's add_bos_token, else whatever the post-processor adds.
         post_bos = self.bos_id is not None and self._tok.encode("", add_special_tokens=True).ids[:1] == [self.bos_id]
         self.add_bos = bool(config.get("add_bos_token", post_bos))
@@ -477,6 +492,7 @@ class HFTokenizer(Tokenizer):
         return self._tok.id_to_token(token)
 
     def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = False) -> list[int]:
+        _check_text(text)
         self._tok.encode_special_tokens = not parse_special
         ids = self._tok.encode(text, add_special_tokens=False).ids
         if (add_bos or (add_bos is None and self.add_bos)) and self.bos_id is not None:
@@ -489,14 +505,18 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
     def token_to_piece(self, token: int, special: bool = True) -> bytes:
+        """Added tokens as written, byte-level BPE tokens through GPT-2's byte table, SentencePiece
+        tokens with U+2581 as space and <0xXX> as the byte."""
         text = self._tok.id_to_token(token)
         if text is None:
             raise JaxquantError(f"token id {token} is outside the vocabulary of {self.vocab_size}")
+        if token in self._added:
+            return b"" if self._added[token].special and not special else text.encode("utf-8")
+        if self._byte_level:
+            return b"".join(_gpt2_char_to_bytes(ch, text) for ch in text)
         if (m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", text)) is not None:
             return bytes([int(m.group(1), 16)])
-        if self._byte_level and all(ch in bpe.UNICODE_TO_BYTE for ch in text):
-            return bytes(bpe.UNICODE_TO_BYTE[ch] for ch in text)
-        return self._tok.decode([token], skip_special_tokens=not special).encode("utf-8")
+        return text.replace("\u2581", " ").encode("utf-8")
 
 
 def from_hf(directory: str | Path) -> HFTokenizer:

@@ -64,14 +64,20 @@ def _table() -> dict[str, PreTokenizer]:
 
 PRE_TOKENIZERS: dict[str, PreTokenizer] = _table()
 
-# --- llama.cpp's hand-written splitters. Each walks one chunk [ini, end) of codepoints and appends the
-# lengths of the words it cuts; positions past the chunk read as flags 0 / codepoint -1, as in unicode.cpp.
+# --- llama.cpp's hand-written splitters. Each cuts one chunk of codepoints (lists ending in a sentinel:
+# codepoint -1, flags 0, which is how unicode.cpp reads positions past the chunk) into word lengths.
 _LETTER, _NUMBER, _MARK, _WS = ud.LETTER, ud.NUMBER, ud.MARK, ud.WHITESPACE
 _CR, _LF, _SPACE, _QUOTE = 13, 10, 32, 39
+Splitter = Callable[[list[int], list[int], Callable[[int], int]], list[int]]
 
 
-def _contraction(cpts: list[int], pos: int, end: int, lower: Callable[[int], int]) -> int:
+def _same_case(c: int) -> int:
+    return c
+
+
+def _contraction(cpts: list[int], pos: int, lower: Callable[[int], int]) -> int:
     """Length of 's 't 'm 'd (2) or 're 've 'll (3) at pos, else 0; ``lower`` maps case as the regex does."""
+    end = len(cpts) - 1
     if cpts[pos] != _QUOTE or pos + 1 >= end:
         return 0
     c1 = lower(cpts[pos + 1])
@@ -82,62 +88,60 @@ def _contraction(cpts: list[int], pos: int, end: int, lower: Callable[[int], int
     return 0
 
 
-def _split_gpt2(cpts: list[int], flags: list[int], ini: int, end: int, out: list[int], lower) -> None:
+def _split_gpt2(cpts: list[int], flags: list[int], lower: Callable[[int], int]) -> list[int]:
     """'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S) (unicode_regex_split_custom_gpt2)."""
-    fl = lambda p: flags[p] if p < end else 0  # noqa: E731
-    pos = ini
+    out, pos, end = [], 0, len(cpts) - 1
     while pos < end:
         start, cpt = pos, cpts[pos]
-        n = _contraction(cpts, pos, end, lambda c: c)
-        f2 = fl(pos + 1) if cpt == _SPACE else flags[pos]
+        n = _contraction(cpts, pos, _same_case)
+        f2 = flags[pos + 1] if cpt == _SPACE else flags[pos]
         if n:
             pos += n
         elif f2 & (_LETTER | _NUMBER):
             kind = f2 & (_LETTER | _NUMBER)
             pos += cpt == _SPACE
-            while fl(pos) & kind:
+            while flags[pos] & kind:
                 pos += 1
         elif not f2 & (_WS | _LETTER | _NUMBER) and f2:
             pos += cpt == _SPACE
-            while not fl(pos) & (_WS | _LETTER | _NUMBER) and fl(pos):
+            while not flags[pos] & (_WS | _LETTER | _NUMBER) and flags[pos]:
                 pos += 1
         else:
             n = 0
-            while fl(pos + n) & _WS:
+            while flags[pos + n] & _WS:
                 n += 1
             pos += n - 1 if n > 1 and pos + n < end else max(n, 1)  # \s+(?!\S), \s+, or no match
         out.append(pos - start)
+    return out
 
 
-def _split_llama3_like(word_mask: int, max_digits: int):
+def _split_llama3_like(word_mask: int, max_digits: int) -> Splitter:
     """The llama3 / qwen2 / qwen35 splitters, which differ in what a word is and how many digits group."""
     excluded = _WS | _NUMBER | word_mask
 
-    def split(cpts: list[int], flags: list[int], ini: int, end: int, out: list[int], lower) -> None:
-        fl = lambda p: flags[p] if p < end else 0  # noqa: E731
-        cp = lambda p: cpts[p] if p < end else -1  # noqa: E731
-        pos = ini
+    def split(cpts: list[int], flags: list[int], lower: Callable[[int], int]) -> list[int]:
+        out, pos, end = [], 0, len(cpts) - 1
         while pos < end:
             start, cpt, f = pos, cpts[pos], flags[pos]
-            n = _contraction(cpts, pos, end, lower)
+            n = _contraction(cpts, pos, lower)
             if n:
                 pos += n
-            elif cpt not in (_CR, _LF) and not f & _NUMBER and (f & word_mask or fl(pos + 1) & word_mask):
+            elif cpt not in (_CR, _LF) and not f & _NUMBER and (f & word_mask or flags[pos + 1] & word_mask):
                 pos += 1  # [^\r\n\p{L}\p{N}]?\p{L}+
-                while fl(pos) & word_mask:
+                while flags[pos] & word_mask:
                     pos += 1
             elif f & _NUMBER:  # \p{N}{1,max_digits}
-                while fl(pos) & _NUMBER and pos - start < max_digits:
+                while flags[pos] & _NUMBER and pos - start < max_digits:
                     pos += 1
-            elif not (fl(pos + 1) if cpt == _SPACE else f) & excluded:  # ' ?[^\s\p{L}\p{N}]+[\r\n]*'
+            elif not (flags[pos + 1] if cpt == _SPACE else f) & excluded:  # ' ?[^\s\p{L}\p{N}]+[\r\n]*'
                 pos += cpt == _SPACE
-                while fl(pos) and not fl(pos) & excluded:
+                while flags[pos] and not flags[pos] & excluded:
                     pos += 1
-                while cp(pos) in (_CR, _LF):
+                while cpts[pos] in (_CR, _LF):
                     pos += 1
             else:
                 n, last_rn = 0, 0
-                while fl(pos + n) & _WS:
+                while flags[pos + n] & _WS:
                     if cpts[pos + n] in (_CR, _LF):
                         last_rn = pos + n + 1
                     n += 1
@@ -146,6 +150,7 @@ def _split_llama3_like(word_mask: int, max_digits: int):
                 else:  # \s+(?!\S), \s+, or no match
                     pos += n - 1 if n > 1 and pos + n < end else max(n, 1)
             out.append(pos - start)
+        return out
 
     return split
 
@@ -223,17 +228,21 @@ def pre_split(text: str, regexes: Sequence[str]) -> list[str]:
     if not text:
         return []
     all_flags, lower_map = ud.tables()
+
+    def lower(c: int) -> int:
+        return lower_map.get(c, c)
+
     cpts_np = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
     flags_np = all_flags[cpts_np]
     cpts, flags = cpts_np.tolist(), flags_np.tolist()
-    lower = lambda c: lower_map.get(c, c)  # noqa: E731
     offsets = [len(cpts)]
     for regex in regexes:
         if regex in _CUSTOM:
             out, start = [], 0
             for length in offsets:
-                _CUSTOM[regex](cpts, flags, start, start + length, out, lower)
-                start += length
+                end = start + length
+                out += _CUSTOM[regex](cpts[start:end] + [-1], flags[start:end] + [0], lower)
+                start = end
             offsets = out
         else:
             categories = any(cat in regex for cat in _UCAT)
@@ -270,7 +279,10 @@ def merge(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     """The symbols of a byte-encoded word after merging adjacent pairs, lowest rank (then leftmost) first."""
     n = len(word)
     length, prev, nxt = [1] * n, list(range(-1, n - 1)), [*range(1, n), -1]
-    sym = lambda i: word[i:i + length[i]]  # noqa: E731 - symbol i always starts at character i
+
+    def sym(i: int) -> str:  # symbol i always starts at character i
+        return word[i:i + length[i]]
+
     heap: list[tuple[int, int, int, str]] = []
 
     def add(left: int, right: int) -> None:

@@ -307,6 +307,8 @@ def test_from_hf(bpe):
                 llm.tokenize(text.encode(), add_bos=False, special=special)
     assert tok.encode("x<|endoftext|>", add_bos=False, parse_special=True)[-1] == 1
     assert b"".join(tok.token_to_piece(i) for i in tok.encode("naïve 😀", add_bos=False)) == "naïve 😀".encode()
+    assert (tok.token_to_piece(1), tok.token_to_piece(1, special=False)) == (b"<|endoftext|>", b"")
+    assert tok.token_to_piece(tok.vocab_size - 1, special=False) == USER_DEFINED.encode()
     formatter = Jinja2ChatFormatter(CHATML_TEMPLATE, eos_token="<|endoftext|>", bos_token="<|begin_of_text|>")
     assert tok.apply_chat_template(CONVERSATION) == formatter(messages=CONVERSATION).prompt
 
@@ -326,6 +328,11 @@ def test_bad_metadata_and_directories(bpe, tmp_path):
                           ({"tokenizer.ggml.tokens": ["a", b"\xff"]}, "token 1 .* is not a UTF-8 string")]:
         with pytest.raises(FileFormatError, match=match):
             from_gguf({k: v for k, v in {**metadata, **change}.items() if v is not None})
+    tok = from_gguf(metadata)
+    with pytest.raises(JaxquantError, match="surrogates not allowed at character 1"):
+        tok.encode("a\ud800")
+    with pytest.raises(JaxquantError, match="outside the vocabulary"):
+        tok.decode([0, tok.vocab_size])
     with pytest.raises(FileFormatError, match="no tokenizer.json"):
         from_hf(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
