@@ -243,7 +243,7 @@ def bpe(tmp_path_factory):
     root = tmp_path_factory.mktemp("bpe")
     tok.save(str(root / "tokenizer.json"))
     (root / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|endoftext|>", "special": True},
+        {"bos_token": "<|begin_of_text|>", "eos_token": {"__type": "AddedToken", "content": "<|endoftext|>", "special": True},
          "chat_template": CHATML_TEMPLATE}))
 
     vocab = tok.get_vocab(with_added_tokens=True)
@@ -311,6 +311,20 @@ def test_from_hf(bpe):
     assert tok.token_to_piece(tok.vocab_size - 1, special=False) == USER_DEFINED.encode()
     formatter = Jinja2ChatFormatter(CHATML_TEMPLATE, eos_token="<|endoftext|>", bos_token="<|begin_of_text|>")
     assert tok.apply_chat_template(CONVERSATION) == formatter(messages=CONVERSATION).prompt
+
+
+def test_from_hf_matches_transformers(bpe):
+    from transformers import AutoTokenizer
+
+    _, root, _, _ = bpe
+    tok, ref = from_hf(root), AutoTokenizer.from_pretrained(str(root))
+    text = varied_text(SEEDS[0])
+    assert tok.encode(text, parse_special=True) == ref(text)["input_ids"]
+    for template in (CHATML_TEMPLATE, GEMMA3_TEMPLATE):
+        tok.chat_template = ref.chat_template = template
+        for add in (True, False):
+            assert tok.apply_chat_template(CONVERSATION, add_generation_prompt=add) == \
+                ref.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=add)
 
 
 # ---------------------------------------------------------------------------------------------- errors
