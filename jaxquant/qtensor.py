@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant.errors import FormatError
+
 
 @dataclasses.dataclass(frozen=True)
 class QTensor:
@@ -70,3 +72,14 @@ def dequantize(x, dtype=None) -> jax.Array:
         return x.dequantize(dtype)
     x = jnp.asarray(x)
     return x.astype(dtype) if dtype is not None else x
+
+
+def take_rows(q: QTensor, ids: jax.Array) -> QTensor:
+    """Rows ``ids`` (int array of any shape; out-of-range ids are clipped) of a 2-D QTensor, still
+    packed: shape ``(*ids.shape, K)``. Dequantizing the result touches only those rows (embedding
+    lookups)."""
+    if len(q.shape) != 2:
+        raise FormatError(f"take_rows needs a 2-D QTensor, got shape {q.shape}")
+    ids = jnp.asarray(ids)
+    arrays = {k: jnp.take(a, ids, axis=0, mode="clip") for k, a in q.arrays.items()}
+    return QTensor(arrays, q.fmt, (*ids.shape, q.shape[1]), q.dtype)

@@ -1,0 +1,291 @@
+"""Building blocks shared by every architecture: parameter and cache pytrees, RMS norm, rope,
+attention over a preallocated KV cache (GQA, sliding window, softcap), gated FFN, and the decoder
+loop that a family drives with its own ``block``.
+
+Conventions: activations and the residual stream are float32; every weight matmul is
+``ops.qdot`` (any weight may be a QTensor); tensor names and value conventions are GGUF's
+(``Layer`` fields are the GGUF names with ``.weight`` dropped and ``.bias`` -> ``_bias``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.config import ModelConfig
+from jaxquant.errors import FileFormatError
+from jaxquant.ops import qdot
+from jaxquant.qtensor import QTensor, take_rows
+
+Weight = jax.Array | QTensor
+KV = tuple[jax.Array, jax.Array]  # one layer's (keys, values) cache
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _pytree(cls):
+    """A dataclass whose fields are all pytree children (None fields are empty subtrees)."""
+    cls = dataclasses.dataclass(cls)
+    return jax.tree_util.register_dataclass(cls, data_fields=[f.name for f in dataclasses.fields(cls)],
+                                            meta_fields=[])
+
+
+@_pytree
+class Layer:
+    """One decoder layer's tensors; architectures use a subset, the rest stay None."""
+
+    attn_norm: jax.Array | None = None
+    attn_q: Weight | None = None
+    attn_k: Weight | None = None
+    attn_v: Weight | None = None
+    attn_qkv: Weight | None = None  # Phi-3: q, k, v rows stacked
+    attn_q_bias: jax.Array | None = None
+    attn_k_bias: jax.Array | None = None
+    attn_v_bias: jax.Array | None = None
+    attn_q_norm: jax.Array | None = None
+    attn_k_norm: jax.Array | None = None
+    attn_output: Weight | None = None
+    attn_output_bias: jax.Array | None = None
+    post_attention_norm: jax.Array | None = None
+    ffn_norm: jax.Array | None = None
+    ffn_gate: Weight | None = None
+    ffn_up: Weight | None = None  # Phi-3: gate rows then up rows
+    ffn_down: Weight | None = None
+    post_ffw_norm: jax.Array | None = None
+
+
+@_pytree
+class Params:
+    """A model's tensors. ``output`` is None for tied embeddings; ``rope_freqs`` holds the rope
+    frequency divisors of GGUF Llama 3.1+ files (None elsewhere)."""
+
+    token_embd: Weight
+    output_norm: jax.Array
+    layers: list[Layer]
+    output: Weight | None = None
+    rope_freqs: jax.Array | None = None
+
+
+@_pytree
+class KVCache:
+    """Per-layer keys and values ``[B, max_len, n_kv_heads, head_dim]``; slot s holds the token at
+    position s (written by ``forward``), so no separate length is kept."""
+
+    k: list[jax.Array]
+    v: list[jax.Array]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache for ``batch`` sequences of up to ``max_len`` positions."""
+    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return KVCache([jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
+                   [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)])
+
+
+def load_params(source, cfg: ModelConfig, required: tuple[str, ...], dtype=jnp.float32) -> Params:
+    """Tensors of ``source`` (canonical names) into ``Params``. QTensors stay packed; plain
+    matrices are cast to ``dtype``; vectors (norms, biases) to float32. ``required`` lists the
+    ``Layer`` fields the architecture cannot do without."""
+    where = getattr(source, "path", source)
+    names = set(source.tensor_names)
+    fields = {f.name for f in dataclasses.fields(Layer)}
+
+    def load(name: str):
+        x = source.load(name)
+        if isinstance(x, QTensor):
+            return x
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise FileFormatError(f"{where}: tensor {name!r} has dtype {x.dtype}, expected a float type")
+        return x.astype(dtype if x.ndim > 1 else jnp.float32)
+
+    layers = [{} for _ in range(cfg.n_layers)]
+    top = {}
+    for name in sorted(names):
+        parts = name.split(".")
+        field = parts[-2] + ("_bias" if parts[-1] == "bias" else "")
+        if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) < cfg.n_layers \
+                and field in fields:
+            layers[int(parts[1])][field] = load(name)
+        elif name in ("token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"):
+            top[parts[0]] = load(name)
+        else:
+            raise FileFormatError(f"{where}: tensor {name!r} is not used by the {cfg.arch} architecture "
+                                  f"({cfg.n_layers} layers)")
+    for i, layer in enumerate(layers):
+        missing = [f"blk.{i}.{f}.weight" for f in required if f not in layer]
+        if missing:
+            raise FileFormatError(f"{where}: {cfg.arch} model lacks tensor(s) {', '.join(missing)}")
+    for name in ("token_embd", "output_norm"):
+        if name not in top:
+            raise FileFormatError(f"{where}: model lacks tensor {name}.weight")
+    if "output" not in top and not cfg.tie_embeddings:
+        raise FileFormatError(f"{where}: model lacks output.weight and does not tie embeddings")
+    return Params(layers=[Layer(**layer) for layer in layers], **top)
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise pieces
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """x / rms(x) * w over the last axis (Gemma's 1 + w is already folded into w)."""
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def linear(x: jax.Array, w: Weight, bias: jax.Array | None = None) -> jax.Array:
+    y = qdot(x, w)
+    return y if bias is None else y + bias
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
+def glu(gate: jax.Array, up: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The gated FFN's hidden activation: act(gate) * up."""
+    return ACTIVATIONS[cfg.activation](gate) * up
+
+
+def heads(x: jax.Array, n: int) -> jax.Array:
+    """[B, T, n * D] -> [B, T, n, D]."""
+    return x.reshape(*x.shape[:-1], n, x.shape[-1] // n)
+
+
+def qk_norm(q: jax.Array, k: jax.Array, layer: Layer, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Per-head RMS norm of queries and keys (Qwen3, Gemma 3), before rope."""
+    return rms_norm(q, layer.attn_q_norm, cfg.norm_eps), rms_norm(k, layer.attn_k_norm, cfg.norm_eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rope
+
+
+def rope_inv_freq(cfg: ModelConfig, layer: int) -> np.ndarray:
+    """Rotation frequencies [rope_dim / 2] of a layer. Sliding-window layers use the local base;
+    Gemma 3's local layers also skip rope scaling (llama.cpp's rope_freq_scale_train_swa = 1)."""
+    dim = cfg.rope_dim or cfg.head_dim
+    swa = cfg.is_swa(layer)
+    theta = cfg.rope_theta_local if swa else cfg.rope_theta
+    scaling = None if swa and cfg.arch == "gemma3" else cfg.rope_scaling
+    inv = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    if scaling is not None and scaling.kind == "linear":
+        inv = inv / scaling.factor
+    elif scaling is not None and scaling.kind == "llama3":  # transformers' _compute_llama3_parameters
+        low_wavelen = scaling.original_context_length / scaling.low_freq_factor
+        high_wavelen = scaling.original_context_length / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        smooth = (scaling.original_context_length / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        scaled = np.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(medium, (1 - smooth) * scaled / scaling.factor + smooth * scaled, scaled)
+    return inv.astype(np.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, neox: bool) -> jax.Array:
+    """Rotate the first 2 * len(inv_freq) dims of each head of x [B, T, H, D] by position [B, T].
+    NEOX pairs dim i with i + R/2; NORM (GGUF Llama) pairs adjacent dims 2i, 2i + 1."""
+    r = 2 * inv_freq.shape[0]
+    angle = positions[..., None, None].astype(jnp.float32) * inv_freq  # [B, T, 1, R/2]
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    xr, rest = x[..., :r], x[..., r:]
+    x1, x2 = (xr[..., :r // 2], xr[..., r // 2:]) if neox else (xr[..., 0::2], xr[..., 1::2])
+    y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    rotated = jnp.concatenate([y1, y2], -1) if neox else jnp.stack([y1, y2], -1).reshape(xr.shape)
+    return jnp.concatenate([rotated, rest], -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCtx:
+    """What a layer needs besides its tensors: config, positions [B, T] (< 0: padding), its rope
+    frequencies and sliding window (None: global attention)."""
+
+    cfg: ModelConfig
+    positions: jax.Array
+    inv_freq: jax.Array
+    window: int | None
+
+
+def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv: KV, ctx: LayerCtx) -> tuple[jax.Array, KV]:
+    """Rope q [B, T, H, D] and k [B, T, KV, D], write k and v into the cache at slot = position,
+    attend over the cache. Returns ([B, T, H * D], updated (k, v) cache)."""
+    cfg, pos = ctx.cfg, ctx.positions
+    q, k = rope(q, pos, ctx.inv_freq, cfg.rope_neox), rope(k, pos, ctx.inv_freq, cfg.rope_neox)
+    cache_k, cache_v = kv
+    b, t, n_heads, d = q.shape
+    s, n_kv = cache_k.shape[1], cache_k.shape[2]
+    slot = jnp.where(pos >= 0, pos, s)  # padding goes out of range and is dropped
+    rows = jnp.arange(b)[:, None]
+    cache_k = cache_k.at[rows, slot].set(k.astype(cache_k.dtype), mode="drop")
+    cache_v = cache_v.at[rows, slot].set(v.astype(cache_v.dtype), mode="drop")
+
+    qg = q.reshape(b, t, n_kv, n_heads // n_kv, d)  # query head h uses kv head h // group
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, cache_k, preferred_element_type=jnp.float32, precision=HIGHEST)
+    scores = scores * cfg.query_pre_attn_scalar ** -0.5
+    if cfg.attn_softcap:
+        scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+    slots, p = jnp.arange(s), pos[:, None, None, :, None]  # p [B, 1, 1, T, 1]
+    visible = slots <= p
+    if ctx.window is not None:
+        visible &= slots > p - ctx.window
+    # A finite fill keeps padding rows (nothing visible) free of NaN.
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, cache_v, preferred_element_type=jnp.float32, precision=HIGHEST)
+    return out.reshape(b, t, n_heads * d), (cache_k, cache_v)
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoder
+
+Block = Callable[[Layer, jax.Array, KV, LayerCtx], tuple[jax.Array, KV]]
+
+
+def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Token embeddings [B, T, E] (float32, times cfg.embed_scale); only the rows of a quantized
+    table that are looked up get dequantized."""
+    table = params.token_embd
+    if isinstance(table, QTensor):
+        x = take_rows(table, tokens).dequantize(jnp.float32)
+    else:
+        x = jnp.take(table, tokens, axis=0, mode="clip").astype(jnp.float32)
+    return x * cfg.embed_scale if cfg.embed_scale != 1.0 else x
+
+
+def hidden_states(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, cfg: ModelConfig,
+                  block: Block) -> tuple[jax.Array, KVCache]:
+    """Embed, run every layer's ``block``, final norm: [B, T, E] float32, updated cache."""
+    x = embed(params, tokens, cfg)
+    ks, vs = [], []
+    for i, layer in enumerate(params.layers):
+        inv_freq = jnp.asarray(rope_inv_freq(cfg, i))
+        if params.rope_freqs is not None:
+            inv_freq = inv_freq / params.rope_freqs
+        ctx = LayerCtx(cfg, positions, inv_freq, cfg.sliding_window if cfg.is_swa(i) else None)
+        x, (k, v) = block(layer, x, (cache.k[i], cache.v[i]), ctx)
+        ks.append(k)
+        vs.append(v)
+    return rms_norm(x, params.output_norm, cfg.norm_eps), KVCache(ks, vs)
+
+
+def logits(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Normed hidden states [..., E] -> float32 logits [..., vocab] (tied or separate output,
+    final softcap)."""
+    out = linear(x, params.output if params.output is not None else params.token_embd).astype(jnp.float32)
+    if cfg.final_softcap:
+        out = jnp.tanh(out / cfg.final_softcap) * cfg.final_softcap
+    return out
