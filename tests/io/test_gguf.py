@@ -1,0 +1,340 @@
+"""GGUF in and out, checked against gguf-py's own writer and reader, the original Gemma file and
+llama.cpp; every bad file must give a FileFormatError that names the file and the problem."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import GGUFValueType as V
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gguf_samples as gs
+import jaxquant as jq
+import jaxquant.io.gguf as jgguf
+from jaxquant.errors import FileFormatError, JaxquantError
+from jaxquant.io import Deferred, GGUFSource, TensorInfo, open_model, write_gguf
+
+
+def _same_value(ours, ref, vtype, sub) -> bool:
+    if V.FLOAT32 in (vtype, sub):
+        return np.array_equal(np.float32(ours), np.float32(ref))
+    return ours == ref
+
+
+@pytest.fixture
+def sample(tmp_path):
+    path = tmp_path / "sample.gguf"
+    gs.write_sample(path)
+    return path
+
+
+def test_reads_what_gguf_py_wrote(sample):
+    src = open_model(sample)
+    assert isinstance(src, GGUFSource)
+    assert list(src.metadata) == list(gs.METADATA)
+    for key, (value, vtype, sub) in gs.METADATA.items():
+        assert _same_value(src.metadata[key], value, vtype, sub), key
+        assert src.value_types[key] == ((vtype,) if sub is None else (vtype, sub)), key
+    tensors = gs.sample_tensors()
+    assert src.tensor_names == list(tensors)
+    for name, (type_name, shape, data) in tensors.items():
+        assert src.info(name) == TensorInfo(name, shape, type_name, data.nbytes)
+        assert np.array_equal(src.raw(name), data)
+        x = src.load(name)
+        if type_name in ("F32", "F16"):
+            assert x.dtype == jnp.dtype(type_name.lower().replace("f", "float")) and x.shape == shape
+            assert np.array_equal(np.asarray(x).reshape(-1).view(np.uint8), data)
+        else:  # packed as it is in the file, never through floats
+            assert isinstance(x, jq.QTensor) and (x.fmt, x.shape) == (type_name, shape)
+            assert np.array_equal(jq.get_format(type_name).to_bytes(x).reshape(-1), data)
+    cfg = src.config
+    assert (cfg.arch, cfg.vocab_size, cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) == \
+        ("llama", 32, 64, 4, 2, 16)
+    assert (cfg.rope_theta, cfg.rope_neox, cfg.bos_id, cfg.eos_ids, cfg.tie_embeddings) == \
+        (500000.0, False, 29, (30,), True)
+
+
+def test_custom_alignment(tmp_path):
+    path = tmp_path / "aligned.gguf"
+    gs.write_sample(path, alignment=256)
+    src = open_model(path)
+    assert src.alignment == 256 and all(src.offset(n) % 256 == 0 for n in src.tensor_names)
+    out = tmp_path / "back.gguf"
+    write_gguf(out, src.metadata, {n: src.load(n) for n in src.tensor_names}, src.value_types)
+    assert filecmp.cmp(path, out, shallow=False)
+
+
+def test_chunked_loading_equals_one_piece(sample, monkeypatch):
+    monkeypatch.setattr(jgguf, "CHUNK_BYTES", 100)  # every tensor goes through several row chunks
+    src = open_model(sample)
+    for name in src.tensor_names:
+        info = src.info(name)
+        whole = jq.get_format(info.type).from_bytes(src.raw(name), info.shape)
+        chunked = src.load(name)
+        pairs = [(chunked, whole)] if not isinstance(whole, jq.QTensor) else \
+            [(chunked.arrays[k], whole.arrays[k]) for k in whole.arrays]
+        for a, b in pairs:
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            assert np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8)), name
+
+
+def test_gguf_py_reads_what_we_wrote(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 256)).astype(np.float32)
+    q4k = jq.quantize(x, "Q4_K")
+    tensors = {"a.weight": jnp.asarray(x[:2, :64]), "b.weight": jnp.asarray(x[0], jnp.bfloat16),
+               "c.weight": q4k, "d.weight": Deferred(TensorInfo("d.weight", (4, 256), "Q4_K", q4k.nbytes), lambda: q4k),
+               "e.weight": np.arange(6, dtype=np.int32).reshape(2, 3)}
+    metadata = {"general.architecture": "llama", "x.u": 7, "x.neg": -3, "x.big": 2**40, "x.f": 0.5, "x.s": "é",
+                "x.b": True, "x.ints": [1, -2], "x.strs": ["a", "bc"], "x.floats": [0.25, 1.0], "x.typed": 9}
+    path = tmp_path / "ours.gguf"
+    write_gguf(path, metadata, tensors, {"x.typed": (V.UINT8,)})
+    r = gguf.GGUFReader(path)
+    want_types = {"general.architecture": [V.STRING], "x.u": [V.UINT32], "x.neg": [V.INT32], "x.big": [V.INT64],
+                  "x.f": [V.FLOAT32], "x.s": [V.STRING], "x.b": [V.BOOL], "x.ints": [V.ARRAY, V.INT32],
+                  "x.strs": [V.ARRAY, V.STRING], "x.floats": [V.ARRAY, V.FLOAT32], "x.typed": [V.UINT8]}
+    fields = {k: f for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    assert list(fields) == list(metadata)
+    for key, field in fields.items():
+        assert field.types == want_types[key], key
+        assert field.contents() == metadata[key], key
+    q_bytes = jq.get_format("Q4_K").to_bytes(q4k).reshape(-1)
+    want = {"a.weight": ("F32", (2, 64), x[:2, :64].view(np.uint8).reshape(-1)),
+            "b.weight": ("BF16", (256,), np.asarray(jnp.asarray(x[0], jnp.bfloat16)).view(np.uint8)),
+            "c.weight": ("Q4_K", (4, 256), q_bytes), "d.weight": ("Q4_K", (4, 256), q_bytes),
+            "e.weight": ("I32", (2, 3), np.arange(6, dtype=np.int32).view(np.uint8))}
+    assert [t.name for t in r.tensors] == list(want)
+    for t in r.tensors:
+        type_name, shape, data = want[t.name]
+        assert t.tensor_type.name == type_name and tuple(reversed(t.shape.tolist())) == shape, t.name
+        assert np.array_equal(np.asarray(t.data).reshape(-1).view(np.uint8), data), t.name
+        assert t.data_offset % gguf.GGUF_DEFAULT_ALIGNMENT == 0
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_write_rejects_inconsistent_input(tmp_path):
+    q = jq.quantize(np.ones((2, 32), np.float32), "Q8_0")
+    with pytest.raises(JaxquantError, match="general.architecture"):
+        write_gguf(tmp_path / "x.gguf", {}, {})
+    lying = Deferred(TensorInfo("t", (4, 32), "Q8_0", 4 * 34), lambda: q)
+    with pytest.raises(JaxquantError, match="'t': 68 bytes of data, its info says 136"):
+        write_gguf(tmp_path / "x.gguf", {"general.architecture": "llama"}, {"t": lying})
+    with pytest.raises(JaxquantError, match="empty array"):
+        write_gguf(tmp_path / "x.gguf", {"general.architecture": "llama", "k": []}, {}, {"k": (V.ARRAY, V.INT32)})
+    assert not list(tmp_path.iterdir())  # nothing half-written is left behind
+
+
+# ---- the real model --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def written_gemma(gemma_path, tmp_path_factory):
+    src = open_model(gemma_path)
+    out = tmp_path_factory.mktemp("roundtrip") / "gemma.gguf"
+    write_gguf(out, src.metadata, {n: src.deferred(n) for n in src.tensor_names}, src.value_types)
+    return out
+
+
+def test_gemma_round_trip(gemma_path, written_gemma):
+    src, back = open_model(gemma_path), open_model(written_gemma)
+    assert list(back.metadata) == list(src.metadata) and back.metadata == src.metadata
+    assert back.value_types == src.value_types
+    assert back.tensor_names == src.tensor_names
+    for name in src.tensor_names:
+        assert back.info(name) == src.info(name) and back.offset(name) == src.offset(name)
+        assert np.array_equal(back.raw(name), src.raw(name)), name
+    assert filecmp.cmp(gemma_path, written_gemma, shallow=False)  # the whole file, byte for byte
+    # the tensors went through QTensors, packed as in the file
+    assert {type(src.load(n)).__name__ for n in src.tensor_names if src.info(n).type != "F32"} == {"QTensor"}
+
+
+@pytest.mark.oracle
+@pytest.mark.slow
+def test_llama_cpp_gives_the_same_logits(gemma_path, written_gemma):
+    import llama_cpp
+
+    def logits(path) -> np.ndarray:
+        llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False)
+        tokens = llm.tokenize("The capital of France is Paris; 2 + 2 = 4.\n  def f(x):".encode(), add_bos=True)
+        llm.eval(tokens)
+        return np.array(llm.scores[:len(tokens)])
+
+    ref, ours = logits(gemma_path), logits(written_gemma)
+    assert ref.shape[1] == 262144 and np.isfinite(ref).all()
+    assert np.array_equal(ours, ref)
+
+
+def test_gemma_peak_memory_under_1_5x_file_size(gemma_path):
+    """Loading every tensor of the Gemma GGUF: peak resident memory above the process's baseline
+    (python + jax) stays below 1.5x the file size."""
+    script = textwrap.dedent(f"""
+        import jax.numpy as jnp
+        from jaxquant.io import open_model
+        def kib(key):
+            return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
+        jnp.zeros(8).block_until_ready()
+        base = kib("VmRSS")
+        open("/proc/self/clear_refs", "w").write("5")  # restart the VmHWM peak from here
+        src = open_model({str(gemma_path)!r})
+        params = {{n: src.load(n) for n in src.tensor_names}}
+        print(base, kib("VmHWM"))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    base, peak = map(int, out.stdout.split())
+    ratio = (peak - base) * 1024 / os.path.getsize(gemma_path)
+    print(f"peak above baseline: {(peak - base) / 1024:.0f} MiB = {ratio:.2f}x the file")
+    assert ratio < 1.5
+
+
+# ---- bad files ---------------------------------------------------------------------------------------
+
+def _patch(blob: bytes, offset: int, new: bytes) -> bytes:
+    return blob[:offset] + new + blob[offset + len(new):]
+
+
+def _ti(blob: bytes, name: str, field: str, n_dims: int = 2) -> int:
+    """Offset of a field of a tensor's info record."""
+    pos = gs.tensor_info_offset(blob, name) + 8 + len(name)
+    return {"n_dims": pos, "ne0": pos + 4, "type": pos + 4 + 8 * n_dims, "offset": pos + 8 + 8 * n_dims}[field]
+
+
+def _kv(blob: bytes, key: str) -> int:
+    """Offset of the value type of a metadata key."""
+    return blob.index(len(key).to_bytes(8, "little") + key.encode()) + 8 + len(key)
+
+
+def _bad_cases(blob: bytes) -> dict[str, tuple[bytes, str]]:
+    q, k = "blk.0.attn_q.weight", "blk.0.attn_k.weight"
+    u32, u64 = (lambda v: struct.pack("<I", v)), (lambda v: struct.pack("<Q", v))
+    return {
+        "empty": (b"", "truncated"),
+        "truncated header": (blob[:20], "runs past the end of the file (20 bytes)"),
+        "truncated metadata": (blob[:_kv(blob, "tokenizer.ggml.scores") + 100], "runs past the end"),
+        "truncated tensor info": (blob[:_ti(blob, k, "type")], "runs past the end"),
+        "truncated data": (blob[:-100], f"tensor {k!r}"),
+        "wrong magic": (b"GGUX" + blob[4:], "wrong magic b'GGUX' at offset 0"),
+        "not gguf": (b"hello, world\n" * 10, "wrong magic"),
+        "version 1": (_patch(blob, 4, u32(1)), "unsupported GGUF version 1 at offset 4"),
+        "version 4": (_patch(blob, 4, u32(4)), "unsupported GGUF version 4"),
+        "big-endian": (_patch(blob, 4, (3).to_bytes(4, "big")), "big-endian"),
+        "unknown type id": (_patch(blob, _ti(blob, q, "type"), u32(99)), f"tensor {q!r}"),
+        "removed type id": (_patch(blob, _ti(blob, q, "type"), u32(4)), "unknown type id 4 at offset"),
+        "duplicate tensor names": (blob.replace(k.encode(), q.encode()), f"duplicate tensor name {q!r}"),
+        "data past the end": (_patch(blob, _ti(blob, q, "offset"), u64(1 << 20)), f"tensor {q!r}"),
+        "misaligned data": (_patch(blob, _ti(blob, k, "offset"), u64(
+            struct.unpack_from("<Q", blob, _ti(blob, k, "offset"))[0] + 2)), "not a multiple of the alignment 32"),
+        "overlapping data": (_patch(blob, _ti(blob, k, "offset"), u64(0)), "overlap"),
+        "bad row length": (_patch(blob, _ti(blob, q, "ne0"), u64(48)), "row length 48 is not a multiple of the "
+                                                                      "Q4_0 block size 32"),
+        "too many dims": (_patch(blob, _ti(blob, "output_norm.weight", "n_dims"), u32(7)), "7 dimensions"),
+        "huge dims": (_patch(blob, _ti(blob, q, "ne0"), u64(2**63 + 32)), "overflow"),
+        "unknown value type": (_patch(blob, _kv(blob, "general.name"), u32(99)), "unknown metadata value type 99"),
+        "huge array": (_patch(blob, _kv(blob, "tokenizer.ggml.scores") + 8, u64(2**62)), "runs past the end"),
+        "huge string array": (_patch(blob, _kv(blob, "tokenizer.ggml.tokens") + 8, u64(2**62)), "runs past the end"),
+        "huge string": (_patch(blob, _kv(blob, "general.name") + 4, u64(2**40)), "runs past the end"),
+        "nested array": (_patch(blob, _kv(blob, "test.bytes") + 4, u32(V.ARRAY)), "nested metadata array"),
+        "duplicate key": (blob.replace(b"test.bytes", b"test.int64"), "Duplicate test.int64"),
+        "bad key utf-8": (blob.replace(b"test.int8", b"test.\xffnt8"), "invalid GGUF"),
+        "bad name utf-8": (blob.replace(q.encode(), b"blk.0.attn_\xff.weight"), "not valid UTF-8"),
+        "huge tensor count": (_patch(blob, 8, u64(2**40)), "runs past the end"),
+        "huge kv count": (_patch(blob, 16, u64(2**40)), "runs past the end"),
+    }
+
+
+BAD_CASES = [
+    "empty", "truncated header", "truncated metadata", "truncated tensor info", "truncated data", "wrong magic",
+    "not gguf", "version 1", "version 4", "big-endian", "unknown type id", "removed type id",
+    "duplicate tensor names", "data past the end", "misaligned data", "overlapping data", "bad row length",
+    "too many dims", "huge dims", "unknown value type", "huge array", "huge string array", "huge string",
+    "nested array", "duplicate key", "bad key utf-8", "bad name utf-8", "huge tensor count", "huge kv count"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_file(sample, tmp_path, case):
+    blob, message = _bad_cases(sample.read_bytes())[case]
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(blob)
+    with pytest.raises(FileFormatError) as e:
+        src = open_model(path)
+        for name in src.tensor_names:
+            src.load(name)
+    assert str(path) in str(e.value) and message in str(e.value), str(e.value)
+
+
+def test_bad_cases_change_the_file(sample):
+    blob = sample.read_bytes()
+    cases = _bad_cases(blob)
+    assert list(cases) == BAD_CASES and all(bad != blob for bad, _ in cases.values())
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    path = tmp_path / "x.gguf"
+    write_gguf(path, {"general.architecture": "mamba"}, {})
+    src = open_model(path)  # opening and inspecting work for any architecture
+    with pytest.raises(JaxquantError, match=r"'mamba' is not supported; supported architectures: llama, qwen2"):
+        src.config
+
+
+# ---- fuzzing -------------------------------------------------------------------------------------------
+
+_EDGE_INTS = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 31, 32, 33, 255, 256, 2**16, 2**31 - 1, 2**31, 2**32 - 1, 2**32,
+              2**62, 2**63 - 1, 2**63, 2**64 - 1]
+_mutation = st.tuples(st.integers(0, 10**6), st.one_of(
+    st.binary(min_size=1, max_size=4),
+    st.builds(lambda v: struct.pack("<Q", v), st.sampled_from(_EDGE_INTS)),
+    st.builds(lambda v: struct.pack("<I", v % 2**32), st.sampled_from(_EDGE_INTS))))
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout
+
+
+@pytest.fixture(scope="module")
+def fuzz_base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fuzz") / "base.gguf"
+    gs.write_sample(path)
+    blob = path.read_bytes()
+    return blob, GGUFSource(path).offset("token_embd.weight"), path.parent
+
+
+@pytest.mark.slow
+@settings(max_examples=10_000, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(mutations=st.lists(_mutation, min_size=1, max_size=6), cut=st.one_of(st.none(), st.integers(0, 10**6)))
+def test_fuzz_header_mutations(fuzz_base, mutations, cut):
+    """Any mutation of the header (magic to tensor infos) either loads or raises a JaxquantError,
+    within a second: no other exception, no hang."""
+    blob, header_len, folder = fuzz_base
+    for pos, new in mutations:
+        blob = _patch(blob, pos % header_len, new[: header_len - pos % header_len])
+    if cut is not None:
+        blob = blob[: cut % (len(blob) + 1)]
+    path = folder / "case.gguf"
+    path.unlink(missing_ok=True)  # a fresh inode: the previous case's maps stay valid
+    path.write_bytes(blob)
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, 5.0)
+    try:
+        src = open_model(path)
+        for name in src.tensor_names:
+            src.load(name)
+        src.config
+    except JaxquantError:
+        pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
