@@ -239,8 +239,7 @@ class GGUFTokenizer(Tokenizer):
         def has(*texts: str) -> bool:  # all of these texts are end-of-generation ones
             return any(t in ids for t in texts)
 
-        if has("<|end|>") and ((has("<|return|>") and has("<|call|>")) or (has("<|call|>", "<|calls|>") and
-                                                                            has("<|flush|>"))):
+        if has("<|end|>") and has("<|call|>", "<|calls|>") and has("<|return|>", "<|flush|>"):
             attrs[ids["<|end|>"]] = USER_DEFINED
         eos_text = self.tokens[self.eos_id] if self.eos_id is not None else None
         if has("</s>") and (has("<|tool_response>") or eos_text == "<|plamo:eos|>"):
@@ -278,7 +277,7 @@ class GGUFTokenizer(Tokenizer):
         fragments: list[str | int] = [text] if text else []
         for tid in self._special:
             attr, special = self.attrs[tid], self.tokens[tid]
-            if not parse_special and attr & _SPECIAL:
+            if (not parse_special and attr & _SPECIAL) or special not in text:
                 continue
             out: list[str | int] = []
             for frag in fragments:
