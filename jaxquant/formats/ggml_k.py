@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxquant.formats.numerics import F32, mul, nearest_int, seqsum, to_f16
+from jaxquant.formats.numerics import F32, div, mul, nearest_int, seqsum, to_f16
 from jaxquant.formats.registry import Field, Format, register
 
 QK_K = 256
@@ -27,6 +27,12 @@ def _step_factors(rmin: float, rdelta: float, nsteps: int, nmax: int) -> np.ndar
     """C's ``rmin + rdelta*is + nmax`` for each step, in f32 (numpy never fuses the multiply-add)."""
     steps = np.asarray(nsteps, np.float32) if np.ndim(nsteps) else np.arange(nsteps + 1, dtype=np.float32)
     return np.float32(rmin) + np.float32(rdelta) * steps + np.float32(nmax)
+
+
+def _materialize(*values: jax.Array) -> tuple[jax.Array, ...]:
+    """Per-group results (each a chain of n adds) computed once: XLA duplicates cheap producers
+    into every consumer, but not a division (``v / 1`` by a divisor it cannot fold is exact)."""
+    return tuple(div(v, F32(1)) for v in values)
 
 
 def make_qkx_quants(x: jax.Array, weights: jax.Array, nmax: int, rmin: float, rdelta: float, nstep: int,
@@ -52,34 +58,37 @@ def make_qkx_quants(x: jax.Array, weights: jax.Array, nmax: int, rmin: float, rd
         diff = mul(scale, l.astype(F32)) + mn - x
         return seqsum(mul(w, jnp.abs(diff) if use_mad else mul(diff, diff)), 0)
 
-    iscale = F32(nmax) / jnp.where(flat, F32(1), mx - mn0)
-    scale = 1 / iscale
-    l = quants(iscale, mn0)
-    best = error(scale, mn0, l)
+    iscale = div(F32(nmax), jnp.where(flat, F32(1), mx - mn0))
+    scale = div(F32(1), iscale)
+    best = error(scale, mn0, quants(iscale, mn0))
 
     def step(carry, factor):
-        l, best, scale, mn = carry  # C updates min on success; later trials start from it
-        la = quants(factor / (mx - mn), mn)
+        # The winning L is not carried: it is quants(l_iscale, l_min) again after the search
+        # (a per-element select here would make XLA recompute the group's sums per element).
+        best, scale, mn, l_iscale, l_min = carry  # C updates min on success; later trials start from it
+        iscale = div(factor, mx - mn)
+        la = quants(iscale, mn)
         lf = la.astype(F32)
         wl = mul(w, lf)
-        sum_l, sum_l2, sum_xl = seqsum(wl, 0), seqsum(mul(wl, lf), 0), seqsum(mul(wl, x), 0)
+        sum_l, sum_l2, sum_xl = _materialize(seqsum(wl, 0), seqsum(mul(wl, lf), 0), seqsum(mul(wl, x), 0))
         det = mul(sum_w, sum_l2) - mul(sum_l, sum_l)
         ok = det > 0
         det = jnp.where(ok, det, F32(1))
-        this_scale = (mul(sum_w, sum_xl) - mul(sum_x, sum_l)) / det
-        this_min = (mul(sum_l2, sum_x) - mul(sum_l, sum_xl)) / det
+        this_scale = div(mul(sum_w, sum_xl) - mul(sum_x, sum_l), det)
+        this_min = div(mul(sum_l2, sum_x) - mul(sum_l, sum_xl), det)
         pos = this_min > 0
-        this_scale = jnp.where(pos, sum_xl / jnp.where(pos, sum_l2, F32(1)), this_scale)
+        this_scale = jnp.where(pos, div(sum_xl, jnp.where(pos, sum_l2, F32(1))), this_scale)
         this_min = jnp.where(pos, F32(0), this_min)
-        cur = error(this_scale, this_min, la)
+        (cur,) = _materialize(error(this_scale, this_min, la))
         take = ok & (cur < best)
-        return (jnp.where(take, la, l), jnp.where(take, cur, best), jnp.where(take, this_scale, scale),
-                jnp.where(take, this_min, mn)), None
+        pick = lambda new, old: jnp.where(take, new, old)  # noqa: E731
+        return (pick(cur, best), pick(this_scale, scale), pick(this_min, mn), pick(iscale, l_iscale),
+                pick(mn, l_min)), None
 
     factors = jnp.asarray(_step_factors(rmin, rdelta, nstep, nmax))
-    (l, _, scale, mn), _ = lax.scan(step, (l, best, scale, mn0), factors)
+    (_, scale, mn, l_iscale, l_min), _ = lax.scan(step, (best, scale, mn0, iscale, mn0), factors)
     scale = jnp.where(flat, F32(0), scale)
-    l = jnp.where(flat, 0, l)
+    l = jnp.where(flat, 0, quants(l_iscale, l_min))
     return scale, -mn, jnp.moveaxis(l, 0, -1)
 
 
@@ -99,11 +108,11 @@ def make_qp_quants(x: jax.Array, quant_weights: jax.Array, nmax: int) -> tuple[j
         diff = x - mul(scale, lf)
         return seqsum(mul(mul(w, diff), diff), 0)
 
-    iscale = F32(nmax) / mx
-    best = mse(1 / iscale, (nearest_int(mul(iscale, x)) & 0xFF).astype(F32))
+    iscale = div(F32(nmax), mx)
+    best = mse(div(F32(1), iscale), (nearest_int(mul(iscale, x)) & 0xFF).astype(F32))
     for factor in _step_factors(0, 0.1, [i for i in range(-4, 5) if i], nmax):
-        iscale_is = factor / mx
-        cur = mse(1 / iscale_is, jnp.minimum(nmax, nearest_int(mul(iscale_is, x))).astype(F32))
+        iscale_is = div(factor, mx)
+        cur = mse(div(F32(1), iscale_is), jnp.minimum(nmax, nearest_int(mul(iscale_is, x))).astype(F32))
         take = cur < best
         best = jnp.where(take, cur, best)
         iscale = jnp.where(take, iscale_is, iscale)
@@ -122,7 +131,7 @@ def make_qp_quants(x: jax.Array, quant_weights: jax.Array, nmax: int) -> tuple[j
             slx = sumlx - mul(wx, li)
             sl2 = suml2 - mul(mul(wi, li), li)
             ok = (slx > 0) & (sl2 > 0)
-            new_l = jnp.minimum(nmax, nearest_int(xi * sl2 / jnp.where(ok, slx, F32(1))))
+            new_l = jnp.minimum(nmax, nearest_int(div(xi * sl2, jnp.where(ok, slx, F32(1)))))
             nf = new_l.astype(F32)
             slx = slx + mul(wx, nf)
             sl2 = sl2 + mul(mul(wi, nf), nf)
@@ -134,7 +143,7 @@ def make_qp_quants(x: jax.Array, quant_weights: jax.Array, nmax: int) -> tuple[j
 
     # C stops once a pass changes nothing; a pass over an unchanged state changes nothing again.
     big_l, sumlx, suml2 = lax.fori_loop(0, 5, refine, (l & 0xFF, sumlx, suml2))
-    scale = jnp.where(suml2 > 0, sumlx / jnp.where(suml2 > 0, suml2, F32(1)), F32(0))
+    scale = jnp.where(suml2 > 0, div(sumlx, jnp.where(suml2 > 0, suml2, F32(1))), F32(0))
     return jnp.where(zero, F32(0), scale), jnp.moveaxis(jnp.where(zero, 0, big_l), 0, -1)
 
 
@@ -193,11 +202,11 @@ def _ref_scales(spec: _Spec, scales: jax.Array, mins: jax.Array):
     max_scale, max_min = positive_max(scales), positive_max(mins)
 
     def levels(v, vmax):
-        inv = jnp.where(vmax > 0, q / jnp.where(vmax > 0, vmax, F32(1)), F32(0))
+        inv = jnp.where(vmax > 0, div(q, jnp.where(vmax > 0, vmax, F32(1))), F32(0))
         l = nearest_int(mul(inv[..., None], v)) & 0xFF  # C stores into uint8_t
         return jnp.minimum(spec.scale_max, l) if spec.scale_bits == 6 else l
 
-    return to_f16(max_scale / q), to_f16(max_min / q), levels(scales, max_scale), levels(mins, max_min)
+    return to_f16(div(max_scale, q)), to_f16(div(max_min, q)), levels(scales, max_scale), levels(mins, max_min)
 
 
 def _requantize(spec: _Spec, xb: jax.Array, big_l: jax.Array, d: jax.Array, dmin: jax.Array,
@@ -205,7 +214,7 @@ def _requantize(spec: _Spec, xb: jax.Array, big_l: jax.Array, d: jax.Array, dmin
     """Quants recomputed from the stored f16 d/dmin and integer sc/m; sub-blocks with d*sc == 0 keep L."""
     dd = mul(d.astype(F32)[..., None], sc.astype(F32))[..., None]
     dm = mul(dmin.astype(F32)[..., None], m.astype(F32))[..., None]
-    q = jnp.clip(nearest_int((xb + dm) / jnp.where(dd != 0, dd, F32(1))), 0, spec.nmax)
+    q = jnp.clip(nearest_int(div(xb + dm, jnp.where(dd != 0, dd, F32(1)))), 0, spec.nmax)
     return jnp.where(dd != 0, q, big_l)
 
 
@@ -216,14 +225,14 @@ def _quantize(spec: _Spec, x: jax.Array, qw: jax.Array | None) -> tuple[dict[str
         if spec.sub == 16:  # Q2_K: weights |x|, mean absolute error
             weights, use_mad = jnp.abs(xb), True
         else:
-            av_x = jnp.sqrt(seqsum(mul(xb, xb)) / F32(spec.sub))
+            av_x = jnp.sqrt(div(seqsum(mul(xb, xb)), F32(spec.sub)))
             weights, use_mad = av_x[..., None] + jnp.abs(xb), False
         scales, mins, big_l = make_qkx_quants(xb, weights, spec.nmax, *spec.ref_search, use_mad)
         d, dmin, ls, lm = _ref_scales(spec, scales, mins)
     else:
         xs = x.reshape(x.shape[0], -1, QK_K)
         sum_x2 = seqsum(mul(xs, xs))
-        sigma2 = (sum_x2 if spec.sub == 16 else F32(2) * sum_x2) / F32(QK_K)
+        sigma2 = div(sum_x2 if spec.sub == 16 else F32(2) * sum_x2, F32(QK_K))
         weights = mul(_super_blocks(qw[None], spec.sub), jnp.sqrt(sigma2[..., None, None] + mul(xb, xb)))
         sw = seqsum(weights)
         scales, mins, big_l = make_qkx_quants(xb, weights, spec.nmax, -0.9, 0.05, 36)
