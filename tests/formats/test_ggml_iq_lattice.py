@@ -1,0 +1,77 @@
+"""Lattice formats IQ1_S ... IQ3_S (dequantize only): blocks written by llama.cpp's own quantizers
+and random bytes, dequantized bit for bit as gguf-py does; bytes -> QTensor -> bytes round trip."""
+
+from __future__ import annotations
+
+import gguf
+import jax
+import numpy as np
+import pytest
+
+import llama_oracle
+from jaxquant.errors import FormatError
+from jaxquant.formats import get_format, quantize
+
+TYPES = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S"]
+NEEDS_IMATRIX = {"IQ1_S", "IQ2_XXS", "IQ2_XS"}  # ggml_quantize_requires_imatrix
+K = 512
+
+
+def _dequantize(name: str, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ours, gguf-py's) dequantization of the bytes ``raw`` [rows, row_bytes]."""
+    q = get_format(name).from_bytes(raw, (raw.shape[0], raw.shape[1] // get_format(name).type_size * 256))
+    ours = np.asarray(jax.jit(lambda t: t.dequantize())(q))
+    with np.errstate(invalid="ignore", over="ignore"):  # random bytes hold NaN/Inf f16 scales
+        ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[name])
+    return ours, ref
+
+
+def _assert_same_floats(ours: np.ndarray, ref: np.ndarray) -> None:
+    """Equal bits, except that a NaN may carry another payload (XLA's f16->f32 drops it)."""
+    nan = np.isnan(ref)
+    assert np.array_equal(np.isnan(ours), nan)
+    assert np.array_equal(ours.view(np.uint32)[~nan], ref.view(np.uint32)[~nan])
+
+
+def _matrix(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((12, K)) * np.array([1e-3, 1.0, 30.0])[np.arange(12) % 3, None]
+    x[0, :256] = 0  # an all-zero super-block
+    x[1, rng.integers(0, K)] = 1e3  # one huge value
+    x[2] = -np.abs(x[2])
+    x[4] = rng.laplace(size=K)
+    x[5, ::5] = 1e-20
+    return x.astype(np.float32)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name,with_imatrix", [(n, w) for n in TYPES for w in (True, False)
+                                               if w or n not in NEEDS_IMATRIX])
+def test_dequantize_llama_cpp_blocks(name, with_imatrix):
+    imatrix = np.random.default_rng(1).uniform(0.01, 10, K).astype(np.float32) if with_imatrix else None
+    x = _matrix(seed=2)
+    raw = llama_oracle.quantize(x, name, imatrix)
+    ours, ref = _dequantize(name, raw)
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+    assert np.abs(ref - x)[3].mean() < np.abs(x[3]).mean()  # real blocks, not zeros
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_dequantize_random_bytes(name):
+    # every bit pattern is a valid block; 1024 blocks reach every index of the largest grid
+    fmt = get_format(name)
+    raw = np.random.default_rng(3).integers(0, 256, (128, 8 * fmt.type_size), dtype=np.uint8)
+    _assert_same_floats(*_dequantize(name, raw))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_bytes_round_trip(name):
+    fmt = get_format(name)
+    raw = np.random.default_rng(4).integers(0, 256, (3, 2 * fmt.type_size), dtype=np.uint8)
+    assert np.array_equal(fmt.to_bytes(fmt.from_bytes(raw, (3, 512))), raw)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_quantize_refused(name):
+    with pytest.raises(FormatError, match=f"{name} can be loaded and dequantized but not quantized"):
+        quantize(np.ones((1, 256), np.float32), name)
