@@ -5,6 +5,10 @@ Both store indices into the 16-value table ``kvalues_iq4nl``. The quantizer is
 (``ntry = 7``), which is what ggml_quantize_chunk and llama-quantize use with and without an
 imatrix. (``quantize_row_iq4_nl_ref`` passes ``ntry = -1`` instead; nothing that writes model
 files calls it.)
+
+Bytes equal llama.cpp's except where the C's arithmetic goes subnormal, which XLA's CPU flushes
+to zero: blocks of |x| ~ 1e-8 without an imatrix. Their f16 scale underflows to 0 in both, so
+such blocks dequantize to the same zeros; only their (meaningless) index bits may differ.
 """
 
 from __future__ import annotations
@@ -94,7 +98,10 @@ def _superblocks(x: jax.Array, qw: jax.Array | None, size: int) -> tuple[jax.Arr
     else:
         sigma2 = mul(seqsum(x2, axis=0), F32(2 / size))
         weight = mul(qw.reshape(k // size, size).T[:, None, :], jnp.sqrt(sigma2 + x2))
-    split = lambda a: a.reshape(size // QK, QK, r, k // size).transpose(1, 0, 2, 3)  # noqa: E731
+
+    def split(a: jax.Array) -> jax.Array:
+        return a.reshape(size // QK, QK, r, k // size).transpose(1, 0, 2, 3)
+
     return split(xs), split(weight)
 
 

@@ -21,21 +21,18 @@ QK_K = 256
 IQ1S_DELTA = 0.125  # IQ1M_DELTA is the same
 
 
+def _rows_of_bytes(table: np.ndarray, dtype) -> np.ndarray:
+    """uint64/uint32 grid entries -> [n, 8 or 4] of their little-endian bytes."""
+    return table.astype(table.dtype.newbyteorder("<")).view(dtype).reshape(table.size, -1)
+
+
 def _load_grids() -> dict[str, np.ndarray]:
-    """The header's tables; grids as [n, 8 or 4] rows of their little-endian bytes."""
+    """The header's tables; each grid as rows of its entries' bytes."""
     with np.load(pathlib.Path(__file__).with_name("data") / "iq_grids.npz") as z:
         t = {k: z[k] for k in z.files}
-    rows = lambda a, dt: a.astype(a.dtype.newbyteorder("<")).view(dt).reshape(a.size, -1)  # noqa: E731
-    return {
-        "kmask": t["kmask_iq2xs"],
-        "ksigns": t["ksigns_iq2xs"],
-        "iq2xxs": rows(t["iq2xxs_grid"], np.uint8),
-        "iq2xs": rows(t["iq2xs_grid"], np.uint8),
-        "iq2s": rows(t["iq2s_grid"], np.uint8),
-        "iq3xxs": rows(t["iq3xxs_grid"], np.uint8),
-        "iq3s": rows(t["iq3s_grid"], np.uint8),
-        "iq1s": rows(t["iq1s_grid"], np.int8),
-    }
+    grids = {g: _rows_of_bytes(t[f"{g}_grid"], np.uint8) for g in ("iq2xxs", "iq2xs", "iq2s", "iq3xxs", "iq3s")}
+    return {"kmask": t["kmask_iq2xs"], "ksigns": t["ksigns_iq2xs"], "iq1s": _rows_of_bytes(t["iq1s_grid"], np.int8),
+            **grids}
 
 
 _T = _load_grids()

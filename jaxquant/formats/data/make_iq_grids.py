@@ -30,7 +30,8 @@ SIZES = {"NGRID_IQ1S": 2048}  # the one size the header gives as a macro
 def parse(header: str) -> dict[str, np.ndarray]:
     """Every table of TABLES found in the text of ggml-common.h."""
     out = {}
-    for m in re.finditer(r"GGML_TABLE_BEGIN\(\s*(\w+)\s*,\s*(\w+)\s*,\s*(\w+)\s*\)(.*?)GGML_TABLE_END\(\)", header, re.S):
+    table = re.compile(r"GGML_TABLE_BEGIN\(\s*(\w+)\s*,\s*(\w+)\s*,\s*(\w+)\s*\)(.*?)GGML_TABLE_END\(\)", re.S)
+    for m in table.finditer(header):
         _, name, size, body = m.groups()
         if name not in TABLES:
             continue
