@@ -209,7 +209,7 @@ class ModelConfig:
             n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, ffn_dim=c.get("intermediate_size", int),
             norm_eps=_f32(c.get("rms_norm_eps", float)), rope_theta=_f32(rope_theta),
             rope_theta_local=_f32(local if arch == "gemma3" else rope_theta),
-            rope_dim=int(head_dim * c.get("partial_rotary_factor", float, 1.0)), rope_neox=arch in _NEOX_ARCHS,
+            rope_dim=int(head_dim * rope.get("partial_rotary_factor", 1.0)), rope_neox=arch in _NEOX_ARCHS,
             rope_scaling=_hf_rope_scaling(rope), sliding_window=window, swa_layers=swa,
             attn_softcap=_opt_f32(c.get("attn_logit_softcapping", float, None)),
             final_softcap=_opt_f32(c.get("final_logit_softcapping", float, None)),
@@ -295,8 +295,9 @@ def _hf_rope(config: Mapping[str, Any]) -> dict[str, Any]:
         local = params.get("sliding_attention", {}).get("rope_theta")
         params = {**params["full_attention"], **({"rope_local_base_freq": local} if local else {})}
     out = {**(config.get("rope_scaling") or {}), **params}
-    if "rope_theta" not in out and config.get("rope_theta") is not None:
-        out["rope_theta"] = config["rope_theta"]
+    for key in ("rope_theta", "partial_rotary_factor"):
+        if key not in out and config.get(key) is not None:
+            out[key] = config[key]
     return out
 
 
