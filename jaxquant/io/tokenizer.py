@@ -90,6 +90,17 @@ class Tokenizer(abc.ABC):
     def token_text(self, token: int) -> str:
         """The token's entry in the vocabulary, as stored (``▁Hello``, ``<bos>``, ``<0x0A>``)."""
 
+    @functools.cached_property
+    def eog_ids(self) -> frozenset[int]:
+        """End-of-generation tokens: EOS and the special tokens that llama.cpp ends generation on by
+        their text (``<end_of_turn>``, ``<|eot_id|>``, ``<|im_end|>``, ...) where the vocabulary has them."""
+        found = {self.eos_id} - {None}
+        for text in _EOG_NAMES:
+            ids = self.encode(text, add_bos=False, parse_special=True)
+            if len(ids) == 1 and self.token_text(ids[0]) == text:
+                found.add(ids[0])
+        return frozenset(found)
+
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                             **kwargs: Any) -> str:
         """Render ``messages`` ([{"role": ..., "content": ...}, ...]) with the model's jinja2 chat template.
