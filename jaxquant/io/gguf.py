@@ -7,6 +7,7 @@ their block bytes (never through floats), so writing them back reproduces the fi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import mmap
@@ -211,7 +212,7 @@ class GGUFSource:
                 continue
             self.metadata[key] = _field_value(field)
             self.value_types[key] = tuple(field.types)
-        self._reader.fields.clear()  # its per-string views of the vocabulary cost ~30 MB; metadata has them now
+        self._reader.fields.clear()  # the metadata dict holds the values now
         self._tensors = {t.name: t for t in self._reader.tensors}
         with open(self.path, "rb") as f:  # our own map of the data, so that pages can be dropped after a load
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -338,7 +339,7 @@ _ARRAY_TYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dty
 def tensor_info(name: str, value: Tensor | Deferred) -> TensorInfo:
     """Shape, GGML type and byte size of a tensor about to be written."""
     if isinstance(value, Deferred):
-        return value.info
+        return dataclasses.replace(value.info, name=name)
     if isinstance(value, QTensor):
         return TensorInfo(name, value.shape, value.fmt, value.nbytes)
     dt = np.dtype(value.dtype)
@@ -358,6 +359,8 @@ def tensor_bytes(value: Tensor) -> np.ndarray:
 def infer_value_types(value: Any) -> ValueTypes:
     """GGUF value type for a python value: ints as UINT32 where they fit (llama.cpp's usual type),
     arrays of ints as INT32 where they fit, floats as FLOAT32."""
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, bool):
         return (GGUFValueType.BOOL,)
     if isinstance(value, int):
@@ -406,7 +409,10 @@ def write_gguf(path: str | os.PathLike, metadata: Mapping[str, Any], tensors: Ma
             writer.add_key_value(key, list(value) if vt[0] == GGUFValueType.ARRAY else value, vt[0],
                                  vt[1] if len(vt) > 1 else None)
         if "general.alignment" in metadata:
-            writer.data_alignment = int(metadata["general.alignment"])
+            alignment = int(metadata["general.alignment"])
+            if alignment <= 0 or alignment & (alignment - 1):
+                raise FormatError(f"general.alignment {alignment} is not a power of two")
+            writer.data_alignment = alignment
         for info in infos:
             qtype = GGMLQuantizationType[info.type]
             block, type_size = GGML_QUANT_SIZES[qtype]
@@ -416,10 +422,13 @@ def write_gguf(path: str | os.PathLike, metadata: Mapping[str, Any], tensors: Ma
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for info, value in zip(infos, tensors.values()):
-            data = tensor_bytes(value.load() if isinstance(value, Deferred) else value)
-            if data.nbytes != info.nbytes:
-                raise FormatError(f"tensor {info.name!r}: {data.nbytes} bytes of data, its info says {info.nbytes}")
-            writer.write_tensor_data(data)
+            if isinstance(value, Deferred):
+                value = value.load()
+                got = tensor_info(info.name, value)
+                if got != info:
+                    raise FormatError(f"tensor {info.name!r}: loaded as {got.type} {got.shape} ({got.nbytes} bytes), "
+                                      f"its info says {info.type} {info.shape} ({info.nbytes} bytes)")
+            writer.write_tensor_data(tensor_bytes(value))
         writer.close()
         os.replace(tmp, path)
     finally:

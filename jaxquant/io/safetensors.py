@@ -57,7 +57,7 @@ class HFSource:
             self.config = ModelConfig.from_hf(self.metadata)
         except JaxquantError as e:
             raise type(e)(f"{self.path / 'config.json'}: {e}") from None
-        self._files = {}  # shard file name -> open safetensors handle
+        self._files: dict[str, tuple[Any, set[str]]] = {}  # shard file -> (open handle, its tensor names)
         self._where: dict[str, tuple[str, str]] = {}  # canonical name -> (shard, HF name)
         self._infos: dict[str, TensorInfo] = {}
         for hf_name, shard in self._weight_map().items():
@@ -72,7 +72,7 @@ class HFSource:
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise FileFormatError(f"{index}: no 'weight_map' of tensor name -> shard file")
         elif (self.path / SINGLE).exists():
-            weight_map = dict.fromkeys(self._open(SINGLE).keys(), SINGLE)
+            weight_map = dict.fromkeys(sorted(self._open(SINGLE)[1]), SINGLE)
         else:
             found = sorted(p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
             raise FileFormatError(f"{self.path}: no {SINGLE} or {INDEX}"
@@ -84,9 +84,10 @@ class HFSource:
                 raise FileFormatError(f"{index}: missing shard {shard!r} (holds e.g. tensor {example!r})")
         return weight_map
 
-    def _open(self, shard: str):
+    def _open(self, shard: str) -> tuple[Any, set[str]]:
         if shard not in self._files:
-            self._files[shard] = _safe_open(self.path / shard)
+            handle = _safe_open(self.path / shard)
+            self._files[shard] = handle, set(handle.keys())
         return self._files[shard]
 
     def _add(self, hf_name: str, shard: str) -> None:
@@ -100,8 +101,8 @@ class HFSource:
             return
         if name in self._where:
             raise FileFormatError(f"{where}: tensors {self._where[name][1]!r} and {hf_name!r} both map to {name!r}")
-        handle = self._open(shard)
-        if hf_name not in handle.keys():
+        handle, names = self._open(shard)
+        if hf_name not in names:
             raise FileFormatError(f"{self.path / INDEX}: lists tensor {hf_name!r} in shard {shard!r}, "
                                   "which does not hold it")
         s = handle.get_slice(hf_name)
@@ -143,7 +144,7 @@ class HFSource:
         info = self.info(name)
         shard, hf_name = self._where[name]
         try:
-            x = self._open(shard).get_tensor(hf_name)
+            x = self._open(shard)[0].get_tensor(hf_name)
         except Exception as e:
             raise FileFormatError(f"{self.path / shard}: cannot read tensor {hf_name!r}: {e}") from None
         kind = hf_names.transform(self.config.arch, name)

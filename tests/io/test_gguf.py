@@ -128,7 +128,8 @@ def test_write_rejects_inconsistent_input(tmp_path):
     with pytest.raises(JaxquantError, match="general.architecture"):
         write_gguf(tmp_path / "x.gguf", {}, {})
     lying = Deferred(TensorInfo("t", (4, 32), "Q8_0", 4 * 34), lambda: q)
-    with pytest.raises(JaxquantError, match="'t': 68 bytes of data, its info says 136"):
+    with pytest.raises(JaxquantError, match=r"'t': loaded as Q8_0 \(2, 32\) \(68 bytes\), its info says Q8_0 "
+                       r"\(4, 32\) \(136 bytes\)"):
         write_gguf(tmp_path / "x.gguf", {"general.architecture": "llama"}, {"t": lying})
     with pytest.raises(JaxquantError, match="empty array"):
         write_gguf(tmp_path / "x.gguf", {"general.architecture": "llama", "k": []}, {}, {"k": (V.ARRAY, V.INT32)})
