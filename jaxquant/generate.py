@@ -1,0 +1,303 @@
+"""Text generation: prefill and decode in one jit-compiled on-device loop, with sampling.
+
+A batch of prompts of different lengths is right-padded; each token sits at its own position
+(padding at -1), so every row decodes on from its own length. The loop state (KV cache, the
+tokens generated so far, per-row counters) is allocated once at full size and donated from call
+to call. One call prefills the prompts and runs the decode loop (``lax.while_loop``) until every
+row has stopped or a step limit is reached; streaming is that limit raised ``chunk`` tokens at a
+time, with the new text printed between calls.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import functools
+import math
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant import models
+from jaxquant.config import ModelConfig
+from jaxquant.errors import JaxquantError
+from jaxquant.model import Model
+
+DEFAULT_MAX_TOKENS = 256
+STREAM_CHUNK = 16  # tokens per device call when streaming (see benchmarks/RESULTS.md, "Decode (CPU)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen from the logits.
+
+    ``temperature`` 0 is greedy (argmax). Otherwise the logits are divided by the temperature and
+    filtered in transformers' order: ``top_k`` keeps the k largest (0: off), ``top_p`` the most
+    likely tokens until their probability reaches top_p (1: off), ``min_p`` drops tokens less
+    likely than min_p times the most likely one (0: off); the next token is drawn from the rest.
+    Bad values raise JaxquantError here, before anything compiles.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    def __post_init__(self):
+        def real(name: str, lo: float, hi: float, lo_open: bool = False) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+                    or not (lo < value if lo_open else lo <= value) or not value <= hi:
+                interval = f"{'(' if lo_open else '['}{lo}, {hi}]"
+                raise JaxquantError(f"sampling: {name}={value!r} must be a number in {interval}")
+
+        real("temperature", 0.0, math.inf)
+        real("top_p", 0.0, 1.0, lo_open=True)
+        real("min_p", 0.0, 1.0)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+            raise JaxquantError(f"sampling: top_k={self.top_k!r} must be an integer >= 0 (0: off)")
+        if not math.isfinite(self.temperature):
+            raise JaxquantError(f"sampling: temperature={self.temperature!r} must be finite")
+
+    @property
+    def spec(self) -> tuple[bool, int, bool, bool]:
+        """The static part (greedy, top_k, top_p on, min_p on): it shapes the compiled program."""
+        return self.temperature == 0, int(self.top_k), self.top_p < 1, self.min_p > 0
+
+    @property
+    def values(self) -> np.ndarray:
+        """The traced part (temperature, top_p, min_p): changing it does not recompile."""
+        return np.array([self.temperature or 1.0, self.top_p, self.min_p], np.float32)
+
+
+def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
+    """float32 logits [..., V] -> the logits sampling draws from: divided by the temperature,
+    -inf where top-k, top-p or min-p exclude a token. Not for greedy (temperature 0)."""
+    return _filter(jnp.asarray(logits, jnp.float32), jnp.asarray(sampling.values), sampling.spec)
+
+
+def _filter(logits: jax.Array, values: jax.Array, spec: tuple[bool, int, bool, bool]) -> jax.Array:
+    _, top_k, use_top_p, use_min_p = spec
+    x = logits / values[0]
+    top_k = top_k if 0 < top_k < x.shape[-1] else 0
+    if top_k:
+        top = jax.lax.top_k(x, top_k)[0]  # descending
+        x = jnp.where(x < top[..., -1:], -jnp.inf, x)
+    if use_top_p:
+        ranked = top if top_k else -jnp.sort(-x, axis=-1)  # descending; the rest are -inf anyway
+        p = jax.nn.softmax(ranked, axis=-1)
+        keep = jnp.cumsum(p, axis=-1) - p < values[1]  # mass of the tokens before it; keeps the first
+        cut = jnp.min(jnp.where(keep, ranked, jnp.inf), axis=-1, keepdims=True)
+        x = jnp.where(x < cut, -jnp.inf, x)
+    if use_min_p:  # p < min_p * p_max  <=>  x < x_max + log(min_p)
+        x = jnp.where(x < jnp.max(x, axis=-1, keepdims=True) + jnp.log(values[2]), -jnp.inf, x)
+    return x
+
+
+def _sample(logits: jax.Array, key: jax.Array, values: jax.Array, spec: tuple[bool, int, bool, bool]) -> jax.Array:
+    """Next token ids [B] from float32 logits [B, V]."""
+    if spec[0]:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, _filter(logits, values, spec), axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The device loop
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["cache", "tokens", "count", "done", "step"],
+                   meta_fields=[])
+@dataclasses.dataclass
+class _State:
+    """What the loop carries; donated from call to call."""
+
+    cache: models.KVCache
+    tokens: jax.Array  # [B, N] int32: the tokens generated so far, -1 after each row's count
+    count: jax.Array  # [B] int32: tokens generated per row (a stop token included)
+    done: jax.Array  # [B] bool: the row has stopped (stop token or its limit)
+    step: jax.Array  # [] int32: model calls so far (0: the prompts are not prefilled yet)
+
+
+def _init_state(cfg: ModelConfig, batch: int, max_len: int, max_new: int, dtype) -> _State:
+    return _State(models.init_cache(cfg, batch, max_len, dtype), jnp.full((batch, max_new), -1, jnp.int32),
+                  jnp.zeros(batch, jnp.int32), jnp.zeros(batch, bool), jnp.zeros((), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "spec"), donate_argnames=("state",))
+def _run(params: models.Params, state: _State, prompts: jax.Array, lengths: jax.Array, limits: jax.Array,
+         stop_ids: jax.Array, key: jax.Array, values: jax.Array, until: jax.Array, *, cfg: ModelConfig,
+         spec: tuple[bool, int, bool, bool]) -> _State:
+    """Prefill (on the first call) and decode until every row is done or ``until`` model calls
+    have run. prompts [B, T] right-padded, lengths [B], limits [B] (most new tokens per row)."""
+    rows = jnp.arange(prompts.shape[0])
+
+    def record(state: _State, cache: models.KVCache, logits: jax.Array) -> _State:
+        token = _sample(logits, jax.random.fold_in(key, state.step), values, spec)
+        live = ~state.done
+        slot = jnp.where(live, state.count, state.tokens.shape[1])  # finished rows write nothing
+        tokens = state.tokens.at[rows, slot].set(token, mode="drop")
+        count = state.count + live
+        stopped = jnp.any(token[:, None] == stop_ids, axis=-1) | (count >= limits)
+        return _State(cache, tokens, count, state.done | (live & stopped), state.step + 1)
+
+    def prefill(state: _State) -> _State:
+        t = jnp.arange(prompts.shape[1])
+        positions = jnp.where(t < lengths[:, None], t, -1)
+        x, cache = models.hidden_states(params, prompts, positions, state.cache, cfg)
+        last = x[rows, lengths - 1]  # [B, E]: only each prompt's last token needs logits
+        return record(state, cache, models.logits(params, last, cfg))
+
+    def decode(state: _State) -> _State:
+        token = state.tokens[rows, state.count - 1]
+        position = jnp.where(state.done, -1, lengths + state.count - 1)  # finished rows write no K/V
+        x, cache = models.hidden_states(params, token[:, None], position[:, None], state.cache, cfg)
+        return record(state, cache, models.logits(params, x[:, 0], cfg))
+
+    state = jax.lax.cond(state.step == 0, prefill, lambda s: s, state)
+    return jax.lax.while_loop(lambda s: (s.step < until) & ~jnp.all(s.done), decode, state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+
+
+def _bucket(n: int) -> int:
+    """Shapes are rounded up to powers of two (at least 16) so that nearby sizes share a program."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _check_prompts(model: Model, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
+        raise JaxquantError(f"max_tokens={max_tokens!r} must be an integer >= 1")
+    if isinstance(prompts, (str, bytes)) or len(prompts) == 0:
+        raise JaxquantError("prompts must be a non-empty list of token id lists")
+    vocab, context = model.cfg.vocab_size, model.cfg.context_length
+    out = []
+    for i, prompt in enumerate(prompts):
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise JaxquantError(f"prompt {i} is empty")
+        if bad := [t for t in ids if not 0 <= t < vocab]:
+            raise JaxquantError(f"prompt {i} holds token id(s) {bad[:5]} outside the vocabulary of {vocab}")
+        if context and len(ids) >= context:
+            raise JaxquantError(f"prompt {i} has {len(ids)} tokens; the model's context is {context} tokens "
+                                "(the prompt and at least one new token must fit)")
+        out.append(ids)
+    return out
+
+
+def _stop_ids(model: Model, stop: Sequence[int]) -> np.ndarray:
+    """End-of-generation ids (config, tokenizer) and ``stop``, padded with -1 to a multiple of 8."""
+    vocab = model.cfg.vocab_size
+    if bad := [s for s in stop if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < vocab]:
+        raise JaxquantError(f"stop ids {bad[:5]} are not token ids of the vocabulary of {vocab}")
+    ids = set(model.cfg.eos_ids) | set(model.tokenizer.eog_ids if model.tokenizer else ()) | {int(s) for s in stop}
+    out = np.full(-(-max(len(ids), 1) // 8) * 8, -1, np.int32)
+    out[:len(ids)] = sorted(ids)
+    return out
+
+
+def stream_tokens(model: Model, prompts: Sequence[Sequence[int]], *, max_tokens: int = DEFAULT_MAX_TOKENS,
+                  sampling: Sampling = Sampling(), seed: int = 0, stop: Sequence[int] = (),
+                  chunk: int | None = None) -> Iterator[list[list[int]]]:
+    """Generate from a batch of token-id prompts, yielding each row's new tokens after every device
+    call of up to ``chunk`` tokens (None: one call for the whole generation).
+
+    A row stops after ``max_tokens`` tokens, at the end of the context, or on an end-of-generation
+    token (the config's EOS, the tokenizer's end-of-turn tokens, ``stop``), which is not yielded.
+    """
+    prompts = _check_prompts(model, prompts, max_tokens)
+    stop_ids = _stop_ids(model, stop)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise JaxquantError(f"seed={seed!r} must be an integer")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise JaxquantError(f"chunk={chunk!r} must be an integer >= 1 or None")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    max_len = _bucket(int(lengths.max()) + max_tokens)
+    if model.cfg.context_length:
+        max_len = min(max_len, model.cfg.context_length)
+    width = min(_bucket(int(lengths.max())), max_len)
+    padded = np.zeros((len(prompts), width), np.int32)
+    for row, p in zip(padded, prompts):
+        row[:len(p)] = p
+    limits = np.minimum(max_tokens, max_len - lengths)
+    state = _init_state(model.cfg, len(prompts), max_len, _bucket(max_tokens), model.dtype)
+    key = jax.random.key(seed)
+    seen = np.zeros(len(prompts), np.int64)
+    step = 0
+    while True:
+        step = min(step + (chunk or max_tokens), max_tokens)
+        state = _run(model.params, state, padded, lengths, limits, stop_ids, key, sampling.values,
+                     np.int32(step), cfg=model.cfg, spec=sampling.spec)
+        tokens, count, done = jax.device_get((state.tokens, state.count, state.done))
+        new = []
+        for r in range(len(prompts)):
+            row = tokens[r, seen[r]:count[r]].tolist()
+            if done[r] and row and row[-1] in stop_ids:
+                row.pop()
+            new.append(row)
+        seen = count.astype(np.int64)
+        yield new
+        if done.all() or step >= max_tokens:
+            return
+
+
+def generate_tokens(model: Model, prompts: Sequence[Sequence[int]], *, max_tokens: int = DEFAULT_MAX_TOKENS,
+                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                    seed: int = 0, stop: Sequence[int] = ()) -> list[list[int]]:
+    """The new token ids of each prompt (a batch of token-id lists), in one device call; see
+    ``Sampling`` for the sampling parameters and ``stream_tokens`` for when a row stops."""
+    sampling = Sampling(temperature, top_k, top_p, min_p)
+    out: list[list[int]] = [[] for _ in prompts]
+    for new in stream_tokens(model, prompts, max_tokens=max_tokens, sampling=sampling, seed=seed, stop=stop):
+        for row, tokens in zip(out, new):
+            row.extend(tokens)
+    return out
+
+
+def encode_prompts(model: Model, prompts: Sequence[str], chat: bool = False) -> list[list[int]]:
+    """Token ids of text prompts; with ``chat`` each is a user message in the model's chat template."""
+    if model.tokenizer is None:
+        raise JaxquantError("this model has no tokenizer; pass token ids to generate_tokens")
+    if isinstance(prompts, str) or len(prompts) == 0:
+        raise JaxquantError("prompts must be a non-empty list of strings")
+    out = []
+    for i, text in enumerate(prompts):
+        if not isinstance(text, str) or not text:
+            raise JaxquantError(f"prompt {i} is {'empty' if text == '' else f'not a string: {text!r}'}")
+        if chat:
+            text = model.tokenizer.apply_chat_template([{"role": "user", "content": text}])
+            out.append(model.tokenizer.encode(text, add_bos=False, parse_special=True))
+        else:
+            out.append(model.tokenizer.encode(text))
+    return out
+
+
+def stream(model: Model, prompts: Sequence[str], *, max_tokens: int = DEFAULT_MAX_TOKENS,
+           sampling: Sampling = Sampling(), seed: int = 0, stop: Sequence[int] = (), chat: bool = False,
+           chunk: int | None = STREAM_CHUNK) -> Iterator[list[str]]:
+    """Like ``stream_tokens`` for text prompts: yields each row's new text (special tokens left
+    out; a UTF-8 character split across tokens comes out whole)."""
+    ids = encode_prompts(model, prompts, chat)
+    decoders = [codecs.getincrementaldecoder("utf-8")("replace") for _ in ids]
+    piece = model.tokenizer.token_to_piece
+    for new in stream_tokens(model, ids, max_tokens=max_tokens, sampling=sampling, seed=seed, stop=stop,
+                             chunk=chunk):
+        yield [d.decode(b"".join(piece(t, special=False) for t in tokens)) for d, tokens in zip(decoders, new)]
+    if any(tail := [d.decode(b"", final=True) for d in decoders]):  # a character cut off at the end
+        yield tail
+
+
+def generate(model: Model, prompts: str | Sequence[str], *, max_tokens: int = DEFAULT_MAX_TOKENS,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
+             stop: Sequence[int] = (), chat: bool = False) -> list[str]:
+    """The generated text of each prompt (one string or a list), all rows in one batch and one
+    device call. ``chat`` wraps each prompt as a user message in the model's chat template;
+    ``stop`` adds stop token ids to the model's end-of-generation tokens; see ``Sampling``."""
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    sampling = Sampling(temperature, top_k, top_p, min_p)
+    parts = list(stream(model, prompts, max_tokens=max_tokens, sampling=sampling, seed=seed, stop=stop, chat=chat,
+                        chunk=None))
+    return ["".join(row) for row in zip(*parts)]

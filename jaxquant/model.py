@@ -1,0 +1,64 @@
+"""``jaxquant.load``: a model file opened and its parameters loaded, ready for generate and eval."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant import models
+from jaxquant.config import ModelConfig
+from jaxquant.io import DEFAULT_MODEL, open_model
+from jaxquant.io.tokenizer import Tokenizer
+
+# Gemma's chat format (google/gemma-3 tokenizer_config.json), for Gemma GGUF files that carry no
+# chat template; llama.cpp applies the same built-in "gemma" template to them.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n{%- else -%}\n    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n{%- endif -%}\n{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n    {%- if (message['role'] == 'assistant') -%}\n        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n        {%- set role = message['role'] -%}\n    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n        {%- endfor -%}\n    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n    {%- endif -%}\n    {{ '<end_of_turn>\\n' }}\n"
+    "{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{'<start_of_turn>model\\n'}}\n{%- endif -%}\n")
+FALLBACK_CHAT_TEMPLATES = {"gemma2": GEMMA_CHAT_TEMPLATE, "gemma3": GEMMA_CHAT_TEMPLATE}
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A loaded model: ``params`` (a pytree whose weights are arrays or QTensors), the static
+    ``cfg``, the ``tokenizer`` (None for a model driven by token ids only), and ``dtype``, the
+    dtype of plain weights and of the KV cache."""
+
+    params: models.Params
+    cfg: ModelConfig
+    tokenizer: Tokenizer | None
+    dtype: np.dtype = np.dtype(np.float32)
+    path: Path | None = None
+
+
+def load(path: str | os.PathLike | None = None, *, dtype=jnp.float32) -> Model:
+    """Load a GGUF file or a Hugging Face checkpoint directory (None: the embedded Gemma-3-270M).
+
+    Quantized tensors stay packed QTensors in their file format; plain matrices become ``dtype``.
+    A Gemma model without a chat template gets Gemma's official one.
+    """
+    source = open_model(DEFAULT_MODEL if path is None else path)
+    cfg, tokenizer = source.config, source.tokenizer
+    params = models.load_params(source, cfg, dtype)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATES.get(cfg.arch)
+    return Model(params, cfg, tokenizer, jnp.dtype(dtype), Path(source.path))
