@@ -32,22 +32,27 @@ FORMATS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K
 DOT = (((1,), (1,)), ((), ()))
 
 
-def _median_time(f, args, reps: int) -> float:
-    jax.block_until_ready(f(*args))
+def _min_time(f, args, reps: int) -> float:
+    for _ in range(5):
+        jax.block_until_ready(f(*args))
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
         jax.block_until_ready(f(*args))
         ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return min(ts)
 
 
 def device_us(matmul, x, ws, reps: int) -> tuple[float, list]:
-    """Microseconds per matmul over the distinct weights ``ws``, dispatch subtracted."""
+    """Microseconds per matmul over the distinct weights ``ws``, dispatch subtracted.
+
+    Host timing of a blocking call is device time plus dispatch; the minimum over ``reps``
+    calls of each function drops host jitter, and the empty call's minimum is subtracted.
+    """
     full = jax.jit(lambda x, ws: tuple(matmul(x, w) for w in ws))
     empty = jax.jit(lambda x, ws: x[:1, :1] * 2)
     outs = full(x, ws)
-    t = _median_time(full, (x, ws), reps) - _median_time(empty, (x, ws), reps)
+    t = _min_time(full, (x, ws), reps) - _min_time(empty, (x, ws), reps)
     return 1e6 * t / len(ws), outs
 
 
@@ -89,25 +94,31 @@ def bench_bf16(k: int, n: int, m: int, args) -> dict:
 
 
 def sweep_configs(fmt: str, k: int, n: int, m: int):
-    """Tilings tried by ``--sweep``: (label, matmul) pairs around the default."""
+    """Tilings tried by ``--sweep``: (label, matmul) pairs around the defaults of the op that
+    ``select`` picks for M (for large M the fused gemm is timed too)."""
     import pallas_kernels as pk
-    from pallas_kernels import gemm, gemv
+    from pallas_kernels import dequant, gemm, gemv
 
     spec = pk.SPECS[fmt]
-    if m <= pk.GEMV_MAX_M:
-        base, fn = gemv.default_config(spec, m, n, k), gemv.gemv
-        variants = [{}, {"num_warps": 2}, {"num_warps": 8}, {"num_stages": 1}, {"num_stages": 3},
-                    {"block_n": base.block_n // 2}, {"block_n": base.block_n * 2},
-                    {"block_b": base.block_b * 2}, {"block_b": max(1, base.block_b // 2)},
-                    {"splits": base.splits * 2}, {"splits": max(1, base.splits // 2)}]
-    else:
-        base, fn = gemm.default_config(spec, m, n, k), gemm.gemm
-        variants = [{}, {"num_warps": 8 if base.num_warps == 4 else 4}, {"num_stages": 3}, {"num_stages": 1},
-                    {"block_n": base.block_n // 2}, {"block_b": base.block_b * 2},
-                    {"block_m": base.block_m * 2}, {"splits": base.splits * 2}]
-    for v in variants:
+    runs = []
+    if m <= 16:
+        b = gemv.default_config(spec, m, n, k)
+        runs += [(gemv.gemv, b, v) for v in (
+            {}, {"num_warps": 8}, {"num_warps": 8, "block_n": 2 * b.block_n}, {"block_n": 2 * b.block_n},
+            {"block_b": 2 * b.block_b}, {"block_b": 2 * b.block_b, "num_warps": 8}, {"splits": 2 * b.splits},
+            {"splits": max(1, b.splits // 2)}, {"num_stages": 2})]
+    if m > pk.GEMV_MAX_M:
+        b = gemm.default_config(spec, m, n, k)
+        runs += [(gemm.gemm, b, v) for v in (
+            {}, {"num_warps": 12 - b.num_warps}, {"num_stages": 3}, {"block_b": 2 * b.block_b},
+            {"block_n": b.block_n // 2}, {"splits": 2 * b.splits}, {"block_n": b.block_n // 2, "splits": 2 * b.splits})]
+    if m > pk.GEMM_MAX_M:
+        b = dequant.default_config(spec, n, k)
+        runs += [(dequant.dequant_dot, b, v) for v in (
+            {}, {"block_n": 2 * b.block_n}, {"block_b": 2 * b.block_b}, {"num_warps": 8})]
+    for fn, base, v in runs:
         cfg = dataclasses.replace(base, **v)
-        yield str(cfg), (lambda x, w, cfg=cfg: fn(x, w, spec, config=cfg))
+        yield str(cfg), (lambda x, w, fn=fn, cfg=cfg: fn(x, w, spec, config=cfg))
 
 
 def main() -> None:
@@ -116,7 +127,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="4096x14336,14336x4096")
     ap.add_argument("--m", default="1,16,2048")
     ap.add_argument("--min-mb", type=float, default=150.0, help="weight bytes per timed call")
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--sweep", action="store_true", help="time tiling variants instead of the defaults")
     ap.add_argument("--json", help="write all rows to this file")
     args = ap.parse_args()

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import functools
 
-from pallas_kernels import gemm, gemv, ggml_k, ggml_legacy
-from pallas_kernels.registry import GEMV_MAX_M, Kernel, kernels, lookup, register, select
+from pallas_kernels import dequant, gemm, gemv, ggml_iq, ggml_k, ggml_legacy
+from pallas_kernels.registry import GEMM_MAX_M, GEMV_MAX_M, Kernel, kernels, lookup, register, select
 
-SPECS = {s.fmt: s for s in (*ggml_legacy.SPECS, *ggml_k.SPECS)}
+SPECS = {s.fmt: s for s in (*ggml_legacy.SPECS, *ggml_k.SPECS, *ggml_iq.SPECS)}
 
 for _spec in SPECS.values():
-    register(Kernel(_spec.fmt, "gemv", "triton", functools.partial(gemv.gemv, spec=_spec),
-                    functools.partial(gemv.supports, _spec)))
-    register(Kernel(_spec.fmt, "gemm", "triton", functools.partial(gemm.gemm, spec=_spec),
-                    functools.partial(gemm.supports, _spec)))
+    for _op, _fn, _supports in (("gemv", gemv.gemv, gemv.supports), ("gemm", gemm.gemm, gemm.supports),
+                                ("dequant", dequant.dequant_dot, dequant.supports)):
+        register(Kernel(_spec.fmt, _op, "triton", functools.partial(_fn, spec=_spec),
+                        functools.partial(_supports, _spec)))
 
-__all__ = ["GEMV_MAX_M", "Kernel", "SPECS", "kernels", "lookup", "register", "select"]
+__all__ = ["GEMM_MAX_M", "GEMV_MAX_M", "Kernel", "SPECS", "kernels", "lookup", "register", "select"]

@@ -6,6 +6,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from jaxquant.qtensor import QTensor
@@ -34,6 +35,48 @@ def permute_x(spec: BlockSpec, x: jax.Array, dtype, prescale: bool) -> jax.Array
     if prescale:
         xb = xb.astype(jnp.float32) * jnp.exp2(-shift.astype(jnp.float32))[:, None, None, None]
     return xb.astype(dtype)
+
+
+def join_terms(parts: list, stack=jnp.stack):
+    """Stack ``2**k`` arrays along new trailing axes, pairwise (Triton joins two at a time).
+
+    ``stack`` is ``jnp.stack`` in kernels and ``np.stack`` to find the resulting element order.
+    """
+    while len(parts) > 1:
+        parts = [stack([parts[i], parts[i + 1]], axis=-1) for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def joined_order(spec: BlockSpec) -> np.ndarray:
+    """Block element at each position of a joined tile ``[c, 2, ..., 2]`` flattened."""
+    elems = spec.layout[0]
+    return join_terms([elems[p] for p in range(len(elems))], np.stack).reshape(-1)
+
+
+def joined_x(spec: BlockSpec, x: jax.Array, dtype) -> jax.Array:
+    """``x [M, K]`` permuted within each block to ``joined_order`` (for one dot per tile)."""
+    m, k = x.shape
+    xb = x.reshape(m, k // spec.block_size, spec.block_size)[:, :, joined_order(spec)]
+    return xb.reshape(m, k).astype(dtype)
+
+
+def weight_tile(spec: BlockSpec, ld: Loader, dtype) -> jax.Array:
+    """Dequantized ``[BN, BB * block]`` tile in ``joined_order``: ``scale * q + offset``, one
+    rounding to ``dtype``."""
+    shifts = spec.layout[1]
+    parts = []
+    for p, t in enumerate(spec.terms(ld)):
+        w = t.q * (t.scale * float(2.0 ** -int(shifts[p])))[..., None]
+        if t.offset is not None:
+            w = w + t.offset[..., None]
+        parts.append(w.astype(dtype))
+    tile = join_terms(parts)
+    return tile.reshape(tile.shape[0], -1)
+
+
+def step_blocks(i, bb: int, steps: int):
+    """Blocks of loop step ``i`` (a Python 0 when the loop is unrolled away)."""
+    return pl.ds(pl.multiple_of(i * bb, bb) if steps > 1 else 0, bb)
 
 
 def block_loader(refs: dict, rows, blocks) -> Loader:

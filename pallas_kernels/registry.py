@@ -1,8 +1,9 @@
 """Kernel registry: (format, op, backend) -> kernel.
 
-``op`` is ``"gemv"`` (decode: a few activation rows, split-K on the CUDA cores) or ``"gemm"``
-(prefill: weight tiles dequantized in registers and fed to the tensor cores). ``jaxquant.ops.qdot``
-asks ``select`` for a kernel and falls back to XLA (dequantize + dot) where none applies.
+``op`` is ``"gemv"`` (decode: a few activation rows, split-K on the CUDA cores), ``"gemm"``
+(weight tiles dequantized in registers and fed to the tensor cores) or ``"dequant"`` (large M:
+one pass to a transient float16 copy, then XLA's dot). ``jaxquant.ops.qdot`` asks ``select``
+for a kernel and falls back to XLA (dequantize + dot) where none applies.
 
 Backend: Pallas' Triton lowering (``backend="triton"``), chosen deliberately on JAX 0.11.2:
 - These kernels are per-thread integer work: bit-field extraction from uint32 words, exact
@@ -26,8 +27,11 @@ import jax
 from jaxquant.errors import JaxquantError
 from jaxquant.qtensor import QTensor
 
-# Up to this many activation rows the CUDA-core GEMV beats padding to a tensor-core tile.
-GEMV_MAX_M = 8
+# Up to GEMV_MAX_M activation rows the CUDA-core GEMV beats padding to a tensor-core tile
+# (its per-row accumulators spill beyond; measured 360+ us at M=16 against 60 for gemm);
+# above GEMM_MAX_M one f16 copy plus the library dot beats re-dequantizing per row tile.
+GEMV_MAX_M = 4
+GEMM_MAX_M = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,5 +70,6 @@ def select(w: QTensor, m: int, backend: str = "triton") -> Kernel | None:
     if len(w.shape) != 2:
         return None
     n, k = w.shape
-    kern = lookup(w.fmt, "gemv" if m <= GEMV_MAX_M else "gemm", backend)
+    op = "gemv" if m <= GEMV_MAX_M else "gemm" if m <= GEMM_MAX_M else "dequant"
+    kern = lookup(w.fmt, op, backend)
     return kern if kern is not None and kern.supports(m, n, k) else None

@@ -68,6 +68,8 @@ class BlockSpec:
         elems = np.array([t.elems for t in terms], np.int32)
         if sorted(elems.ravel().tolist()) != list(range(self.block_size)):
             raise AssertionError(f"{self.fmt}: kernel terms do not cover each block element once")
+        if elems.shape[1] > 1 and len({tuple(np.diff(e)) for e in elems} - {(4,) * (elems.shape[1] - 1)}):
+            raise AssertionError(f"{self.fmt}: a term's elements must be first + 4 t (strided loads)")
         return elems, np.array([t.shift for t in terms], np.int32)
 
 
@@ -123,3 +125,15 @@ def with_high_bits(lo: jax.Array, lo_pos: int, lo_bits: int, hi: jax.Array, hi_p
 def u_to_f32(v: jax.Array) -> jax.Array:
     """Small unsigned ints (per row and block, not per weight) -> float32."""
     return v.astype(jnp.int32).astype(jnp.float32)
+
+
+def lookup16(v: jax.Array, table) -> jax.Array:
+    """``table[v]`` for uint32 ``v`` in [0, 16) and 16 byte values, without a gather.
+
+    The table sits in four uint32 constants: two selects pick the word, a shift the byte.
+    """
+    t = [int(b) & 0xFF for b in table]
+    words = [jnp.uint32(sum(t[4 * k + i] << (8 * i) for i in range(4))) for k in range(4)]
+    b2 = (v & jnp.uint32(4)) != 0
+    word = jnp.where((v & jnp.uint32(8)) != 0, jnp.where(b2, words[3], words[2]), jnp.where(b2, words[1], words[0]))
+    return (word >> ((v & jnp.uint32(3)) << jnp.uint32(3))) & jnp.uint32(0xFF)
