@@ -91,6 +91,43 @@ def inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- generate -----------------------------------------------------------------------------------
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", nargs="?", default="default", metavar="MODEL",
+                   help="GGUF file or Hugging Face checkpoint directory (default: the embedded Gemma-3-270M)")
+    p.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
+    p.add_argument("--max-tokens", type=int, default=256, help="most new tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+
+
+@command("generate", "continue a prompt (or answer it with --chat), streaming the text", _generate_arguments)
+def generate(args: argparse.Namespace) -> int:
+    import time
+
+    import jaxquant
+    from jaxquant.generate import Sampling, stream
+
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p)  # bad values fail before loading
+    if not args.prompt:
+        raise JaxquantError("the prompt is empty")
+    model = jaxquant.load(None if args.path == "default" else args.path)
+    start, first = time.perf_counter(), None
+    for (text,) in stream(model, [args.prompt], max_tokens=args.max_tokens, sampling=sampling, seed=args.seed,
+                          chat=args.chat):
+        first = first or time.perf_counter()
+        print(text, end="", flush=True)
+    print()
+    print(f"[{time.perf_counter() - start:.1f} s, first chunk after {first - start:.1f} s (compiles)]",
+          file=sys.stderr)
+    return 0
+
+
 # ---- entry point --------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
