@@ -57,7 +57,7 @@ def inspect(args: argparse.Namespace) -> int:
         width = max((len(i.name) for i in infos), default=4)
         print(f"\n{'tensor':<{width}}  {'shape':<20} {'type':<8} {'bpw':>7} {'bytes':>12}")
         for i in infos:
-            print(f"{i.name:<{width}}  {str(list(i.shape)):<20} {i.type:<8} {i.bits_per_weight:>7.4f} {i.nbytes:>12}")
+            print(f"{i.name:<{width}}  {list(i.shape)!s:<20} {i.type:<8} {i.bits_per_weight:>7.4f} {i.nbytes:>12}")
 
     per_type: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     for i in infos:

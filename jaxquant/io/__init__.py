@@ -10,8 +10,8 @@ from jaxquant.io.gguf import GGUFSource, write_gguf
 from jaxquant.io.safetensors import HFSource
 from jaxquant.io.source import Deferred, Source, TensorInfo
 
-__all__ = ["open_model", "default_model_path", "GGUFSource", "HFSource", "Source", "TensorInfo", "Deferred",
-           "write_gguf", "DEFAULT_MODEL"]
+__all__ = ["DEFAULT_MODEL", "Deferred", "GGUFSource", "HFSource", "Source", "TensorInfo", "default_model_path",
+           "open_model", "write_gguf"]
 
 DEFAULT_MODEL = "default"  # the name that stands for the embedded Gemma-3-270M Q4_K_M GGUF
 

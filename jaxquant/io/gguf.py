@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import mmap
 import os
@@ -110,7 +111,12 @@ class _Reader(gguf.GGUFReader):
 
     def _build_fields(self, offs, count):
         self.kv_start = offs
-        self.kv_end = super()._build_fields(offs, count)
+        try:
+            self.kv_end = super()._build_fields(offs, count)
+        except UnicodeDecodeError as e:  # gguf-py decodes the keys
+            last = next(reversed(self.fields.values()))
+            raise self._fail(f"metadata key {e.object!r} (the one after {last.name!r} at offset {last.offset}) is "
+                             f"not valid UTF-8") from None
         return self.kv_end
 
     def _build_tensor_info(self, offs, count):
@@ -150,7 +156,7 @@ class _Reader(gguf.GGUFReader):
                                  f"{tuple(reversed(ne))} runs past the end of the file ({self.data.size} bytes)")
             spans.append((start, start + nbytes, name))
         spans.sort()
-        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        for (_, end, a), (start, _, b) in itertools.pairwise(spans):
             if start < end:
                 raise self._fail(f"data of tensors {a!r} and {b!r} overlap at offset {start}")
         super()._build_tensors(start_offs, fields)

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from jaxquant.config import ModelConfig
 from jaxquant.errors import FileFormatError, JaxquantError
@@ -43,7 +43,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _safe_open(path: Path):
     try:
         return safe_open(str(path), framework="numpy")
-    except Exception as e:  # the library raises SafetensorError, OSError or its own panics
+    except (SafetensorError, OSError) as e:
         raise FileFormatError(f"{path}: invalid safetensors file: {e}") from None
 
 
@@ -141,11 +141,11 @@ class HFSource:
 
     def load(self, name: str) -> jax.Array:
         """The tensor (bf16/f16/f32 as stored; Gemma norms f32) under its canonical name."""
-        info = self.info(name)
+        self.info(name)  # KeyError naming the source for an unknown name
         shard, hf_name = self._where[name]
         try:
             x = self._open(shard)[0].get_tensor(hf_name)
-        except Exception as e:
+        except (SafetensorError, OSError) as e:
             raise FileFormatError(f"{self.path / shard}: cannot read tensor {hf_name!r}: {e}") from None
         kind = hf_names.transform(self.config.arch, name)
         if kind == "plus_one":

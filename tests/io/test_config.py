@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 
+import llama_model
 import pytest
 
-import llama_model
 from jaxquant.config import SUPPORTED_ARCHS, ModelConfig, RopeScaling
 from jaxquant.errors import FileFormatError, JaxquantError
 from jaxquant.io import open_model

@@ -9,11 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import llama_model
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-import llama_model
 from jaxquant.cli import main
 
 LAYOUT_ROWS = ("header", "metadata", "tensor_info", "padding")
@@ -47,7 +47,7 @@ def test_totals_match_the_file_size_to_the_byte(gemma_path, gemma_inspect):
     size = os.path.getsize(gemma_path)
     assert per_type + layout == size == int(rows["file"][0][1])
     assert int(rows["tensors"][0][4]) == per_type and int(rows["tensors"][0][1]) == 236
-    for name, (_, count, weights, bpw, nbytes) in types.items():
+    for _, _, weights, bpw, nbytes in types.values():
         assert abs(float(bpw) - 8 * int(nbytes) / int(weights)) < 1e-4
     # the tensor table: one row per tensor, its bytes adding up to the same totals
     table = [line.split() for line in gemma_inspect.splitlines() if line.startswith(("blk.", "token_embd", "output"))]

@@ -19,8 +19,8 @@ from jaxquant.config import ModelConfig, RopeScaling
 from jaxquant.errors import FileFormatError, JaxquantError
 from jaxquant.io import HFSource, open_model
 
-COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128)
+COMMON = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
 # name -> (config class, extra arguments, gguf-py architecture, torch dtype)
 SPECS = {
     "llama": ("LlamaConfig", {}, "LLAMA", torch.bfloat16),
@@ -60,7 +60,7 @@ def checkpoints(tmp_path_factory):
 
 def _expected_names(name: str, model) -> dict[str, str]:
     """gguf-py's (llama.cpp's converter's) name for every tensor the checkpoint holds."""
-    cls, extra, arch, _ = SPECS[name.removesuffix("-sharded")]
+    arch = SPECS[name.removesuffix("-sharded")][2]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch], model.config.num_hidden_layers)
     out = {}
     for hf in model.state_dict():
