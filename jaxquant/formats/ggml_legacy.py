@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxquant.formats.ggml_k import make_qkx_quants
-from jaxquant.formats.numerics import F32, div, first_argmax_abs, mul, nearest_int, roundf, seqsum, to_f16
+from jaxquant.formats.numerics import (F32, div, first_argmax_abs, first_is_negative, mul, nearest_int, roundf, seqsum,
+                                       to_f16)
 from jaxquant.formats.registry import Field, Format, register
 
 QK = 32
@@ -35,10 +36,11 @@ def _row_weights(x: jax.Array, qw: jax.Array) -> jax.Array:
     return _blocks(mul(qw, jnp.sqrt(sigma2[:, None] + mul(x, x))))
 
 
-def _first(x: jax.Array, arg) -> jax.Array:
-    """The element at the first index of ``arg`` (argmin/argmax): C's strict compares keep the
-    first of equal values, which decides the sign of a zero."""
-    return jnp.take_along_axis(x, arg(x, axis=-1, keepdims=True), axis=-1)[..., 0]
+def _first_extreme(x: jax.Array, reduce) -> jax.Array:
+    """``jnp.min``/``jnp.max`` over the last axis with the sign of the first equal element (a
+    zero's sign: C's strict compares keep the first)."""
+    v = reduce(x, axis=-1)
+    return jnp.where(first_is_negative(x, x == v[..., None]), -jnp.abs(v), jnp.abs(v))
 
 
 def make_qx_quants(x: jax.Array, nmax: int, rmse_type: int, qw: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -99,7 +101,7 @@ def _affine(x: jax.Array, nmax: int, qw: jax.Array | None) -> tuple[jax.Array, j
     if qw is not None:  # quantize_row_q{4,5}_1_impl
         d, the_min, q = make_qkx_quants(xb, _row_weights(x, qw), nmax, -0.9, 0.05, 36)
         return d, -the_min, q
-    mn, mx = _first(xb, jnp.argmin), _first(xb, jnp.argmax)  # quantize_row_q{4,5}_1_ref
+    mn, mx = _first_extreme(xb, jnp.min), _first_extreme(xb, jnp.max)  # quantize_row_q{4,5}_1_ref
     d = div(mx - mn, F32(nmax))
     q = jnp.trunc(mul(xb - mn[..., None], inv_or_zero(d)[..., None]) + F32(0.5)).astype(jnp.int32)
     return d, mn, jnp.minimum(nmax, q)

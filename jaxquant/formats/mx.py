@@ -61,9 +61,16 @@ def _mxfp4_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
     bits = lax.bitcast_convert_type(xb, jnp.int32)
     sub = jnp.where(bits < 0, F32(-2.0**-85), F32(2.0**-85)) * (bits & 0x7FFFFF).astype(F32)
     x = jnp.where(tiny, jnp.where((bits & 0x7F800000) == 0, sub, xb * F32(2.0**64)), xb)
-    # kvalues[i]*d is exact, so an FMA of the product and the subtraction would round the same
-    err = jnp.abs(jnp.asarray(KVALUES_MXFP4, F32) * d[..., None, None] - x[..., None])
-    return {"e": e.astype(jnp.uint8), "qs": pack_nibbles(jnp.argmin(err, axis=-1))}
+    # For x < 0 the C's errors of indices 0, 9..15 are those of 0..7 for |x| (and 8, -0, never
+    # beats 0), so one strict running minimum over the 8 magnitudes finds the same first index.
+    # kvalues[i]*d is exact, so an FMA of the product and the subtraction would round the same.
+    mag = jnp.abs(x)
+    best, idx = mag, jnp.zeros(x.shape, jnp.int32)
+    for i, k in enumerate(KVALUES_MXFP4[1:8], start=1):
+        err = jnp.abs(F32(k) * d[..., None] - mag)
+        best, idx = jnp.where(err < best, err, best), jnp.where(err < best, i, idx)
+    idx = jnp.where((x < 0) & (idx > 0), idx + 8, idx)
+    return {"e": e.astype(jnp.uint8), "qs": pack_nibbles(idx)}
 
 
 def _mxfp4_dequantize(a: dict[str, jax.Array]) -> jax.Array:
