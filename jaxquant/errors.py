@@ -15,3 +15,8 @@ class QuantizeInputError(JaxquantError, ValueError):
 
 class FileFormatError(JaxquantError):
     """A model file that cannot be read: truncated, bad magic, unknown type, ..."""
+
+
+class PolicyError(JaxquantError, ValueError):
+    """A quantization policy that cannot apply: unknown format, rule key or regex, a format a
+    tensor cannot take."""
