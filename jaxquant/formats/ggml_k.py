@@ -10,6 +10,8 @@ then ``make_qp_quants`` for the scales and mins). Both re-derive the quants from
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,8 @@ from jaxquant.formats.registry import Field, Format, register
 
 QK_K = 256
 GROUP_MAX_EPS = F32(1e-15)
+# On CPU the searches run over slices of about this many weights, whose working set stays in cache.
+CPU_SLICE_ELEMENTS = 1 << 18
 
 
 def _step_factors(rmin: float, rdelta: float, nsteps: int, nmax: int) -> np.ndarray:
@@ -109,40 +113,37 @@ def make_qp_quants(x: jax.Array, quant_weights: jax.Array, nmax: int) -> tuple[j
         return seqsum(mul(mul(w, diff), diff), 0)
 
     iscale = div(F32(nmax), mx)
-    best = mse(div(F32(1), iscale), (nearest_int(mul(iscale, x)) & 0xFF).astype(F32))
+    (best,) = _materialize(mse(div(F32(1), iscale), (nearest_int(mul(iscale, x)) & 0xFF).astype(F32)))
     for factor in _step_factors(0, 0.1, [i for i in range(-4, 5) if i], nmax):
         iscale_is = div(factor, mx)
-        cur = mse(div(F32(1), iscale_is), jnp.minimum(nmax, nearest_int(mul(iscale_is, x))).astype(F32))
+        (cur,) = _materialize(mse(div(F32(1), iscale_is), jnp.minimum(nmax, nearest_int(mul(iscale_is, x))).astype(F32)))
         take = cur < best
-        best = jnp.where(take, cur, best)
-        iscale = jnp.where(take, iscale_is, iscale)
+        best, iscale = jnp.where(take, cur, best), jnp.where(take, iscale_is, iscale)
 
     l = jnp.minimum(nmax, nearest_int(mul(iscale, x)))
     lf = l.astype(F32)
     sumlx = seqsum(mul(mul(w, x), lf), 0)
     suml2 = seqsum(mul(mul(w, lf), lf), 0)
 
-    def refine(_, carry):
+    def refine(carry, i):
+        # One element of C's refinement pass; the sums change after each element, so it is sequential.
         big_l, sumlx, suml2 = carry
-        big_l = list(big_l)
-        for i in range(n):  # C updates the sums after each element: strictly sequential
-            wi, xi, li = w[i], x[i], big_l[i].astype(F32)
-            wx = mul(wi, xi)
-            slx = sumlx - mul(wx, li)
-            sl2 = suml2 - mul(mul(wi, li), li)
-            ok = (slx > 0) & (sl2 > 0)
-            new_l = jnp.minimum(nmax, nearest_int(div(xi * sl2, jnp.where(ok, slx, F32(1)))))
-            nf = new_l.astype(F32)
-            slx = slx + mul(wx, nf)
-            sl2 = sl2 + mul(mul(wi, nf), nf)
-            take = ok & (new_l != big_l[i]) & (mul(mul(slx, slx), suml2) > mul(mul(sumlx, sumlx), sl2))
-            big_l[i] = jnp.where(take, new_l & 0xFF, big_l[i])
-            sumlx = jnp.where(take, slx, sumlx)
-            suml2 = jnp.where(take, sl2, suml2)
-        return jnp.stack(big_l), sumlx, suml2
+        wi, xi, old = w[i], x[i], big_l[i]
+        wx, li = mul(wi, xi), old.astype(F32)
+        slx = sumlx - mul(wx, li)
+        sl2 = suml2 - mul(mul(wi, li), li)
+        ok = (slx > 0) & (sl2 > 0)
+        new_l = jnp.minimum(nmax, nearest_int(div(xi * sl2, jnp.where(ok, slx, F32(1)))))
+        nf = new_l.astype(F32)
+        slx = slx + mul(wx, nf)
+        sl2 = sl2 + mul(mul(wi, nf), nf)
+        take = ok & (new_l != old) & (mul(mul(slx, slx), suml2) > mul(mul(sumlx, sumlx), sl2))
+        big_l = big_l.at[i].set(jnp.where(take, new_l & 0xFF, old))
+        return (big_l, jnp.where(take, slx, sumlx), jnp.where(take, sl2, suml2)), None
 
-    # C stops once a pass changes nothing; a pass over an unchanged state changes nothing again.
-    big_l, sumlx, suml2 = lax.fori_loop(0, 5, refine, (l & 0xFF, sumlx, suml2))
+    # 5 passes; C stops after a pass that changes nothing, and a further pass would change nothing.
+    order = jnp.tile(jnp.arange(n), 5)
+    (big_l, sumlx, suml2), _ = lax.scan(refine, (l & 0xFF, sumlx, suml2), order)
     scale = jnp.where(suml2 > 0, div(sumlx, jnp.where(suml2 > 0, suml2, F32(1))), F32(0))
     return jnp.where(zero, F32(0), scale), jnp.moveaxis(jnp.where(zero, 0, big_l), 0, -1)
 
@@ -180,6 +181,7 @@ class _Spec:
     ref_search: tuple[float, float, int]  # (rmin, rdelta, nstep) of make_qkx2_quants in *_ref
     scale_bits: int  # 4 (Q2_K) or 6 bits per sub-block scale/min
     clamp_impl: bool  # the _impl variant clamps make_qp_quants' uint8 results to 63 (Q5_K only)
+    pack: Callable[[jax.Array], dict[str, jax.Array]]  # quants [..., 256] -> qs (and qh) fields
 
     @property
     def scale_max(self) -> int:
@@ -218,8 +220,8 @@ def _requantize(spec: _Spec, xb: jax.Array, big_l: jax.Array, d: jax.Array, dmin
     return jnp.where(dd != 0, q, big_l)
 
 
-def _quantize(spec: _Spec, x: jax.Array, qw: jax.Array | None) -> tuple[dict[str, jax.Array], jax.Array]:
-    """The shared body of quantize_row_q{2,4,5}_K_ref / _impl: (d/dmin/scales fields, quants [R, NB, 256])."""
+def _quantize(spec: _Spec, x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
+    """The shared body of quantize_row_q{2,4,5}_K_ref / _impl: [R, K] -> block fields."""
     xb = _super_blocks(x, spec.sub)
     if qw is None:
         if spec.sub == 16:  # Q2_K: weights |x|, mean absolute error
@@ -249,7 +251,19 @@ def _quantize(spec: _Spec, x: jax.Array, qw: jax.Array | None) -> tuple[dict[str
         packed = _pack_scale_min_k4(ls, lm)
         sc, m = _unpack_scale_min_k4(packed)
     big_l = _requantize(spec, xb, big_l, d, dmin, sc, m)
-    return {"d": d, "dmin": dmin, "scales": packed}, big_l.reshape(*x.shape[:1], -1, QK_K)
+    return {"d": d, "dmin": dmin, "scales": packed, **spec.pack(big_l.reshape(*x.shape[:1], -1, QK_K))}
+
+
+def _quantize_rows(spec: _Spec, x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
+    """Quantize [R, K] rows; on CPU in slices of rows small enough for the search to run in cache."""
+    rows, k = x.shape
+    per_slice = max(1, CPU_SLICE_ELEMENTS // k)
+    if jax.default_backend() != "cpu" or rows <= per_slice:
+        return _quantize(spec, x, qw)
+    n = -(-rows // per_slice)
+    xs = jnp.pad(x, ((0, n * per_slice - rows), (0, 0))).reshape(n, per_slice, k)
+    out = lax.map(lambda xi: _quantize(spec, xi, qw), xs)
+    return {name: a.reshape(n * per_slice, *a.shape[2:])[:rows] for name, a in out.items()}
 
 
 def _shifted_or(q: jax.Array, bits: int) -> jax.Array:
@@ -268,14 +282,12 @@ def _unshift(packed: jax.Array, bits: int, count: int) -> jax.Array:
 
 # ---- Q2_K ---------------------------------------------------------------------------------------
 
-Q2 = _Spec(sub=16, nmax=3, ref_search=(-0.5, 0.1, 15), scale_bits=4, clamp_impl=False)
-
-
-def _q2_k_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
-    out, q = _quantize(Q2, x, qw)
+def _pack_q2(q: jax.Array) -> dict[str, jax.Array]:
     # qs[32h + l] holds L[128h + 32s + l] at bits 2s
-    out["qs"] = _shifted_or(q.reshape(*q.shape[:2], 2, 4, 32), 2).reshape(*q.shape[:2], 64)
-    return out
+    return {"qs": _shifted_or(q.reshape(*q.shape[:-1], 2, 4, 32), 2).reshape(*q.shape[:-1], 64)}
+
+
+Q2 = _Spec(sub=16, nmax=3, ref_search=(-0.5, 0.1, 15), scale_bits=4, clamp_impl=False, pack=_pack_q2)
 
 
 def _dequant(d, dmin, sc, m, q):
@@ -294,24 +306,18 @@ def _q2_k_dequantize(a: dict[str, jax.Array]) -> jax.Array:
 
 # ---- Q4_K / Q5_K --------------------------------------------------------------------------------
 
-Q4 = _Spec(sub=32, nmax=15, ref_search=(-1.0, 0.1, 20), scale_bits=6, clamp_impl=False)
-Q5 = _Spec(sub=32, nmax=31, ref_search=(-0.5, 0.1, 15), scale_bits=6, clamp_impl=True)
-
-
-def _q4_k_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
-    out, q = _quantize(Q4, x, qw)
+def _pack_q4(q: jax.Array) -> dict[str, jax.Array]:
     # qs[32c + l] = L[64c + l] | L[64c + 32 + l] << 4
-    out["qs"] = _shifted_or(q.reshape(*q.shape[:2], 4, 2, 32), 4).reshape(*q.shape[:2], 128)
-    return out
+    return {"qs": _shifted_or(q.reshape(*q.shape[:-1], 4, 2, 32), 4).reshape(*q.shape[:-1], 128)}
 
 
-def _q5_k_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
-    out, q = _quantize(Q5, x, qw)
-    q = q.reshape(*q.shape[:2], 4, 2, 32)
-    out["qs"] = _shifted_or(q & 0xF, 4).reshape(*q.shape[:2], 128)
-    # qh[l] bit 2c+h is the fifth bit of L[64c + 32h + l]
-    out["qh"] = _shifted_or((q >> 4).reshape(*q.shape[:2], 8, 32), 1)
-    return out
+def _pack_q5(q: jax.Array) -> dict[str, jax.Array]:
+    # low nibbles as Q4_K; qh[l] bit 2c+h is the fifth bit of L[64c + 32h + l]
+    return {**_pack_q4(q & 0xF), "qh": _shifted_or((q >> 4).reshape(*q.shape[:-1], 8, 32), 1)}
+
+
+Q4 = _Spec(sub=32, nmax=15, ref_search=(-1.0, 0.1, 20), scale_bits=6, clamp_impl=False, pack=_pack_q4)
+Q5 = _Spec(sub=32, nmax=31, ref_search=(-0.5, 0.1, 15), scale_bits=6, clamp_impl=True, pack=_pack_q5)
 
 
 def _k4_dequantize(a: dict[str, jax.Array], q: jax.Array) -> jax.Array:
@@ -333,9 +339,9 @@ def _q5_k_dequantize(a: dict[str, jax.Array]) -> jax.Array:
 
 _HALF = (Field("d", "float16"), Field("dmin", "float16"))
 Q2_K = register(Format("Q2_K", QK_K, (Field("scales", "uint8", 16), Field("qs", "uint8", 64), *_HALF),
-                       _q2_k_dequantize, _q2_k_quantize, "ggml_k"))
+                       _q2_k_dequantize, partial(_quantize_rows, Q2), "ggml_k"))
 Q4_K = register(Format("Q4_K", QK_K, (*_HALF, Field("scales", "uint8", 12), Field("qs", "uint8", 128)),
-                       _q4_k_dequantize, _q4_k_quantize, "ggml_k"))
+                       _q4_k_dequantize, partial(_quantize_rows, Q4), "ggml_k"))
 Q5_K = register(Format("Q5_K", QK_K, (*_HALF, Field("scales", "uint8", 12), Field("qh", "uint8", 32),
                                       Field("qs", "uint8", 128)),
-                       _q5_k_dequantize, _q5_k_quantize, "ggml_k"))
+                       _q5_k_dequantize, partial(_quantize_rows, Q5), "ggml_k"))
