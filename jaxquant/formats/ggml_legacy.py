@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxquant.formats.ggml_k import make_qkx_quants
-from jaxquant.formats.numerics import (F32, div, first_argmax_abs, first_is_negative, mul, nearest_int, roundf, seqsum,
-                                       to_f16)
+from jaxquant.formats.numerics import F32, div, first_argmax_abs, mul, nearest_int, roundf, seqsum, to_f16
 from jaxquant.formats.registry import Field, Format, register
 
 QK = 32
@@ -37,10 +37,13 @@ def _row_weights(x: jax.Array, qw: jax.Array) -> jax.Array:
 
 
 def _first_extreme(x: jax.Array, reduce) -> jax.Array:
-    """``jnp.min``/``jnp.max`` over the last axis with the sign of the first equal element (a
-    zero's sign: C's strict compares keep the first)."""
+    """``jnp.min``/``jnp.max`` over the last axis keeping C's first of equal values: for a zero
+    result, -0.0 if a -0.0 comes before the first +0.0."""
     v = reduce(x, axis=-1)
-    return jnp.where(first_is_negative(x, x == v[..., None]), -jnp.abs(v), jnp.abs(v))
+    bits = lax.bitcast_convert_type(x, jnp.int32)
+    idx = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    neg = jnp.min(jnp.where(bits == np.int32(-2**31), idx, QK), -1) < jnp.min(jnp.where(bits == 0, idx, QK), -1)
+    return jnp.where(v == 0, jnp.where(neg, F32(-0.0), F32(0)), v)
 
 
 def make_qx_quants(x: jax.Array, nmax: int, rmse_type: int, qw: jax.Array | None) -> tuple[jax.Array, jax.Array]:
