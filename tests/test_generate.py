@@ -1,0 +1,234 @@
+"""jaxquant.generate: batching, sampling, stopping, streaming and bad input.
+
+Most checks run a tiny random Gemma-3-shaped model (compiles in seconds); batching is also checked
+on the real Gemma-3-270M GGUF (slow: two compilations of the full model on CPU). Sampling filters
+are checked against a numpy reference written from their definitions.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxquant as jq
+from jaxquant.config import ModelConfig
+from jaxquant.generate import Sampling, encode_prompts, filter_logits, stream, stream_tokens
+from jaxquant.models import FAMILIES, Layer, Params
+
+gen = importlib.import_module("jaxquant.generate")  # the module; jaxquant.generate is the function
+
+TINY = ModelConfig(arch="gemma3", vocab_size=300, hidden_size=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
+                   ffn_dim=48, norm_eps=1e-6, rope_theta=10000.0, rope_theta_local=100.0, sliding_window=4,
+                   swa_layers=(True, False), query_pre_attn_scalar=16.0, embed_scale=32 ** 0.5, qk_norm=True,
+                   activation="gelu_tanh", tie_embeddings=True, context_length=48)
+PROMPTS = [[5, 17, 9], list(range(20, 33)), [7], list(range(100, 109))]  # 3, 13, 1 and 9 tokens
+N = 16  # new tokens; most tests share this batch and length, so they share one compiled program
+SAMPLING = Sampling(temperature=1.3, top_k=50, top_p=0.95, min_p=0.01)
+
+
+def _tiny_model(seed: int = 0) -> jq.Model:
+    """Random weights large enough that different prompts and positions give different tokens."""
+    rng = np.random.default_rng(seed)
+    fields = FAMILIES["gemma3"].REQUIRED + ("attn_q_norm", "attn_k_norm")
+
+    def tensor(name: str) -> jax.Array:
+        shape = TINY.tensor_shape(name)
+        noise = rng.standard_normal(shape, np.float32)
+        return jnp.asarray(1.0 + 0.1 * noise if len(shape) == 1 else noise / np.sqrt(shape[-1]))
+
+    layers = [Layer(**{f: tensor(f"blk.{i}.{f}.weight") for f in fields}) for i in range(TINY.n_layers)]
+    params = Params(token_embd=tensor("token_embd.weight"), output_norm=tensor("output_norm.weight"), layers=layers)
+    return jq.Model(params, TINY, None)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> jq.Model:
+    return _tiny_model()
+
+
+@pytest.fixture(scope="module")
+def gemma() -> jq.Model:
+    return jq.load()
+
+
+# ---- batching and stopping ------------------------------------------------------------------------
+
+def test_batched_greedy_equals_each_prompt_alone(tiny):
+    batched = jq.generate_tokens(tiny, PROMPTS, max_tokens=N)
+    alone = [jq.generate_tokens(tiny, [p], max_tokens=N)[0] for p in PROMPTS]
+    assert batched == alone
+    assert all(len(row) == N for row in batched) and len({tuple(r) for r in batched}) == len(PROMPTS)
+
+
+@pytest.mark.slow
+def test_batched_greedy_equals_each_prompt_alone_gemma(gemma):
+    texts = ["The capital of France is", "def fibonacci(n):", "In 1969, the first humans to walk on the Moon were",
+             "Rain"]
+    prompts = encode_prompts(gemma, texts)
+    assert len({len(p) for p in prompts}) == len(prompts)
+    batched = jq.generate_tokens(gemma, prompts, max_tokens=8)
+    alone = [jq.generate_tokens(gemma, [p], max_tokens=8)[0] for p in prompts]
+    assert batched == alone, [(t, b, a) for t, b, a in zip(texts, batched, alone) if b != a]
+
+
+def test_context_end_stops_rows(tiny):
+    # A 48-token context: a prompt of n tokens gets 48 - n new tokens.
+    out = jq.generate_tokens(tiny, PROMPTS, max_tokens=40)
+    assert [len(r) for r in out] == [40, 35, 40, 39]
+
+
+def test_stop_ids_end_a_row_which_then_stops_changing(tiny):
+    free = jq.generate_tokens(tiny, PROMPTS, max_tokens=N)
+    stop = free[1][4]
+    first = free[1].index(stop)
+    out = jq.generate_tokens(tiny, PROMPTS, max_tokens=N, stop=[stop])
+    for row, ref in zip(out, free):
+        assert row == (ref[:ref.index(stop)] if stop in ref else ref)
+    assert out[1] == free[1][:first]
+    # Streamed in chunks of 2, the stopped row yields nothing after its stop.
+    chunks = list(stream_tokens(tiny, PROMPTS, max_tokens=N, stop=[stop], chunk=2))
+    assert sum((c[1] for c in chunks), []) == out[1]
+    assert all(c[1] == [] for c in chunks[first // 2 + 1:])
+
+
+def test_stop_set_holds_config_eos_tokenizer_eog_and_stop(gemma):
+    model = jq.Model(None, ModelConfig(**{**vars(gemma.cfg), "eos_ids": (7,)}), gemma.tokenizer)
+    ids = set(gen._stop_ids(model, [9, 7]).tolist()) - {-1}
+    assert ids == {7, 9} | gemma.tokenizer.eog_ids
+    assert {gemma.tokenizer.token_to_id[t] for t in ("<eos>", "<end_of_turn>")} <= ids
+
+
+def test_streaming_in_chunks_equals_one_call(tiny):
+    whole = next(stream_tokens(tiny, PROMPTS, max_tokens=N, sampling=SAMPLING, seed=7))
+    chunks = list(stream_tokens(tiny, PROMPTS, max_tokens=N, sampling=SAMPLING, seed=7, chunk=5))
+    assert len(chunks) == 4
+    assert [sum((c[r] for c in chunks), []) for r in range(len(PROMPTS))] == whole
+
+
+# ---- sampling ---------------------------------------------------------------------------------------
+
+def test_top_k_1_equals_greedy(tiny):
+    greedy = jq.generate_tokens(tiny, PROMPTS, max_tokens=N)
+    assert jq.generate_tokens(tiny, PROMPTS, max_tokens=N, temperature=5.0, top_k=1, seed=3) == greedy
+
+
+def test_seed_decides_the_sample(tiny):
+    def run(seed: int, sampling: Sampling = SAMPLING) -> list[list[int]]:
+        return next(stream_tokens(tiny, PROMPTS, max_tokens=N, sampling=sampling, seed=seed))
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    assert run(1) != run(1, Sampling())
+    # The sampling values are traced: new ones reuse the compiled program and change the draw.
+    assert run(1) != run(1, Sampling(temperature=0.5, top_k=50, top_p=0.9, min_p=0.02))
+
+
+def _reference_filter(logits: np.ndarray, s: Sampling) -> np.ndarray:
+    """transformers' order: temperature, top-k, top-p, min-p; -inf marks excluded tokens."""
+    x = logits.astype(np.float64) / s.temperature
+    out = []
+    for row in x:
+        keep = np.ones(row.shape, bool)
+        if s.top_k:
+            keep &= row >= np.sort(row)[::-1][s.top_k - 1]
+        if s.top_p < 1:
+            order = np.argsort(-np.where(keep, row, -np.inf), kind="stable")
+            p = np.exp(row[order] - row[order][0]) * keep[order]
+            p /= p.sum()
+            before = np.cumsum(p) - p
+            kept = order[before < s.top_p]
+            keep &= row >= row[kept].min()
+        if s.min_p:
+            p = np.where(keep, np.exp(row - row.max()), 0.0)
+            keep &= p >= s.min_p * p.max()
+        out.append(np.where(keep, row, -np.inf))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("sampling", [
+    Sampling(1.0, top_k=10), Sampling(0.7, top_p=0.9), Sampling(1.0, top_p=0.5), Sampling(2.0, min_p=0.1),
+    Sampling(0.8, top_k=40, top_p=0.8, min_p=0.05), Sampling(1.0, top_p=1e-6), Sampling(1.0, min_p=1.0),
+    Sampling(1.0, top_k=1000), Sampling(0.5)])
+def test_filter_logits_equals_numpy_reference(sampling):
+    logits = np.random.default_rng(0).standard_normal((5, 1000)).astype(np.float32) * 3
+    ours = np.asarray(filter_logits(logits, sampling))
+    ref = _reference_filter(logits, sampling)
+    assert np.array_equal(np.isinf(ours), np.isinf(ref))
+    np.testing.assert_allclose(ours[~np.isinf(ours)], ref[~np.isinf(ref)], rtol=1e-6)
+    assert (~np.isinf(ours)).sum(1).min() >= 1
+
+
+def test_sampling_draws_only_kept_tokens(tiny):
+    sampling = Sampling(1.3, top_k=50, top_p=0.6, min_p=1e-9)  # the filters of SAMPLING: its program
+    firsts = {row[0] for seed in range(4)
+              for row in next(stream_tokens(tiny, [PROMPTS[0]] * 4, max_tokens=N, sampling=sampling, seed=seed))}
+    logits, _ = jax.jit(jq.models.forward, static_argnums=4)(
+        tiny.params, jnp.array([PROMPTS[0]]), jnp.arange(3)[None], jq.models.init_cache(TINY, 1, 16), TINY)
+    allowed = set(np.flatnonzero(~np.isinf(np.asarray(filter_logits(logits[0, -1], sampling)))).tolist())
+    assert 1 < len(allowed) < 50 and len(firsts) > 1 and firsts <= allowed
+
+
+# ---- text and chat ---------------------------------------------------------------------------------
+
+def test_chat_prompt_uses_the_gemma_template(gemma):
+    ids = encode_prompts(gemma, ["Hi there"], chat=True)[0]
+    text = [gemma.tokenizer.token_text(t) for t in ids]
+    assert text[:4] == ["<bos>", "<start_of_turn>", "user", "\n"]
+    assert text[-5:] == ["<end_of_turn>", "\n", "<start_of_turn>", "model", "\n"]
+    assert gemma.tokenizer.token_to_id["<end_of_turn>"] in gemma.tokenizer.eog_ids
+
+
+@pytest.mark.slow
+def test_stream_text_joins_to_generate(gemma):
+    parts = list(stream(gemma, ["The capital of France is"], max_tokens=6, chunk=2))
+    assert len(parts) == 3
+    text = "".join(p[0] for p in parts)
+    assert text == jq.generate(gemma, "The capital of France is", max_tokens=6)[0]
+    assert "Paris" in text
+
+
+# ---- bad input, rejected before anything compiles ---------------------------------------------------
+
+@pytest.fixture
+def no_compile(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("reached the device loop")
+
+    monkeypatch.setattr(gen, "_run", fail)
+    monkeypatch.setattr(gen, "_init_state", fail)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-1.0), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(min_p=-0.1), "min_p"), (dict(min_p=2.0), "min_p"), (dict(top_k=-1), "top_k"), (dict(top_k=2.5), "top_k"),
+    (dict(temperature="hot"), "temperature"), (dict(max_tokens=0), "max_tokens"), (dict(seed=1.5), "seed"),
+    (dict(stop=[300]), "stop"), (dict(stop=[-1]), "stop")])
+def test_bad_parameters(tiny, no_compile, kwargs, message):
+    with pytest.raises(jq.JaxquantError, match=message):
+        jq.generate_tokens(tiny, PROMPTS, **kwargs)
+
+
+@pytest.mark.parametrize("prompts, message", [
+    ([], "non-empty"), ([[1, 2], []], "prompt 1 is empty"), ([[1, 300]], "outside the vocabulary"),
+    ([list(range(48))], "context is 48 tokens"), ("abc", "non-empty list")])
+def test_bad_prompts(tiny, no_compile, prompts, message):
+    with pytest.raises(jq.JaxquantError, match=message):
+        jq.generate_tokens(tiny, prompts)
+
+
+def test_bad_text_prompts(tiny, gemma, no_compile):
+    cfg = ModelConfig(**{**vars(TINY), "vocab_size": gemma.cfg.vocab_size})  # a 48-token context
+    model = jq.Model(tiny.params, cfg, gemma.tokenizer)
+    with pytest.raises(jq.JaxquantError, match="prompt 0 is empty"):
+        jq.generate(model, "")
+    with pytest.raises(jq.JaxquantError, match=r"prompt 1 has \d+ tokens; the model's context is 48"):
+        jq.generate(model, ["hello", "word " * 60])
+    with pytest.raises(jq.JaxquantError, match="top_p"):
+        jq.generate(model, "hello", top_p=2.0)
+    with pytest.raises(jq.JaxquantError, match="no tokenizer"):
+        jq.generate(tiny, "hello")
