@@ -55,12 +55,12 @@ def make_qkx_quants(x: jax.Array, weights: jax.Array, nmax: int, rmin: float, rd
     sum_w = seqsum(w, 0)
     sum_x = seqsum(mul(w, x), 0)
 
-    def quants(iscale, mn):
-        return jnp.clip(nearest_int(mul(iscale, x - mn)), 0, nmax)
+    def quants(iscale, mn):  # C's MAX(0, MIN(nmax, nearest_int(...))), kept in f32
+        return jnp.clip(jnp.round(iscale * (x - mn)), F32(0), F32(nmax))
 
-    def error(scale, mn, l):
-        diff = mul(scale, l.astype(F32)) + mn - x
-        return seqsum(mul(w, jnp.abs(diff) if use_mad else mul(diff, diff)), 0)
+    def error(scale, mn, lf):
+        diff = mul(scale, lf) + mn - x
+        return seqsum(mul(w, jnp.abs(diff) if use_mad else diff * diff), 0)
 
     iscale = div(F32(nmax), jnp.where(flat, F32(1), mx - mn0))
     scale = div(F32(1), iscale)
@@ -71,8 +71,7 @@ def make_qkx_quants(x: jax.Array, weights: jax.Array, nmax: int, rmin: float, rd
         # (a per-element select here would make XLA recompute the group's sums per element).
         best, scale, mn, l_iscale, l_min = carry  # C updates min on success; later trials start from it
         iscale = div(factor, mx - mn)
-        la = quants(iscale, mn)
-        lf = la.astype(F32)
+        lf = quants(iscale, mn)
         wl = mul(w, lf)
         sum_l, sum_l2, sum_xl = _materialize(seqsum(wl, 0), seqsum(mul(wl, lf), 0), seqsum(mul(wl, x), 0))
         det = mul(sum_w, sum_l2) - mul(sum_l, sum_l)
@@ -83,7 +82,7 @@ def make_qkx_quants(x: jax.Array, weights: jax.Array, nmax: int, rmin: float, rd
         pos = this_min > 0
         this_scale = jnp.where(pos, div(sum_xl, jnp.where(pos, sum_l2, F32(1))), this_scale)
         this_min = jnp.where(pos, F32(0), this_min)
-        (cur,) = _materialize(error(this_scale, this_min, la))
+        (cur,) = _materialize(error(this_scale, this_min, lf))
         take = ok & (cur < best)
         pick = lambda new, old: jnp.where(take, new, old)  # noqa: E731
         return (pick(cur, best), pick(this_scale, scale), pick(this_min, mn), pick(iscale, l_iscale),
@@ -92,7 +91,7 @@ def make_qkx_quants(x: jax.Array, weights: jax.Array, nmax: int, rmin: float, rd
     factors = jnp.asarray(_step_factors(rmin, rdelta, nstep, nmax))
     (_, scale, mn, l_iscale, l_min), _ = lax.scan(step, (best, scale, mn0, iscale, mn0), factors)
     scale = jnp.where(flat, F32(0), scale)
-    l = jnp.where(flat, 0, quants(l_iscale, l_min))
+    l = jnp.where(flat, 0, quants(l_iscale, l_min).astype(jnp.int32))
     return scale, -mn, jnp.moveaxis(l, 0, -1)
 
 
