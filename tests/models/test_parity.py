@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers
 
-from jaxquant import models, quantize
+from jaxquant import QTensor, dequantize, models, quantize
 from jaxquant.io import open_model
 from jaxquant.models import base
 from jaxquant.qtensor import take_rows
@@ -26,7 +26,8 @@ TOL = 1e-4
 PREFILL, DECODE, LENGTHS = 12, 8, (12, 7)  # prefill width, decode steps, prompt length of each row
 WINDOW = 5
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=False)
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=False,
+             bos_token_id=1, eos_token_id=2, pad_token_id=0)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 16,
                "low_freq_factor": 1.0, "high_freq_factor": 4.0, "rope_theta": 10000.0}
 
@@ -157,7 +158,7 @@ def test_quantized_embeddings_and_weights(tmp_root: str):
     cfg = source.config
     params = models.load_params(source, cfg)
     q = jax.tree.map(lambda w: quantize(w, "Q8_0") if w.ndim == 2 else w, params)
-    deq = jax.tree.map(lambda w: w.dequantize(), q, is_leaf=lambda w: hasattr(w, "dequantize"))
+    deq = jax.tree.map(dequantize, q, is_leaf=lambda w: isinstance(w, QTensor))
     ids = jnp.array([[0, 5, 95], [3, 3, 1]], jnp.int32)
     np.testing.assert_array_equal(take_rows(q.token_embd, ids).dequantize(), deq.token_embd[ids])
     cache = models.init_cache(cfg, 2, 8)
