@@ -209,7 +209,7 @@ class Policy:
     name: str = ""
 
     def __post_init__(self):
-        where = f"policy {self.name!r}" if self.name else "policy"
+        where = _label(self)
         if self.mix is not None:
             object.__setattr__(self, "mix", _check_mix(self.mix, where))
             if self.default is not None:
@@ -462,17 +462,21 @@ def _why_kept(name: str, shape: tuple[int, ...]) -> str:
 def _warn_unused(policy: Policy, model: mixes.ModelInfo, hits: list[int], chosen: list[int]) -> None:
     for i, rule in enumerate(policy.rules):
         if not hits[i]:
-            warnings.warn(f"policy {policy.name or ''}: rule {i + 1} {rule.describe()} matches no quantizable "
+            warnings.warn(f"{_label(policy)}: rule {i + 1} {rule.describe()} matches no quantizable "
                           f"tensor of this {model.arch} model ({model.n_layers} layers)", PolicyWarning, stacklevel=4)
         elif not chosen[i]:
-            warnings.warn(f"policy {policy.name or ''}: rule {i + 1} {rule.describe()} never applies: the "
+            warnings.warn(f"{_label(policy)}: rule {i + 1} {rule.describe()} never applies: the "
                           f"{hits[i]} tensor(s) it matches are taken by earlier rules or by the "
                           "embeddings/output settings", PolicyWarning, stacklevel=4)
 
 
+def _label(policy: Policy) -> str:
+    return f"policy {policy.name!r}" if policy.name else "policy"
+
+
 def _check(plan: Plan) -> None:
     """Every requantized tensor's format must exist, be quantizable and fit its rows."""
-    problems = []
+    problems, hints = [], []
     for c in plan.choices:
         if not c.requantize:
             continue
@@ -483,13 +487,12 @@ def _check(plan: Plan) -> None:
             continue
         fmt = get_format(c.format)
         if not fmt.can_quantize:
-            problems.append(f"tensor {c.name!r}: jaxquant cannot quantize to {c.format} (it can load it); "
-                            f"quantizable: {', '.join(list_formats(True))}")
+            problems.append(f"tensor {c.name!r}: jaxquant cannot quantize to {c.format} (it can load it) ({c.reason})")
+            hints = [f"quantizable formats: {', '.join(list_formats(True))}"]
         elif c.shape[-1] % fmt.block_size:
             problems.append(f"tensor {c.name!r} {list(c.shape)}: {c.format} needs a row length that is a multiple of "
                             f"{fmt.block_size}, this one is {c.shape[-1]} ({c.reason})")
     if problems:
-        more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        more = [f"... and {len(problems) - 5} more"] if len(problems) > 5 else []
         hint = "" if plan.policy.fallback else " (fallback is off: turn it on to get llama.cpp's smaller-block types)"
-        raise PolicyError(f"policy {plan.policy.name or ''} cannot apply{hint}:\n  " + "\n  ".join(problems[:5]) + more)
-
+        raise PolicyError(f"{_label(plan.policy)} cannot apply{hint}:\n  " + "\n  ".join(problems[:5] + more + hints))

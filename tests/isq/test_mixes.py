@@ -5,34 +5,17 @@ rows that do not divide into blocks, --pure, --output-tensor-type, --token-embed
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import numpy as np
 import pytest
 
 import llama_types
-from jaxquant.io.source import TensorInfo
+from fake_source import FakeSource
 from jaxquant.isq import Policy, PolicyWarning, Rule, mixes
 
 pytestmark = pytest.mark.oracle
 MIXES = [m for m in mixes.FTYPES if m not in ("F32", "F16", "BF16")]
-
-
-@dataclasses.dataclass
-class FakeSource:
-    """Just what a policy reads: GGUF-style metadata, names and shapes."""
-
-    metadata: dict
-    shapes: dict[str, tuple[int, ...]]
-
-    @property
-    def tensor_names(self) -> list[str]:
-        return list(self.shapes)
-
-    def info(self, name: str) -> TensorInfo:
-        shape = self.shapes[name]
-        return TensorInfo(name, shape, "F32", 4 * int(np.prod(shape)))
 
 
 # (arch, layers, heads, kv heads, experts, hidden, ffn): the branches' special cases
