@@ -17,12 +17,10 @@ import argparse
 import dataclasses
 import json
 import math
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxquant import ops
 from jaxquant.formats import get_format
@@ -163,8 +161,8 @@ def main() -> None:
     for r in rows:
         if r["format"] != "bf16":
             b = bf[(r["shape"], r["m"])]
-            print(f"| {r['format']} | {r['shape']} | {r['m']} | {r['op']} | {r['us']:.1f} | {r['gbs']:.0f} | {b['us']:.1f} | "
-                  f"{r['ratio']:.2f} | {r['err']:.1e} |" + (f" {r['config']}" if args.sweep else ""))
+            print(f"| {r['format']} | {r['shape']} | {r['m']} | {r['op']} | {r['us']:.1f} | {r['gbs']:.0f} | "
+                  f"{b['us']:.1f} | {r['ratio']:.2f} | {r['err']:.1e} |" + (f" {r['config']}" if args.sweep else ""))
 
 
 if __name__ == "__main__":

