@@ -151,8 +151,14 @@ def _q4_1_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
     return {"d": to_f16(d), "m": to_f16(m), "qs": pack_nibbles(q)}
 
 
+def _affine_dequantize(q: jax.Array, a: dict[str, jax.Array]) -> jax.Array:
+    """``x0*d + m``. An f16 d times q < 32 is exact in f32, so an FMA rounds alike, and a plain
+    multiply keeps a NaN d's payload as C does (mul() would pin it to the default NaN)."""
+    return _rows(q.astype(F32) * a["d"].astype(F32)[..., None] + a["m"].astype(F32)[..., None])
+
+
 def _q4_1_dequantize(a: dict[str, jax.Array]) -> jax.Array:
-    return _rows(mul(unpack_nibbles(a["qs"]).astype(F32), a["d"].astype(F32)[..., None]) + a["m"].astype(F32)[..., None])
+    return _affine_dequantize(unpack_nibbles(a["qs"]), a)
 
 
 def _q5_0_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
@@ -170,8 +176,7 @@ def _q5_1_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
 
 
 def _q5_1_dequantize(a: dict[str, jax.Array]) -> jax.Array:
-    q = _unpack5(a["qh"], a["qs"]).astype(F32)
-    return _rows(mul(q, a["d"].astype(F32)[..., None]) + a["m"].astype(F32)[..., None])
+    return _affine_dequantize(_unpack5(a["qh"], a["qs"]), a)
 
 
 def _q8_0_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
