@@ -163,8 +163,9 @@ def test_quantized_embeddings_and_weights(tmp_root: str):
     np.testing.assert_array_equal(take_rows(q.token_embd, ids).dequantize(), deq.token_embd[ids])
     cache = models.init_cache(cfg, 2, 8)
     pos = jnp.broadcast_to(jnp.arange(3, dtype=jnp.int32), (2, 3))
-    a, _ = models.forward(q, ids, pos, cache, cfg)
-    b, _ = models.forward(deq, ids, pos, cache, cfg)
+    fwd = jax.jit(models.forward, static_argnames="cfg")
+    a, _ = fwd(q, ids, pos, cache, cfg=cfg)
+    b, _ = fwd(deq, ids, pos, cache, cfg=cfg)
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max()))
 
 
