@@ -96,8 +96,26 @@ def load_params(source, cfg: ModelConfig, required: tuple[str, ...], dtype=jnp.f
     matrices are cast to ``dtype``; vectors (norms, biases) to float32. ``required`` lists the
     ``Layer`` fields the architecture cannot do without."""
     where = getattr(source, "path", source)
-    names = set(source.tensor_names)
     fields = {f.name for f in dataclasses.fields(Layer)}
+    top_names = ("token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight")
+    plan: dict[str, tuple[int | None, str]] = {}  # tensor -> (layer or None, field), checked before loading
+    for name in source.tensor_names:
+        parts = name.split(".")
+        field = parts[-2] + ("_bias" if parts[-1] == "bias" else "")
+        if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) < cfg.n_layers \
+                and field in fields:
+            plan[name] = (int(parts[1]), field)
+        elif name in top_names:
+            plan[name] = (None, parts[0])
+        else:
+            raise FileFormatError(f"{where}: tensor {name!r} is not used by the {cfg.arch} architecture "
+                                  f"({cfg.n_layers} layers)")
+    need = [f"blk.{i}.{f}.weight" for i in range(cfg.n_layers) for f in required]
+    need += ["token_embd.weight", "output_norm.weight"] + ([] if cfg.tie_embeddings else ["output.weight"])
+    missing = [name for name in need if name not in plan]
+    if missing:
+        raise FileFormatError(f"{where}: {cfg.arch} model lacks tensor(s) {', '.join(missing[:8])}"
+                              + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
 
     def load(name: str):
         x = source.load(name)
@@ -108,28 +126,10 @@ def load_params(source, cfg: ModelConfig, required: tuple[str, ...], dtype=jnp.f
             raise FileFormatError(f"{where}: tensor {name!r} has dtype {x.dtype}, expected a float type")
         return x.astype(dtype if x.ndim > 1 else jnp.float32)
 
-    layers = [{} for _ in range(cfg.n_layers)]
+    layers: list[dict] = [{} for _ in range(cfg.n_layers)]
     top = {}
-    for name in sorted(names):
-        parts = name.split(".")
-        field = parts[-2] + ("_bias" if parts[-1] == "bias" else "")
-        if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) < cfg.n_layers \
-                and field in fields:
-            layers[int(parts[1])][field] = load(name)
-        elif name in ("token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"):
-            top[parts[0]] = load(name)
-        else:
-            raise FileFormatError(f"{where}: tensor {name!r} is not used by the {cfg.arch} architecture "
-                                  f"({cfg.n_layers} layers)")
-    for i, layer in enumerate(layers):
-        missing = [f"blk.{i}.{f}.weight" for f in required if f not in layer]
-        if missing:
-            raise FileFormatError(f"{where}: {cfg.arch} model lacks tensor(s) {', '.join(missing)}")
-    for name in ("token_embd", "output_norm"):
-        if name not in top:
-            raise FileFormatError(f"{where}: model lacks tensor {name}.weight")
-    if "output" not in top and not cfg.tie_embeddings:
-        raise FileFormatError(f"{where}: model lacks output.weight and does not tie embeddings")
+    for name, (i, field) in plan.items():
+        (top if i is None else layers[i])[field] = load(name)
     return Params(layers=[Layer(**layer) for layer in layers], **top)
 
 
