@@ -33,6 +33,11 @@ def _step_factors(rmin: float, rdelta: float, nsteps: int, nmax: int) -> np.ndar
     return np.float32(rmin) + np.float32(rdelta) * steps + np.float32(nmax)
 
 
+def _group_major(x: jax.Array) -> jax.Array:
+    """[..., n] -> [n, groups]: each step of the C loops over i is then one vector op across all groups."""
+    return x.reshape(-1, x.shape[-1]).T
+
+
 def _materialize(*values: jax.Array) -> tuple[jax.Array, ...]:
     """Per-group results (each a chain of n adds) computed once: XLA duplicates cheap producers
     into every consumer, but not a division (``v / 1`` by a divisor it cannot fold is exact)."""
@@ -46,9 +51,8 @@ def make_qkx_quants(x: jax.Array, weights: jax.Array, nmax: int, rmin: float, rd
     Fits ``x ~ scale * L - the_min`` with ``L`` in [0, nmax] by a search over ``nstep + 1`` trial
     inverse scales, each refined by weighted least squares. Returns (scale, the_min, L int32).
     """
-    # Element axis first: every step of the C loops over i is one vector op across all groups.
-    x = jnp.moveaxis(x, -1, 0)
-    w = jnp.moveaxis(weights, -1, 0)
+    batch = x.shape[:-1]
+    x, w = _group_major(x), _group_major(weights)
     mn0 = jnp.minimum(jnp.min(x, axis=0), F32(0))
     mx = jnp.max(x, axis=0)
     flat = mx <= mn0  # all equal (after min is clamped to <= 0): L = 0, scale 0
@@ -92,7 +96,7 @@ def make_qkx_quants(x: jax.Array, weights: jax.Array, nmax: int, rmin: float, rd
     (_, scale, mn, l_iscale, l_min), _ = lax.scan(step, (best, scale, mn0, iscale, mn0), factors)
     scale = jnp.where(flat, F32(0), scale)
     l = jnp.where(flat, 0, quants(l_iscale, l_min).astype(jnp.int32))
-    return scale, -mn, jnp.moveaxis(l, 0, -1)
+    return scale.reshape(batch), -mn.reshape(batch), l.T.reshape(*batch, -1)
 
 
 def make_qp_quants(x: jax.Array, quant_weights: jax.Array, nmax: int) -> tuple[jax.Array, jax.Array]:
@@ -100,8 +104,8 @@ def make_qp_quants(x: jax.Array, quant_weights: jax.Array, nmax: int) -> tuple[j
 
     ``L`` holds what C stores in its ``uint8_t`` array (0..255, int32).
     """
-    x = jnp.moveaxis(x, -1, 0)
-    w = jnp.moveaxis(quant_weights, -1, 0)
+    batch = x.shape[:-1]
+    x, w = _group_major(x), _group_major(quant_weights)
     n = x.shape[0]
     mx = jnp.maximum(jnp.max(x, axis=0), F32(0))
     zero = mx < GROUP_MAX_EPS
@@ -113,11 +117,16 @@ def make_qp_quants(x: jax.Array, quant_weights: jax.Array, nmax: int) -> tuple[j
 
     iscale = div(F32(nmax), mx)
     (best,) = _materialize(mse(div(F32(1), iscale), (nearest_int(mul(iscale, x)) & 0xFF).astype(F32)))
-    for factor in _step_factors(0, 0.1, [i for i in range(-4, 5) if i], nmax):
+
+    def trial(carry, factor):
+        best, iscale = carry
         iscale_is = div(factor, mx)
-        (cur,) = _materialize(mse(div(F32(1), iscale_is), jnp.minimum(nmax, nearest_int(mul(iscale_is, x))).astype(F32)))
+        cur = mse(div(F32(1), iscale_is), jnp.minimum(nmax, nearest_int(mul(iscale_is, x))).astype(F32))
         take = cur < best
-        best, iscale = jnp.where(take, cur, best), jnp.where(take, iscale_is, iscale)
+        return (jnp.where(take, cur, best), jnp.where(take, iscale_is, iscale)), None
+
+    factors = jnp.asarray(_step_factors(0, 0.1, [i for i in range(-4, 5) if i], nmax))
+    (_, iscale), _ = lax.scan(trial, (best, iscale), factors)
 
     l = jnp.minimum(nmax, nearest_int(mul(iscale, x)))
     lf = l.astype(F32)
@@ -144,7 +153,7 @@ def make_qp_quants(x: jax.Array, quant_weights: jax.Array, nmax: int) -> tuple[j
     order = jnp.tile(jnp.arange(n), 5)
     (big_l, sumlx, suml2), _ = lax.scan(refine, (l & 0xFF, sumlx, suml2), order)
     scale = jnp.where(suml2 > 0, div(sumlx, jnp.where(suml2 > 0, suml2, F32(1))), F32(0))
-    return jnp.where(zero, F32(0), scale), jnp.moveaxis(jnp.where(zero, 0, big_l), 0, -1)
+    return jnp.where(zero, F32(0), scale).reshape(batch), jnp.where(zero, 0, big_l).T.reshape(*batch, -1)
 
 
 # ---- scale/min byte layouts -------------------------------------------------------------------
@@ -237,8 +246,8 @@ def _quantize(spec: _Spec, x: jax.Array, qw: jax.Array | None) -> dict[str, jax.
         weights = mul(_super_blocks(qw[None], spec.sub), jnp.sqrt(sigma2[..., None, None] + mul(xb, xb)))
         sw = seqsum(weights)
         scales, mins, big_l = make_qkx_quants(xb, weights, spec.nmax, -0.9, 0.05, 36)
-        d_block, ls = make_qp_quants(scales, sw, spec.scale_max)
-        m_block, lm = make_qp_quants(mins, sw, spec.scale_max)
+        # scales and mins through one make_qp_quants call (one graph to compile)
+        (d_block, m_block), (ls, lm) = make_qp_quants(jnp.stack([scales, mins]), jnp.stack([sw, sw]), spec.scale_max)
         if spec.clamp_impl:
             ls, lm = jnp.minimum(63, ls), jnp.minimum(63, lm)
         d, dmin = to_f16(d_block), to_f16(m_block)
