@@ -177,3 +177,23 @@ def test_unsupported_arch():
     object.__setattr__(cfg, "arch", "mamba")
     with pytest.raises(JaxquantError, match="supported: llama, qwen2, qwen3, phi3, gemma2, gemma3"):
         models.forward(None, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), None, cfg)
+
+
+def test_load_errors(tmp_root: str):
+    """A missing or unknown tensor is named before anything is loaded."""
+    from jaxquant.errors import FileFormatError
+
+    _, path = _model("qwen3", tmp_root)
+    source = open_model(path)
+
+    class Edited:
+        def __init__(self, names):
+            self.path, self.tensor_names = path, names
+
+        def load(self, name):
+            raise AssertionError("loaded before checking")
+
+    with pytest.raises(FileFormatError, match=r"lacks tensor\(s\) blk.1.attn_k_norm.weight"):
+        models.load_params(Edited([n for n in source.tensor_names if n != "blk.1.attn_k_norm.weight"]), source.config)
+    with pytest.raises(FileFormatError, match="'blk.0.ffn_up.bias' is not used by the qwen3"):
+        models.load_params(Edited([*source.tensor_names, "blk.0.ffn_up.bias"]), source.config)
