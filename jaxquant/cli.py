@@ -128,6 +128,58 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- perplexity ---------------------------------------------------------------------------------
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", nargs="?", default="default", metavar="MODEL",
+                   help="GGUF file or Hugging Face checkpoint directory (default: the embedded Gemma-3-270M)")
+    quant = p.add_mutually_exclusive_group()
+    quant.add_argument("--isq", metavar="MIX", help="requantize with a llama.cpp mix first (e.g. Q4_0, Q4_K_M)")
+    quant.add_argument("--policy", metavar="YAML", help="requantize with an ISQ policy file first")
+    p.add_argument("--imatrix", metavar="FILE", help="importance matrix for --isq/--policy")
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p)
+    p.add_argument("--file", required=True, metavar="TEXT", help="the text file to evaluate")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512, as llama-perplexity)")
+    p.add_argument("--chunks", type=int, default=None, help="at most this many chunks (default: all)")
+    p.add_argument("--batch", type=int, default=1, help="chunks per device call (default 1)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _load_for_eval(args: argparse.Namespace):
+    from jaxquant.eval.perplexity import load_model
+
+    return load_model(None if args.path == "default" else args.path, args.isq or args.policy, args.imatrix)
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise JaxquantError(f"{path}: cannot read the text file ({e.strerror})") from None
+
+
+@command("perplexity", "perplexity of a text as llama-perplexity computes it", _eval_arguments)
+def perplexity(args: argparse.Namespace) -> int:
+    import json
+
+    from jaxquant.eval.perplexity import perplexity as run
+
+    text = _read_text(args.file)
+    res = run(_load_for_eval(args), text, n_ctx=args.ctx, n_chunks=args.chunks, batch=args.batch,
+              show_progress=None if not args.json else False)
+    if args.json:
+        print(json.dumps(res.as_dict()))
+    else:
+        print(f"{res.n_tokens} tokens, {res.n_chunks} chunks of {res.n_ctx}, {res.count} scored, "
+              f"{res.tokens_per_s:.0f} tokens/s")
+        print(f"Final estimate: PPL = {res.ppl:.4f} +/- {res.error:.5f}")
+    return 0
+
+
 # ---- entry point --------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,2 @@
+"""Measuring quantization error: perplexity and KL-divergence exactly as llama.cpp, per-tensor
+error reports, ablation sweeps."""

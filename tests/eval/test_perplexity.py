@@ -1,0 +1,88 @@
+"""Perplexity vs llama.cpp: the same tokens, chunks and formula on llama.cpp's own logits."""
+
+from __future__ import annotations
+
+import json
+
+import llama_cpp
+import numpy as np
+import pytest
+from english import english_text
+
+import jaxquant
+from jaxquant import cli
+from jaxquant.eval import perplexity as pp
+from jaxquant.errors import JaxquantError
+
+N_CTX = 512
+FAST_CHUNKS = 3
+
+
+def llama_cpp_nll(llm: llama_cpp.Llama, chunks: np.ndarray) -> np.ndarray:
+    """llama-perplexity's per-token NLL (log_softmax in perplexity.cpp: float max, expf, double
+    sum) on llama.cpp's logits for each chunk run from an empty cache."""
+    first = chunks.shape[1] // 2
+    out = []
+    for chunk in chunks:
+        llm.reset()
+        llm.eval(chunk.tolist())
+        logits = np.array(llm.scores[first:chunks.shape[1] - 1], np.float32)
+        m = logits.max(-1)
+        sum_exp = np.exp(logits - m[:, None]).astype(np.float64).sum(-1)
+        tok = chunk[first + 1:]
+        out.append(-((logits[np.arange(len(tok)), tok] - m).astype(np.float64) - np.log(sum_exp)))
+    return np.concatenate(out)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return jaxquant.load()
+
+
+@pytest.fixture(scope="module")
+def llm(model):
+    return llama_cpp.Llama(str(model.path), n_ctx=N_CTX, n_batch=N_CTX, logits_all=True, n_threads=2,
+                           verbose=False)
+
+
+def _compare(model, llm, text: str, n_chunks: int | None) -> pp.PerplexityResult:
+    tokens = pp.tokenize(model, text)
+    assert tokens == llm.tokenize(text.encode(), add_bos=True, special=False)
+    ours = pp.perplexity(model, text, n_ctx=N_CTX, n_chunks=n_chunks, show_progress=False)
+    chunks = pp.make_chunks(tokens, N_CTX, n_chunks, model.tokenizer.bos_id)
+    ppl, err = pp.ppl_and_error(llama_cpp_nll(llm, chunks))
+    print(f"\n{len(tokens)} tokens, {ours.n_chunks} chunks: jaxquant PPL {ours.ppl:.4f} +/- {ours.error:.5f}, "
+          f"llama.cpp {ppl:.4f} +/- {err:.5f} ({ours.ppl / ppl - 1:+.4%}); {ours.tokens_per_s:.0f} tokens/s")
+    assert ours.count == len(chunks) * (N_CTX // 2 - 1)
+    assert abs(ours.ppl / ppl - 1) < 0.005 and abs(ours.error / err - 1) < 0.05
+    return ours
+
+
+def test_perplexity_vs_llama_cpp_fast(model, llm):
+    _compare(model, llm, english_text(2000, seed=1), FAST_CHUNKS)
+
+
+@pytest.mark.slow
+def test_perplexity_vs_llama_cpp_30k_tokens(model, llm):
+    res = _compare(model, llm, english_text(28000), None)
+    assert res.n_tokens >= 30000
+
+
+def test_chunks_and_formula():
+    chunks = pp.make_chunks(list(range(100, 1100)), 8, None, 2)
+    assert chunks.shape == (125, 8) and (chunks[:, 0] == 2).all() and chunks[1, 1] == 109
+    assert (pp.scored_targets(chunks)[0] == [105, 106, 107]).all()
+    assert pp.make_chunks(list(range(100)), 8, 3, None).shape == (3, 8)
+    with pytest.raises(JaxquantError, match="at least 16"):
+        pp.make_chunks(list(range(15)), 8, None, 2)
+    nll = np.array([1.0, 2.0, 3.0])
+    ppl, err = pp.ppl_and_error(nll)
+    assert ppl == pytest.approx(np.exp(2)) and err == pytest.approx(np.sqrt((14 / 3 - 4) / 2) * np.exp(2))
+
+
+def test_cli_json(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text(english_text(300, seed=3))
+    assert cli.main(["perplexity", "default", "--file", str(text), "--ctx", "64", "--chunks", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_chunks"] == 2 and out["count"] == 2 * 31 and out["ppl"] > 1
