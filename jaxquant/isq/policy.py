@@ -20,7 +20,7 @@ import math
 import re
 import sys
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -273,18 +273,19 @@ class Policy:
             d.setdefault("name", path.stem)
         return cls.from_dict(d, str(path))
 
-    def plan(self, source, imatrix: Mapping[str, Any] | None = None, check: bool = True) -> Plan:
-        """Each tensor's format for ``source`` (an opened model), in llama.cpp's order; warns for
-        rules that match nothing. ``check``: fail (before any work) when a format cannot apply to a
-        tensor; off, the plan is a dry run that may name formats jaxquant cannot quantize."""
-        plan = _plan(self, source, imatrix is not None)
+    def plan(self, source, has_imatrix: bool = False, check: bool = True) -> Plan:
+        """Each tensor's format for ``source`` (an opened model), in llama.cpp's order (some mixes
+        change when an imatrix is given); warns for rules that match nothing. ``check``: fail
+        (before any work) when a format cannot apply to a tensor; off, the plan is a dry run that
+        may name formats jaxquant cannot quantize."""
+        plan = _plan(self, source, has_imatrix)
         if check:
             _check(plan)
         return plan
 
-    def explain(self, source, imatrix: Mapping[str, Any] | None = None, file: TextIO | None = None) -> Plan:
+    def explain(self, source, has_imatrix: bool = False, file: TextIO | None = None) -> Plan:
         """Print each tensor's format and what chose it; returns the plan."""
-        plan = self.plan(source, imatrix)
+        plan = self.plan(source, has_imatrix)
         print(plan.explain(), file=file or sys.stdout)
         return plan
 
