@@ -104,6 +104,8 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--isq", metavar="MIX", help="quantize at load: a llama.cpp mix (Q4_K_M, ...) or a policy YAML")
+    p.add_argument("--imatrix", metavar="FILE", help="importance matrix for --isq")
 
 
 @command("generate", "continue a prompt (or answer it with --chat), streaming the text", _generate_arguments)
@@ -116,7 +118,7 @@ def generate(args: argparse.Namespace) -> int:
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p)  # bad values fail before loading
     if not args.prompt:
         raise JaxquantError("the prompt is empty")
-    model = jaxquant.load(None if args.path == "default" else args.path)
+    model = jaxquant.load(None if args.path == "default" else args.path, isq=args.isq, imatrix=args.imatrix)
     start, first = time.perf_counter(), None
     for (text,) in stream(model, [args.prompt], max_tokens=args.max_tokens, sampling=sampling, seed=args.seed,
                           chat=args.chat):
@@ -177,6 +179,56 @@ def perplexity(args: argparse.Namespace) -> int:
         print(f"{res.n_tokens} tokens, {res.n_chunks} chunks of {res.n_ctx}, {res.count} scored, "
               f"{res.tokens_per_s:.0f} tokens/s")
         print(f"Final estimate: PPL = {res.ppl:.4f} +/- {res.error:.5f}")
+    return 0
+
+
+# ---- quantize -----------------------------------------------------------------------------------
+
+def _quantize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="GGUF file (any type: quantized tensors are dequantized first), "
+                                              "Hugging Face checkpoint directory or jaxquant checkpoint")
+    p.add_argument("dst", metavar="DST", help="a .gguf file, or an orbax checkpoint directory")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--type", metavar="MIX", help="a llama.cpp mix: " + ", ".join(_presets()))
+    how.add_argument("--policy", metavar="YAML", help="an ISQ policy file (or a name in configs/policies)")
+    p.add_argument("--pure", action="store_true", help="every tensor the mix's default type (llama-quantize --pure)")
+    p.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama-imatrix or jaxquant imatrix file)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (each tensor's format and why) and stop")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _presets() -> list[str]:
+    from jaxquant.isq import PRESETS
+
+    return list(PRESETS)
+
+
+@command("quantize", "quantize a model by a llama.cpp mix or a policy, into GGUF or an orbax checkpoint",
+         _quantize_arguments)
+def quantize(args: argparse.Namespace) -> int:
+    import time
+
+    from jaxquant.io import open_model
+    from jaxquant.isq import load_policy
+    from jaxquant.isq.apply import imatrix_metadata, save_quantized_checkpoint, write_quantized_gguf
+    from jaxquant.isq.imatrix import read_imatrix
+
+    policy = load_policy(args.type or args.policy, pure=args.pure)  # bad names fail before opening anything
+    imatrix = read_imatrix(args.imatrix) if args.imatrix else None
+    source = open_model(args.src)
+    if args.dry_run:
+        policy.explain(source, has_imatrix=imatrix is not None)
+        return 0
+    progress = False if args.no_progress else None
+    start = time.perf_counter()
+    if args.dst.endswith(".gguf"):
+        extra = imatrix_metadata(imatrix, args.imatrix) if imatrix is not None else None
+        plan = write_quantized_gguf(source, policy, args.dst, imatrix, progress, metadata=extra)
+    else:
+        plan = save_quantized_checkpoint(source, policy, args.dst, imatrix, progress)
+    nbytes = sum(c.nbytes for c in plan.choices)
+    print(f"{args.dst}: {len(plan.choices)} tensors, {nbytes / 2**20:.2f} MiB, "
+          f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -50,15 +51,24 @@ class Model:
     path: Path | None = None
 
 
-def load(path: str | os.PathLike | None = None, *, dtype=jnp.float32) -> Model:
+def load(path: str | os.PathLike | None = None, *, dtype=jnp.float32, isq=None, imatrix=None) -> Model:
     """Load a GGUF file or a Hugging Face checkpoint directory (None: the embedded Gemma-3-270M).
 
     Quantized tensors stay packed QTensors in their file format; plain matrices become ``dtype``.
+    ``isq``: quantize at load by a policy (a ``jaxquant.isq.Policy``, a llama.cpp mix such as
+    ``"Q4_K_M"`` or a policy YAML), one tensor at a time, with ``imatrix`` (a file or ``Imatrix``).
     A Gemma model without a chat template gets Gemma's official one.
     """
     source = open_model(DEFAULT_MODEL if path is None else path)
     cfg, tokenizer = source.config, source.tokenizer
-    params = models.load_params(source, cfg, dtype)
+    loading = contextlib.nullcontext()
+    if isq is not None:
+        from jaxquant.isq.apply import progress, quantized_source
+
+        source = quantized_source(source, isq, imatrix)
+        loading = progress(source)
+    with loading:
+        params = models.load_params(source, cfg, dtype)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATES.get(cfg.arch)
     return Model(params, cfg, tokenizer, jnp.dtype(dtype), Path(source.path))

@@ -35,13 +35,16 @@ def default_model_path() -> Path:
 
 
 def open_model(path: str | os.PathLike = DEFAULT_MODEL) -> GGUFSource | HFSource:
-    """Open a GGUF file or a Hugging Face checkpoint directory (``"default"``: the embedded
-    Gemma-3-270M). Metadata and tensor infos are read at once, tensor data on ``load(name)``."""
+    """Open a GGUF file, a Hugging Face checkpoint directory or a jaxquant (orbax) checkpoint
+    (``"default"``: the embedded Gemma-3-270M). Metadata and tensor infos are read at once, tensor
+    data on ``load(name)`` (a checkpoint is restored whole)."""
     if str(path) == DEFAULT_MODEL and not Path(path).exists():
         path = default_model_path()
     path = Path(path)
     if path.is_dir():
-        return HFSource(path)
+        from jaxquant.io.checkpoint import CheckpointSource, is_checkpoint
+
+        return CheckpointSource(path) if is_checkpoint(path) else HFSource(path)
     if path.is_file() and path.name.endswith(".safetensors"):
         return HFSource(path.parent)
     if not path.exists():

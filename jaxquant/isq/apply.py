@@ -59,15 +59,18 @@ class QuantizedSource:
 
     @property
     def metadata(self) -> dict[str, Any]:
-        """The source's metadata with llama.cpp's quantization keys (removed, then appended last,
-        as llama_model_quantize does)."""
+        """A GGUF source's metadata with llama.cpp's quantization keys (removed, then appended last,
+        as llama_model_quantize does); other sources' metadata as it is."""
+        if not hasattr(self.source, "value_types"):
+            return self.source.metadata
         meta = {k: v for k, v in self.source.metadata.items()
                 if k not in ("general.quantization_version", "general.file_type")}
         return {**meta, "general.quantization_version": GGML_QNT_VERSION, "general.file_type": self.plan.policy.ftype}
 
     @property
     def value_types(self) -> dict[str, tuple[GGUFValueType, ...]]:
-        types = dict(getattr(self.source, "value_types", {}))
+        """The GGUF value type of each metadata key (GGUF sources only)."""
+        types = dict(self.source.value_types)
         types.update({"general.quantization_version": (GGUFValueType.UINT32,),
                       "general.file_type": (GGUFValueType.UINT32,)})
         return types
@@ -172,7 +175,7 @@ def write_quantized_gguf(source, policy: Policy | str, path: str | os.PathLike, 
     keys appended last (the imatrix provenance llama-quantize adds)."""
     from jaxquant.io import write_gguf
 
-    if not hasattr(source, "value_types"):
+    if not hasattr(source, "value_types"):  # a GGUF (or checkpoint of one) carries its metadata
         raise PolicyError(f"{source.path}: writing GGUF needs a GGUF source (its metadata holds the tokenizer and "
                           "hyperparameters); convert a HF checkpoint with llama.cpp's convert_hf_to_gguf.py, or save "
                           "an orbax checkpoint instead")
@@ -180,6 +183,20 @@ def write_quantized_gguf(source, policy: Policy | str, path: str | os.PathLike, 
     with progress(qs, show_progress):
         write_gguf(path, {**qs.metadata, **(metadata or {})}, {n: qs.deferred(n) for n in qs.tensor_names},
                    value_types=qs.value_types)
+    return qs.plan
+
+
+def save_quantized_checkpoint(source, policy: Policy | str, path: str | os.PathLike, imatrix: Any = None,
+                              show_progress: bool | None = None) -> Plan:
+    """Quantize ``source`` into an orbax checkpoint directory (``jaxquant.io.checkpoint``): the
+    packed tensors, the model's metadata and the plan's types."""
+    from jaxquant.io.checkpoint import model_record, save_checkpoint
+
+    qs = quantized_source(source, policy, imatrix)
+    with progress(qs, show_progress):
+        tensors = {name: qs.load(name) for name in qs.tensor_names}
+    p = qs.plan.policy
+    save_checkpoint(path, tensors, model_record(qs), extra={"policy": p.name or p.default_type, "ftype": p.ftype})
     return qs.plan
 
 
@@ -194,5 +211,5 @@ def imatrix_metadata(imatrix, file: str | Path) -> dict[str, Any]:
     return meta
 
 
-__all__ = ["QuantizedSource", "quantized_source", "quantize_model", "write_quantized_gguf", "progress",
-           "imatrix_metadata"]
+__all__ = ["QuantizedSource", "quantized_source", "quantize_model", "write_quantized_gguf", "save_quantized_checkpoint",
+           "progress", "imatrix_metadata"]
