@@ -182,6 +182,40 @@ def perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- kld ----------------------------------------------------------------------------------------
+
+def _kld_arguments(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p)
+    p.add_argument("--base", required=True, metavar="FILE",
+                   help="the base log-probabilities (llama.cpp's --kl-divergence-base format): written with "
+                        "--file, compared against without")
+    p.add_argument("--file", metavar="TEXT", help="write MODEL's log-probabilities of this text to --base")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk when writing (default 512)")
+    p.add_argument("--chunks", type=int, default=None, help="at most this many chunks (default: all)")
+    p.add_argument("--batch", type=int, default=1, help="chunks per device call (default 1)")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+
+
+@command("kld", "KL-divergence against a base model's saved log-probabilities, as llama-perplexity "
+         "--kl-divergence", _kld_arguments)
+def kld(args: argparse.Namespace) -> int:
+    import json
+
+    from jaxquant.eval import kld as K
+
+    quiet = False if args.json else None
+    if args.file is not None:
+        text = _read_text(args.file)
+        ppl = K.save_base(_load_for_eval(args), args.base, text, n_ctx=args.ctx, n_chunks=args.chunks,
+                          batch=args.batch, show_progress=quiet)
+        print(json.dumps({"base": args.base, "ppl": ppl}) if args.json else f"{args.base}: written; PPL {ppl:.4f}")
+        return 0
+    res = K.kl_divergence(_load_for_eval(args), args.base, n_chunks=args.chunks, batch=args.batch,
+                          show_progress=quiet)
+    print(json.dumps(res.stats) if args.json else K.format_report(res.stats))
+    return 0
+
+
 # ---- quantize -----------------------------------------------------------------------------------
 
 def _quantize_arguments(p: argparse.ArgumentParser) -> None:
