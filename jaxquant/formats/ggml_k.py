@@ -53,7 +53,9 @@ def make_qkx_quants(x: jax.Array, weights: jax.Array, nmax: int, rmin: float, rd
     """
     batch = x.shape[:-1]
     x, w = _group_major(x), _group_major(weights)
-    mn0 = jnp.minimum(jnp.min(x, axis=0), F32(0))
+    # C keeps the first of equal minima (the sign of a zero min reaches Q4_1's stored m), then min(., +0)
+    first_min = jnp.take_along_axis(x, jnp.argmin(x, axis=0)[None], axis=0)[0]
+    mn0 = jnp.where(first_min > 0, F32(0), first_min)
     mx = jnp.max(x, axis=0)
     flat = mx <= mn0  # all equal (after min is clamped to <= 0): L = 0, scale 0
     sum_w = seqsum(w, 0)
