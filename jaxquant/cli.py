@@ -266,6 +266,25 @@ def quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- error --------------------------------------------------------------------------------------
+
+def _error_arguments(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p)
+    p.add_argument("--top", type=int, default=None, help="show only the N worst tensors")
+
+
+@command("error", "per-tensor quantization error of --isq/--policy (relative RMSE, imatrix-weighted, bpw), "
+         "worst first", _error_arguments)
+def error(args: argparse.Namespace) -> int:
+    from jaxquant.eval.error import format_errors, tensor_errors
+    from jaxquant.io import open_model
+
+    if not (args.isq or args.policy):
+        raise JaxquantError("give the quantization to measure: --isq MIX or --policy YAML")
+    print(format_errors(tensor_errors(open_model(args.path), args.isq or args.policy, args.imatrix), args.top))
+    return 0
+
+
 # ---- entry point --------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
