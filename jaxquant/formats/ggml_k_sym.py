@@ -22,8 +22,8 @@ GROUP_MAX_EPS = F32(1e-15)
 
 # Super-blocks per loop step: the sequential sweeps then work on ~1 MiB arrays that stay in
 # cache (over a whole 4M-float chunk at once they run several times slower).
-STEP_SUPER_BLOCKS = 1024
-REFINE_BATCH = 2048  # sub-blocks per step of make_q3_quants' refinement
+STEP_SUPER_BLOCKS = 512
+REFINE_BATCH = 1024  # sub-blocks per step of make_q3_quants' refinement
 
 
 def _sub_blocks(x: jax.Array) -> jax.Array:
