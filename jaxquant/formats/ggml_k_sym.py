@@ -7,6 +7,8 @@ super-block scale ``d``. Without importance weights the quantizers are ``quantiz
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -20,8 +22,8 @@ SUB = 16  # values per sub-block; also sub-blocks per super-block
 GROUP_MAX_EPS = F32(1e-15)
 
 
-# Super-blocks per loop step: the sequential sweeps then work on ~1 MiB arrays that stay in
-# cache (over a whole 4M-float chunk at once they run several times slower).
+# Super-blocks per loop step (512 KiB of floats): the scale searches and sweeps then work on
+# arrays that stay in cache; over a whole 4M-float chunk at once they run several times slower.
 STEP_SUPER_BLOCKS = 512
 REFINE_BATCH = 1024  # sub-blocks per step of make_q3_quants' refinement
 
@@ -31,7 +33,8 @@ def _sub_blocks(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], -1, SUB, SUB)
 
 
-def _by_super_blocks(fn, x: jax.Array, qw: jax.Array | None) -> tuple[jax.Array, ...]:
+def _by_super_blocks(fn: Callable[[jax.Array, jax.Array | None], tuple[jax.Array, ...]], x: jax.Array,
+                     qw: jax.Array | None) -> tuple[jax.Array, ...]:
     """Run ``fn(x [S, 256], weights [S, 256] | None) -> arrays [S, 1, ...]`` over all super-blocks of
     ``x`` [R, K] in steps of S; returns the arrays shaped (R, K/256, ...)."""
     r, k = x.shape
