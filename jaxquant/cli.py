@@ -285,6 +285,25 @@ def error(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- sweep --------------------------------------------------------------------------------------
+
+def _sweep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="a sweep YAML (configs/sweeps/*.yaml)")
+    p.add_argument("--out", help="output directory (default: the config's 'out')")
+
+
+@command("sweep", "run a grid of ISQ policies: PPL, KLD, size, speed; CSV, markdown table and plot; resumes",
+         _sweep_arguments)
+def sweep(args: argparse.Namespace) -> int:
+    from jaxquant.eval.sweep import compile_count, read_config, run_sweep
+
+    cfg = read_config(args.config, args.out)
+    rows = run_sweep(cfg)
+    print(f"{len(rows)} variants, {compile_count()} compilations in this run; results in {cfg.out}/results.md, "
+          "results.csv, plot.png")
+    return 0
+
+
 # ---- entry point --------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:

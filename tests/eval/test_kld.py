@@ -9,7 +9,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from english import english_text
+from jaxquant.eval.synthetic import english_text
 
 import jaxquant
 from jaxquant import cli

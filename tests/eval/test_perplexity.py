@@ -7,7 +7,7 @@ import json
 import llama_cpp
 import numpy as np
 import pytest
-from english import english_text
+from jaxquant.eval.synthetic import english_text
 
 import jaxquant
 from jaxquant import cli

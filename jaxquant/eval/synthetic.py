@@ -1,4 +1,4 @@
-"""A deterministic, varied English-like text for perplexity tests (no download, no corpus)."""
+"""A deterministic, varied English-like text for perplexity tests, sweeps and notebooks (no download)."""
 
 from __future__ import annotations
 
