@@ -43,9 +43,7 @@ def test_bytes_equal_gguf_py_quantize(name):
 
 
 @pytest.mark.oracle
-@pytest.mark.parametrize("name,with_imatrix", [
-    ("Q4_1", False), ("Q5_1", False), pytest.param("Q4_1", True, marks=pytest.mark.xfail(strict=True, reason=(
-        "ggml_k.make_qkx_quants clamps jnp.min(x) with jnp.minimum, not C's first of equal minima")))])
+@pytest.mark.parametrize("name,with_imatrix", [("Q4_1", False), ("Q5_1", False), ("Q4_1", True)])
 def test_sign_of_a_zero_min(name, with_imatrix):
     """m is the first of equal minima: +0.0 before -0.0 gives m = +0, -0.0 before +0.0 gives -0."""
     x = np.random.default_rng(4).standard_normal((ROWS, 96)).astype(np.float32)  # shapes compiled above
