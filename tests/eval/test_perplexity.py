@@ -68,6 +68,23 @@ def test_perplexity_vs_llama_cpp_30k_tokens(model, llm):
     assert res.n_tokens >= 30000
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mix", ["Q8_0", "Q4_0"])
+def test_perplexity_vs_llama_cpp_requantized_by_llama_cpp(model, mix, tmp_path):
+    """Two other quantizations of the model, made by llama-quantize from the shipped file."""
+    import ctypes
+
+    from jaxquant.isq.mixes import FTYPES
+
+    path = str(tmp_path / f"{mix}.gguf")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread, params.allow_requantize = FTYPES[mix][0], 2, True
+    assert llama_cpp.llama_model_quantize(str(model.path).encode(), path.encode(), ctypes.byref(params)) == 0
+    other = jaxquant.load(path)
+    llm = llama_cpp.Llama(path, n_ctx=N_CTX, n_batch=N_CTX, logits_all=True, n_threads=2, verbose=False)
+    _compare(other, llm, english_text(28000), 8)
+
+
 def test_chunks_and_formula():
     chunks = pp.make_chunks(list(range(100, 1100)), 8, None, 2)
     assert chunks.shape == (125, 8) and (chunks[:, 0] == 2).all() and chunks[1, 1] == 109
