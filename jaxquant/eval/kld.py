@@ -200,7 +200,8 @@ def kld_statistics(tok: dict[str, np.ndarray]) -> dict[str, float]:
     same = float(np.count_nonzero(tok["same_top"])) / count
     kv, pv = np.sort(np.asarray(tok["kld"], np.float32).ravel()), np.sort(p_diff32)
     out: dict[str, float] = {
-        "count": count, "ppl": ppl, "ppl_error": ppl * ln_q[1], "ppl_base": ppl_base, "ppl_base_error": ppl_base * ln_b[1],
+        "count": count, "ppl": ppl, "ppl_error": ppl * ln_q[1], "ppl_base": ppl_base,
+        "ppl_base_error": ppl_base * ln_b[1],
         "ln_ppl_correlation": cov / (ln_q[1] * ln_b[1]) if ln_q[1] and ln_b[1] else math.nan,
         "mean_ln_ppl_ratio": ratio, "mean_ln_ppl_ratio_error": ratio_unc,
         "ppl_ratio": math.exp(ratio), "ppl_ratio_error": math.exp(ratio) * ratio_unc,
