@@ -153,3 +153,52 @@ def test_cli_and_bad_file(model, tmp_path, capsys):
     (tmp_path / "bad").write_bytes(b"nope")
     with pytest.raises(FileFormatError, match="_logits_"):
         K.read_base(tmp_path / "bad")
+
+
+@pytest.mark.slow
+def test_q4_0_vs_float_matches_llama_cpp(model, tmp_path):
+    """Acceptance: a Q4_0 requantization (llama-quantize's from the float file; jaxquant's ISQ)
+    against the float model: mean KLD within 10% and same-top-p within 1 point of llama.cpp's."""
+    import ctypes
+
+    import llama_cpp
+
+    from jaxquant.eval import perplexity as pp
+    from jaxquant.io import open_model
+    from jaxquant.isq.apply import write_quantized_gguf
+    from jaxquant.isq.mixes import FTYPES
+    from jaxquant.isq.policy import Policy
+
+    n_ctx, n_chunks = 512, 4
+    f32, q4 = str(tmp_path / "f32.gguf"), str(tmp_path / "q4_0.gguf")
+    write_quantized_gguf(open_model(model.path), Policy(default="F32"), f32, show_progress=False)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = FTYPES["Q4_0"][0], 2
+    assert llama_cpp.llama_model_quantize(f32.encode(), q4.encode(), ctypes.byref(params)) == 0
+
+    text = english_text(3000, seed=7)
+    base_model = jaxquant.load(f32)
+    K.save_base(base_model, tmp_path / "base.kld", text, n_ctx=n_ctx, n_chunks=n_chunks, show_progress=False)
+    ours = K.kl_divergence(pp.load_model(f32, "Q4_0"), tmp_path / "base.kld", show_progress=False).stats
+
+    chunks = pp.make_chunks(pp.tokenize(base_model, text), n_ctx, n_chunks, base_model.tokenizer.bos_id)
+    first, per_token = n_ctx // 2, []
+    logits = {}
+    for path in (f32, q4):
+        llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=2, verbose=False)
+        logits[path] = []
+        for chunk in chunks:
+            llm.reset()
+            llm.eval(chunk.tolist())
+            logits[path].append(np.array(llm.scores[first:n_ctx - 1], np.float32))
+        del llm
+    for c, chunk in enumerate(chunks):
+        for i in range(n_ctx - 1 - first):
+            tok = chunk[first + 1 + i]
+            row, _ = ref_base_row(logits[f32][c][i], tok)
+            per_token.append(ref_token(logits[q4][c][i], row, tok))
+    ref = ref_report(per_token)
+    print(f"\nQ4_0 vs F32: mean KLD jaxquant {ours['kld_mean']:.5f}, llama.cpp {ref['kld_mean']:.5f}; same top p "
+          f"{ours['same_top_p']:.2%} vs {ref['same_top_p']:.2%}; PPL ratio {ours['ppl_ratio']:.4f} vs {ref['ppl_ratio']:.4f}")
+    assert abs(ours["kld_mean"] / ref["kld_mean"] - 1) < 0.10
+    assert abs(ours["same_top_p"] - ref["same_top_p"]) < 0.01
