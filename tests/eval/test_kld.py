@@ -199,6 +199,7 @@ def test_q4_0_vs_float_matches_llama_cpp(model, tmp_path):
             per_token.append(ref_token(logits[q4][c][i], row, tok))
     ref = ref_report(per_token)
     print(f"\nQ4_0 vs F32: mean KLD jaxquant {ours['kld_mean']:.5f}, llama.cpp {ref['kld_mean']:.5f}; same top p "
-          f"{ours['same_top_p']:.2%} vs {ref['same_top_p']:.2%}; PPL ratio {ours['ppl_ratio']:.4f} vs {ref['ppl_ratio']:.4f}")
+          f"{ours['same_top_p']:.2%} vs {ref['same_top_p']:.2%}; PPL ratio {ours['ppl_ratio']:.4f} vs "
+          f"{ref['ppl_ratio']:.4f}")
     assert abs(ours["kld_mean"] / ref["kld_mean"] - 1) < 0.10
     assert abs(ours["same_top_p"] - ref["same_top_p"]) < 0.01
