@@ -5,6 +5,12 @@ with small integer scale ``sc`` and min ``m`` quantized against the super-block'
 Without importance weights the quantizers are ``quantize_row_q*_K_ref`` (``make_qkx2_quants`` per
 sub-block, max-based scale quantization); with them ``quantize_row_q*_K_impl`` (``make_qkx3_quants``,
 then ``make_qp_quants`` for the scales and mins). Both re-derive the quants from the rounded d/dmin.
+
+Bytes equal llama.cpp's except where the C's arithmetic goes subnormal, which XLA's CPU flushes to
+zero: sub-blocks whose values all lie below about 1e-10 in magnitude (their sums of products do;
+there d*sc and dmin*m round to 0 in both, so they dequantize to the same zeros and only meaningless
+bits differ), and Q2_K super-blocks spanning more than about 2e38 (the C's 3/(max-min) is
+subnormal; llama.cpp itself stores an inf or NaN d or dmin there).
 """
 
 from __future__ import annotations
@@ -301,10 +307,13 @@ Q2 = _Spec(sub=16, nmax=3, ref_search=(-0.5, 0.1, 15), scale_bits=4, clamp_impl=
 
 
 def _dequant(d, dmin, sc, m, q):
-    """``d*sc * q - dmin*m`` per sub-block as gguf-py computes it: q [..., S, n] -> f32 [..., S*n]."""
-    dl = mul(d.astype(F32)[..., None], sc.astype(F32))[..., None]
-    ml = mul(dmin.astype(F32)[..., None], m.astype(F32))[..., None]
-    return (mul(dl, q.astype(F32)) - ml).reshape(*q.shape[:-2], -1)
+    """``d*sc * q - dmin*m`` per sub-block as gguf-py computes it: q [..., S, n] -> f32 [..., S*n].
+
+    f16 d times a 6-bit sc times a 5-bit q needs at most 22 bits: every product is exact, so an
+    FMA rounds alike, and plain multiplies keep NaN payloads as numpy does (mul() would not)."""
+    dl = (d.astype(F32)[..., None] * sc.astype(F32))[..., None]
+    ml = (dmin.astype(F32)[..., None] * m.astype(F32))[..., None]
+    return (dl * q.astype(F32) - ml).reshape(*q.shape[:-2], -1)
 
 
 def _q2_k_dequantize(a: dict[str, jax.Array]) -> jax.Array:
