@@ -59,8 +59,10 @@ def make_qkx_quants(x: jax.Array, weights: jax.Array, nmax: int, rmin: float, rd
     """
     batch = x.shape[:-1]
     x, w = _group_major(x), _group_major(weights)
-    # C keeps the first of equal minima (the sign of a zero min reaches Q4_1's stored m), then min(., +0)
-    first_min = jnp.take_along_axis(x, jnp.argmin(x, axis=0)[None], axis=0)[0]
+    # C's running minimum keeps the first of equal values (the sign of a zero min reaches Q4_1's m)
+    first_min = x[0]
+    for xi in x[1:]:
+        first_min = jnp.where(xi < first_min, xi, first_min)
     mn0 = jnp.where(first_min > 0, F32(0), first_min)
     mx = jnp.max(x, axis=0)
     flat = mx <= mn0  # all equal (after min is clamped to <= 0): L = 0, scale 0
