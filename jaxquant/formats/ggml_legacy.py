@@ -68,7 +68,8 @@ def make_qx_quants(x: jax.Array, nmax: int, rmse_type: int, qw: jax.Array | None
 
     def sums(iscale):
         lf = quants(iscale).astype(F32)
-        return seqsum(mul(wx, lf)), seqsum(mul(mul(qw, lf), lf))
+        # the barrier keeps XLA from recomputing the 32-term sums inside each consumer's fusion
+        return lax.optimization_barrier((seqsum(mul(wx, lf)), seqsum(mul(mul(qw, lf), lf))))
 
     sumlx, suml2 = sums(iscale)
     scale = jnp.where(suml2 != 0, sumlx / jnp.where(suml2 != 0, suml2, 1), F32(0))
