@@ -128,6 +128,7 @@ def unpack_nibbles(qs: jax.Array) -> jax.Array:
 
 
 def _unpack5(qh: jax.Array, qs: jax.Array) -> jax.Array:
+    """Nibbles plus the 5th bits from ``qh`` -> 32 quants in [0, 32)."""
     high = (qh[..., :, None] >> jnp.arange(8, dtype=jnp.uint8)) & 1
     return unpack_nibbles(qs) | (high.reshape(*qh.shape[:-1], QK).astype(jnp.int32) << 4)
 
@@ -142,9 +143,15 @@ def _q4_0_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
     return {"d": to_f16(d), "qs": pack_nibbles(q)}
 
 
+def _dequantize(q: jax.Array, a: dict[str, jax.Array]) -> jax.Array:
+    """``q*d`` (``+ m`` where the block has one). An f16 d times |q| <= 128 is exact in f32, so an
+    FMA rounds alike, and a plain multiply keeps a NaN d's payload as C does (mul() would not)."""
+    y = q.astype(F32) * a["d"].astype(F32)[..., None]
+    return _rows(y + a["m"].astype(F32)[..., None] if "m" in a else y)
+
+
 def _q4_0_dequantize(a: dict[str, jax.Array]) -> jax.Array:
-    # x0*d is the result (no add follows), so a plain multiply keeps the hardware's NaN bits
-    return _rows((unpack_nibbles(a["qs"]) - 8).astype(F32) * a["d"].astype(F32)[..., None])
+    return _dequantize(unpack_nibbles(a["qs"]) - 8, a)
 
 
 def _q4_1_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
@@ -152,14 +159,8 @@ def _q4_1_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
     return {"d": to_f16(d), "m": to_f16(m), "qs": pack_nibbles(q)}
 
 
-def _affine_dequantize(q: jax.Array, a: dict[str, jax.Array]) -> jax.Array:
-    """``x0*d + m``. An f16 d times q < 32 is exact in f32, so an FMA rounds alike, and a plain
-    multiply keeps a NaN d's payload as C does (mul() would pin it to the default NaN)."""
-    return _rows(q.astype(F32) * a["d"].astype(F32)[..., None] + a["m"].astype(F32)[..., None])
-
-
 def _q4_1_dequantize(a: dict[str, jax.Array]) -> jax.Array:
-    return _affine_dequantize(unpack_nibbles(a["qs"]), a)
+    return _dequantize(unpack_nibbles(a["qs"]), a)
 
 
 def _q5_0_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
@@ -168,7 +169,7 @@ def _q5_0_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
 
 
 def _q5_0_dequantize(a: dict[str, jax.Array]) -> jax.Array:
-    return _rows((_unpack5(a["qh"], a["qs"]) - 16).astype(F32) * a["d"].astype(F32)[..., None])
+    return _dequantize(_unpack5(a["qh"], a["qs"]) - 16, a)
 
 
 def _q5_1_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
@@ -177,7 +178,7 @@ def _q5_1_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
 
 
 def _q5_1_dequantize(a: dict[str, jax.Array]) -> jax.Array:
-    return _affine_dequantize(_unpack5(a["qh"], a["qs"]), a)
+    return _dequantize(_unpack5(a["qh"], a["qs"]), a)
 
 
 def _q8_0_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
@@ -188,7 +189,7 @@ def _q8_0_quantize(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
 
 
 def _q8_0_dequantize(a: dict[str, jax.Array]) -> jax.Array:
-    return _rows(a["qs"].astype(F32) * a["d"].astype(F32)[..., None])
+    return _dequantize(a["qs"], a)
 
 
 def _half(name: str) -> Field:
