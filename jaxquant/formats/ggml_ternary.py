@@ -1,6 +1,6 @@
 """llama.cpp ternary formats: TQ1_0 and TQ2_0 (256-element blocks, values d * {-1, 0, 1}).
 
-``d`` is the block's absmax and each weight becomes the trit ``lroundf(x/d) + 1``. TQ1_0 packs
+``d`` is the block's absmax and each weight becomes the trit ``lroundf(x * (1/d)) + 1``. TQ1_0 packs
 five trits per byte as a fixed-point base-3 fraction (240 weights) plus four per byte for the
 last 16; TQ2_0 stores two bits per trit. llama.cpp's quantize_tq{1,2}_0 ignore importance weights.
 """
