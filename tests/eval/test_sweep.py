@@ -53,7 +53,7 @@ def test_ci_sweep_and_resume(tmp_path, capsys):
     assert cli.main(["sweep", str(CI_CONFIG), "--out", str(tmp_path)]) == 0
     first = capsys.readouterr().out
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
-    assert len(rows) >= 8 and all(float(r["kld_mean"]) >= 0 for r in rows)
+    assert len(rows) >= 8 and all(float(r["kld_mean"]) > -1e-6 for r in rows)  # 16-bit base: ~0 for itself
     assert float(rows[0]["kld_mean"]) < 1e-4  # the stored model against itself
     assert (tmp_path / "plot.png").exists() and "Pareto" in (tmp_path / "results.md").read_text()
     print(first)
