@@ -33,10 +33,9 @@ GROUP_MAX_EPS = F32(1e-15)
 CPU_SLICE_ELEMENTS = 1 << 18
 
 
-def _step_factors(rmin: float, rdelta: float, nsteps: int, nmax: int) -> np.ndarray:
-    """C's ``rmin + rdelta*is + nmax`` for each step, in f32 (numpy never fuses the multiply-add)."""
-    steps = np.asarray(nsteps, np.float32) if np.ndim(nsteps) else np.arange(nsteps + 1, dtype=np.float32)
-    return np.float32(rmin) + np.float32(rdelta) * steps + np.float32(nmax)
+def _step_factors(rmin: float, rdelta: float, steps, nmax: int) -> jax.Array:
+    """C's ``rmin + rdelta*is + nmax`` for each ``is`` in ``steps``, in f32 (numpy never fuses it to an FMA)."""
+    return jnp.asarray(np.float32(rmin) + np.float32(rdelta) * np.asarray(steps, np.float32) + np.float32(nmax))
 
 
 def _group_major(x: jax.Array) -> jax.Array:
@@ -102,7 +101,7 @@ def make_qkx_quants(x: jax.Array, weights: jax.Array, nmax: int, rmin: float, rd
         return (pick(cur, best), pick(this_scale, scale), pick(this_min, mn), pick(iscale, l_iscale),
                 pick(mn, l_min)), None
 
-    factors = jnp.asarray(_step_factors(rmin, rdelta, nstep, nmax))
+    factors = _step_factors(rmin, rdelta, range(nstep + 1), nmax)
     (_, scale, mn, l_iscale, l_min), _ = lax.scan(step, (best, scale, mn0, iscale, mn0), factors)
     scale = jnp.where(flat, F32(0), scale)
     l = jnp.where(flat, 0, quants(l_iscale, l_min).astype(jnp.int32))
@@ -135,7 +134,7 @@ def make_qp_quants(x: jax.Array, quant_weights: jax.Array, nmax: int) -> tuple[j
         take = cur < best
         return (jnp.where(take, cur, best), jnp.where(take, iscale_is, iscale)), None
 
-    factors = jnp.asarray(_step_factors(0, 0.1, [i for i in range(-4, 5) if i], nmax))
+    factors = _step_factors(0, 0.1, [i for i in range(-4, 5) if i], nmax)
     (_, iscale), _ = lax.scan(trial, (best, iscale), factors)
 
     l = jnp.minimum(nmax, nearest_int(mul(iscale, x)))
@@ -198,6 +197,8 @@ class _Spec:
     nmax: int  # largest quant
     ref_search: tuple[float, float, int]  # (rmin, rdelta, nstep) of make_qkx2_quants in *_ref
     scale_bits: int  # 4 (Q2_K) or 6 bits per sub-block scale/min
+    ref_mad: bool  # Q2_K's *_ref: weights |x| and absolute errors (else sqrt(mean x^2) + |x|, squares)
+    sigma2_factor: float  # *_impl: sigma2 = factor * sum(x^2) / 256
     clamp_impl: bool  # the _impl variant clamps make_qp_quants' uint8 results to 63 (Q5_K only)
     pack: Callable[[jax.Array], dict[str, jax.Array]]  # quants [..., 256] -> qs (and qh) fields
 
@@ -211,7 +212,7 @@ def _super_blocks(x: jax.Array, sub: int) -> jax.Array:
     return x.reshape(x.shape[0], -1, QK_K // sub, sub)
 
 
-def _ref_scales(spec: _Spec, scales: jax.Array, mins: jax.Array):
+def _ref_scales(spec: _Spec, scales: jax.Array, mins: jax.Array) -> tuple[jax.Array, ...]:
     """``*_ref``: sub-block scales/mins quantized against the super-block maxima -> (d, dmin, ls, lm)."""
     q = F32(spec.scale_max)
 
@@ -242,17 +243,16 @@ def _quantize(spec: _Spec, x: jax.Array, qw: jax.Array | None) -> dict[str, jax.
     """The shared body of quantize_row_q{2,4,5}_K_ref / _impl: [R, K] -> block fields."""
     xb = _super_blocks(x, spec.sub)
     if qw is None:
-        if spec.sub == 16:  # Q2_K: weights |x|, mean absolute error
-            weights, use_mad = jnp.abs(xb), True
+        if spec.ref_mad:
+            weights = jnp.abs(xb)
         else:
-            av_x = jnp.sqrt(div(seqsum(mul(xb, xb)), F32(spec.sub)))
-            weights, use_mad = av_x[..., None] + jnp.abs(xb), False
-        scales, mins, big_l = make_qkx_quants(xb, weights, spec.nmax, *spec.ref_search, use_mad)
+            weights = jnp.sqrt(div(seqsum(mul(xb, xb)), F32(spec.sub)))[..., None] + jnp.abs(xb)
+        scales, mins, big_l = make_qkx_quants(xb, weights, spec.nmax, *spec.ref_search, spec.ref_mad)
         d, dmin, ls, lm = _ref_scales(spec, scales, mins)
     else:
         xs = x.reshape(x.shape[0], -1, QK_K)
         sum_x2 = seqsum(mul(xs, xs))
-        sigma2 = div(sum_x2 if spec.sub == 16 else F32(2) * sum_x2, F32(QK_K))
+        sigma2 = div(F32(spec.sigma2_factor) * sum_x2, F32(QK_K))
         weights = mul(_super_blocks(qw[None], spec.sub), jnp.sqrt(sigma2[..., None, None] + mul(xb, xb)))
         sw = seqsum(weights)
         scales, mins, big_l = make_qkx_quants(xb, weights, spec.nmax, -0.9, 0.05, 36)
@@ -305,7 +305,8 @@ def _pack_q2(q: jax.Array) -> dict[str, jax.Array]:
     return {"qs": _shifted_or(q.reshape(*q.shape[:-1], 2, 4, 32), 2).reshape(*q.shape[:-1], 64)}
 
 
-Q2 = _Spec(sub=16, nmax=3, ref_search=(-0.5, 0.1, 15), scale_bits=4, clamp_impl=False, pack=_pack_q2)
+Q2 = _Spec(sub=16, nmax=3, ref_search=(-0.5, 0.1, 15), scale_bits=4, ref_mad=True, sigma2_factor=1,
+           clamp_impl=False, pack=_pack_q2)
 
 
 def _dequant(d, dmin, sc, m, q):
@@ -337,8 +338,10 @@ def _pack_q5(q: jax.Array) -> dict[str, jax.Array]:
     return {**_pack_q4(q & 0xF), "qh": _shifted_or((q >> 4).reshape(*q.shape[:-1], 8, 32), 1)}
 
 
-Q4 = _Spec(sub=32, nmax=15, ref_search=(-1.0, 0.1, 20), scale_bits=6, clamp_impl=False, pack=_pack_q4)
-Q5 = _Spec(sub=32, nmax=31, ref_search=(-0.5, 0.1, 15), scale_bits=6, clamp_impl=True, pack=_pack_q5)
+Q4 = _Spec(sub=32, nmax=15, ref_search=(-1.0, 0.1, 20), scale_bits=6, ref_mad=False, sigma2_factor=2,
+           clamp_impl=False, pack=_pack_q4)
+Q5 = _Spec(sub=32, nmax=31, ref_search=(-0.5, 0.1, 15), scale_bits=6, ref_mad=False, sigma2_factor=2,
+           clamp_impl=True, pack=_pack_q5)
 
 
 def _k4_dequantize(a: dict[str, jax.Array], q: jax.Array) -> jax.Array:
