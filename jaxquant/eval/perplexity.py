@@ -24,27 +24,17 @@ import numpy as np
 from jaxquant import models
 from jaxquant.config import ModelConfig
 from jaxquant.errors import JaxquantError
-from jaxquant.model import FALLBACK_CHAT_TEMPLATES, Model
+from jaxquant.model import Model
 
 DEFAULT_CTX = 512
 
 
 def load_model(path: str | os.PathLike | None = None, policy=None, imatrix=None, dtype=jnp.float32) -> Model:
-    """``jaxquant.load``, optionally through ISQ: ``policy`` (a Policy, a mix name such as
-    ``"Q4_0"`` or a YAML file) requantizes every tensor as planned, one tensor at a time."""
+    """``jaxquant.load`` with ``policy`` (a Policy, a mix name such as ``"Q4_0"`` or a YAML file;
+    None: the model as stored) applied at load, one tensor at a time."""
     import jaxquant
-    from jaxquant.io import DEFAULT_MODEL, open_model
-    from jaxquant.isq.apply import progress, quantized_source
 
-    if policy is None:
-        return jaxquant.load(path, dtype=dtype)
-    source = quantized_source(open_model(DEFAULT_MODEL if path is None else path), policy, imatrix)
-    with progress(source):
-        params = models.load_params(source, source.config, dtype)
-    tokenizer = source.tokenizer
-    if tokenizer.chat_template is None:  # the same fix-up as jaxquant.load
-        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATES.get(source.config.arch)
-    return Model(params, source.config, tokenizer, jnp.dtype(dtype), source.path)
+    return jaxquant.load(path, dtype=dtype, isq=policy, imatrix=imatrix)
 
 
 def tokenize(model: Model, text: str) -> list[int]:
