@@ -147,7 +147,9 @@ def _dequantize(q: jax.Array, a: dict[str, jax.Array]) -> jax.Array:
     """``q*d`` (``+ m`` where the block has one). An f16 d times |q| <= 128 is exact in f32, so an
     FMA rounds alike, and a plain multiply keeps a NaN d's payload as C does (mul() would not)."""
     y = q.astype(F32) * a["d"].astype(F32)[..., None]
-    return _rows(y + a["m"].astype(F32)[..., None] if "m" in a else y)
+    if "m" in a:  # C's x0*d + m returns the product's NaN when both are NaN; XLA may pick m's
+        y = jnp.where(y != y, y, y + a["m"].astype(F32)[..., None])
+    return _rows(y)
 
 
 def _q4_0_dequantize(a: dict[str, jax.Array]) -> jax.Array:

@@ -63,6 +63,9 @@ def test_dequantize_equals_gguf_py(name):
     x = edge_matrix(512, fmt.block_size, seed=7)
     raw = llama_oracle.quantize(x, name, imatrix(512, seed=8))
     random = np.random.default_rng(9).integers(0, 256, raw.shape, dtype=np.uint8)  # NaN and inf scales too
+    # f16 pairs at each block's start (d and m where there is an m): NaN payloads meet in x0*d + m
+    pairs = np.array([[0x7E01, 0xFE02], [0x7C00, 0x7E03], [0xFE04, 0xFC00], [0x7C00, 0xFC00]], np.uint16)
+    random.reshape(ROWS, -1, fmt.type_size)[:4, 0, :4] = pairs.view(np.uint8)
     for data in (raw, random):
         ours = np.asarray(_dequantize(fmt.from_bytes(data, (ROWS, 512))))
         with np.errstate(all="ignore"):  # 0 * inf scales in the random blocks: NaN in C too
