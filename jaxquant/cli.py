@@ -266,6 +266,31 @@ def quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- imatrix ------------------------------------------------------------------------------------
+
+def _imatrix_arguments(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p)
+    p.add_argument("--file", required=True, metavar="TEXT", help="the calibration text")
+    p.add_argument("-o", "--output", default="imatrix.gguf", metavar="FILE", help="where to write (imatrix.gguf)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512, as llama-imatrix)")
+    p.add_argument("--chunks", type=int, default=None, help="at most this many chunks (default: all)")
+    p.add_argument("--batch", type=int, default=1, help="chunks per device call (default 1)")
+
+
+@command("imatrix", "importance matrix of a text, as llama-imatrix collects it (GGUF imatrix file)",
+         _imatrix_arguments)
+def imatrix(args: argparse.Namespace) -> int:
+    from jaxquant.isq.imatrix import collect_imatrix, write_imatrix
+
+    text = _read_text(args.file)
+    im = collect_imatrix(_load_for_eval(args), text, n_ctx=args.ctx, n_chunks=args.chunks, batch=args.batch,
+                         dataset=args.file)
+    write_imatrix(im, args.output)
+    print(f"{args.output}: {len(im.entries)} matrices, {im.chunk_count} chunks of {im.chunk_size} tokens",
+          file=sys.stderr)
+    return 0
+
+
 # ---- error --------------------------------------------------------------------------------------
 
 def _error_arguments(p: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,8 @@ from jaxquant.qtensor import QTensor
 
 BACKENDS = ("auto", "xla", "pallas", "interpret")
 _backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("qdot_backend", default=None)
+_taps: contextvars.ContextVar[tuple[Callable[[jax.Array, object], None], ...]] = contextvars.ContextVar(
+    "qdot_taps", default=())
 
 
 @contextlib.contextmanager
@@ -35,6 +37,18 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _backend.reset(token)
+
+
+@contextlib.contextmanager
+def tap(fn: Callable[[jax.Array, object], None]) -> Iterator[None]:
+    """Call ``fn(x, w)`` with the input and the weight of every ``qdot`` inside the block. Under
+    ``jax.jit`` it runs while tracing: ``fn`` sees tracers and may keep values derived from them
+    for the traced function to return (how ``jaxquant.isq.imatrix`` collects activations)."""
+    token = _taps.set((*_taps.get(), fn))
+    try:
+        yield
+    finally:
+        _taps.reset(token)
 
 
 def _check(name: str) -> str:
@@ -62,6 +76,8 @@ def qdot(x: jax.Array, w, *, backend: str | None = None) -> jax.Array:
     if len(shape) != 2 or x.shape[-1] != shape[1]:
         raise JaxquantError(f"qdot: x of shape {tuple(x.shape)} cannot multiply a weight of shape {shape} "
                             "(expected x [..., K] and w [N, K])")
+    for fn in _taps.get():
+        fn(x, w)
     out_dtype = jnp.result_type(x.dtype, w.dtype)
     x2 = x.reshape(-1, shape[1])
     name = resolve_backend(backend)

@@ -8,11 +8,14 @@ importance (sum / count), which the formats' quantizers take as ``weights``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import struct
 from collections.abc import Mapping
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.errors import FileFormatError
@@ -131,6 +134,21 @@ def _read_legacy(path: Path) -> Imatrix:
     return im
 
 
+def _writer_class():
+    import gguf
+
+    class Writer(gguf.GGUFWriter):
+        """gguf-py's writer, which also writes empty arrays (llama-imatrix writes an empty dataset
+        list when it read no text file)."""
+
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            if vtype == gguf.GGUFValueType.ARRAY and len(val) == 0:
+                return (self._pack("I", vtype) if add_vtype else b"") + self._pack("I", sub_type) + self._pack("Q", 0)
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+    return Writer
+
+
 def write_imatrix(im: Imatrix, path: str | os.PathLike) -> None:
     """llama-imatrix's GGUF layout (IMatrixCollector::save_imatrix): ``general.type`` 'imatrix',
     the datasets, chunk count and size, then ``<name>.in_sum2`` [n_mat, K] and ``<name>.counts``
@@ -142,7 +160,7 @@ def write_imatrix(im: Imatrix, path: str | os.PathLike) -> None:
         raise FileFormatError("a legacy imatrix holds normalized sums, not llama-imatrix's raw ones; it cannot be "
                               "written as GGUF")
     tmp = path.with_name(path.name + ".tmp")
-    w = gguf.GGUFWriter(tmp, arch="")
+    w = _writer_class()(tmp, arch="")
     w.kv_data[0].clear()  # no general.architecture: llama-imatrix writes none
     w.add_string("general.type", "imatrix")
     w.add_key_value("imatrix.datasets", list(im.datasets), gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)
@@ -150,8 +168,9 @@ def write_imatrix(im: Imatrix, path: str | os.PathLike) -> None:
     w.add_uint32("imatrix.chunk_size", im.chunk_size)
     for name in im.entries:
         sums, counts = np.asarray(im.sums[name], np.float32), np.asarray(im.counts[name], np.float32)
-        w.add_tensor(name + IN_SUM2, sums.reshape(counts.size, -1))
-        w.add_tensor(name + COUNTS, counts.reshape(counts.size, 1))
+        lead = (counts.size,) if counts.size > 1 else ()  # ggml drops trailing dimensions of 1
+        w.add_tensor(name + IN_SUM2, sums.reshape(*lead, -1))
+        w.add_tensor(name + COUNTS, counts.reshape(*lead, 1))
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -178,3 +197,69 @@ def as_weights(imatrix: Imatrix | Mapping[str, np.ndarray] | str | os.PathLike |
             raise FileFormatError(f"imatrix entry {name!r} holds a non-finite value; llama.cpp refuses such files")
         out[name] = w
     return out
+
+
+# ---- collecting ---------------------------------------------------------------------------------
+
+def _matrix_names(params) -> dict[int, str]:
+    """id of each block weight matrix -> its GGUF name; llama-imatrix collects the inputs of these
+    (``blk.*`` matmuls), not of the output projection."""
+    names = {}
+    for i, layer in enumerate(params.layers):
+        for field in dataclasses.fields(layer):
+            w = getattr(layer, field.name)
+            if w is not None and getattr(w, "ndim", 0) == 2 and not field.name.endswith("_bias"):
+                names[id(w)] = f"blk.{i}.{field.name}.weight"
+    return names
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _chunk_stats(params, chunks: jax.Array, cfg) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """Run chunks [B, n_ctx] from an empty cache; per block matrix: (sum over the B * n_ctx tokens
+    of each input column squared [K], tokens seen). The weights are recognized by identity while
+    tracing, through the qdot tap."""
+    from jaxquant import models, ops
+
+    names, stats = _matrix_names(params), {}
+
+    def record(x: jax.Array, w) -> None:
+        name = names.get(id(w))
+        if name is not None:
+            x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+            s, n = jnp.sum(x2 * x2, axis=0), x2.shape[0]
+            old = stats.get(name)
+            stats[name] = (s, jnp.float32(n)) if old is None else (old[0] + s, old[1] + n)
+
+    b, n_ctx = chunks.shape
+    positions = jnp.broadcast_to(jnp.arange(n_ctx, dtype=jnp.int32), (b, n_ctx))
+    with ops.tap(record):
+        models.hidden_states(params, chunks, positions, models.init_cache(cfg, b, n_ctx), cfg)
+    return stats
+
+
+def collect_imatrix(model, text: str, n_ctx: int = 512, n_chunks: int | None = None, batch: int = 1,
+                    dataset: str = "", show_progress: bool | None = None) -> Imatrix:
+    """llama-imatrix on ``model`` (a ``jaxquant.Model``): the text tokenized as llama.cpp does,
+    cut into ``n_chunks`` chunks of ``n_ctx`` tokens (BOS first where the vocabulary adds it),
+    each run from an empty cache; per block matrix the sum of squared inputs per column and the
+    token count. ``batch`` chunks run per device call."""
+    from tqdm.auto import tqdm
+
+    from jaxquant.eval.perplexity import make_chunks, tokenize
+
+    tok = model.tokenizer
+    chunks = make_chunks(tokenize(model, text), n_ctx, n_chunks, tok.bos_id if tok.add_bos else None)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, np.float32] = {}
+    with tqdm(total=len(chunks), unit="chunk", desc="imatrix",
+              disable=None if show_progress is None else not show_progress) as bar:
+        for start in range(0, len(chunks), batch):  # a shorter last batch compiles once more
+            part = chunks[start:start + batch]
+            for name, (s, n) in _chunk_stats(model.params, jnp.asarray(part), model.cfg).items():
+                # accumulated in float32 from call to call, as llama.cpp accumulates
+                sums[name] = sums.get(name, np.float32(0)) + np.asarray(s, np.float32)
+                counts[name] = counts.get(name, np.float32(0)) + np.float32(n)
+            bar.update(len(part))
+    return Imatrix({k: v[None, :] for k, v in sorted(sums.items())},
+                   {k: np.array([v], np.float32) for k, v in sorted(counts.items())},
+                   [dataset] if dataset else [], len(chunks), n_ctx)
