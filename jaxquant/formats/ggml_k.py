@@ -313,10 +313,13 @@ def _dequant(d, dmin, sc, m, q):
     """``d*sc * q - dmin*m`` per sub-block as gguf-py computes it: q [..., S, n] -> f32 [..., S*n].
 
     f16 d times a 6-bit sc times a 5-bit q needs at most 22 bits: every product is exact, so an
-    FMA rounds alike, and plain multiplies keep NaN payloads as numpy does (mul() would not)."""
+    FMA rounds alike, and plain multiplies keep NaN payloads as numpy does (mul() would not).
+    A NaN operand of the subtraction is returned as x86 returns it (first operand first, sign kept);
+    XLA may compute it as an FMA or as an addition of the negated min."""
     dl = (d.astype(F32)[..., None] * sc.astype(F32))[..., None]
     ml = (dmin.astype(F32)[..., None] * m.astype(F32))[..., None]
-    return (dl * q.astype(F32) - ml).reshape(*q.shape[:-2], -1)
+    y = dl * q.astype(F32)
+    return jnp.where(y != y, y, jnp.where(ml != ml, ml, y - ml)).reshape(*q.shape[:-2], -1)
 
 
 def _q2_k_dequantize(a: dict[str, jax.Array]) -> jax.Array:

@@ -85,6 +85,11 @@ def test_dequantize_equals_gguf_py(name):
     x = k_matrix(4 * QK_K, 40, SUB[name], seed=7)
     raw = llama_oracle.quantize(x, name, imatrix(4 * QK_K, seed=8))
     random = np.random.default_rng(9).integers(0, 256, raw.shape, dtype=np.uint8)  # NaN and inf scales too
+    # f16 (d, dmin) pairs that meet in d*sc*q - dmin*m: two NaN payloads, NaN and inf, inf - inf
+    pairs = np.array([[0x7E01, 0xFE02], [0x7C00, 0x7E03], [0xFE04, 0xFC00], [0x7C00, 0x7C00], [0xFC00, 0x7C00]],
+                     np.uint16)
+    at = fmt.type_size - 4 if name == "Q2_K" else 0
+    random.reshape(-1, fmt.type_size)[:len(pairs), at:at + 4] = pairs.view(np.uint8)
     for data in (raw, random):
         ours = np.asarray(_dequantize(fmt.from_bytes(data, x.shape)))
         assert np.array_equal(ours.view(np.uint32), _dequantize_gguf(data, name).view(np.uint32))
