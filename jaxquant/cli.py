@@ -231,6 +231,19 @@ def _quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _persistent_compilation_cache() -> None:
+    """Keep XLA's compiled quantizers in ``$JAXQUANT_CACHE/xla`` across runs (compiling them is most
+    of a small model's quantization time), unless JAX is told otherwise."""
+    import os
+    from pathlib import Path
+
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        cache = Path(os.environ.get("JAXQUANT_CACHE", Path.home() / ".cache" / "jaxquant")) / "xla"
+        jax.config.update("jax_compilation_cache_dir", str(cache))
+
+
 def _presets() -> list[str]:
     from jaxquant.isq import PRESETS
 
@@ -254,6 +267,7 @@ def quantize(args: argparse.Namespace) -> int:
         policy.explain(source, has_imatrix=imatrix is not None)
         return 0
     progress = False if args.no_progress else None
+    _persistent_compilation_cache()
     start = time.perf_counter()
     if args.dst.endswith(".gguf"):
         extra = imatrix_metadata(imatrix, args.imatrix) if imatrix is not None else None

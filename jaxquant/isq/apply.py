@@ -47,6 +47,9 @@ class QuantizedSource:
                               f"the quantization runs {'with' if imatrix is not None else 'without'} one")
         self.path = getattr(source, "path", None)
         self.on_load = None  # called with (index, choice) after each tensor; the progress bar hooks here
+        # The per-tensor quantizer (x, format, weights, name) -> tensor: row chunks by default;
+        # benchmarks/isq.py --whole swaps in one jitted call per tensor.
+        self.quantize = _quantize
         self._index = {c.name: i for i, c in enumerate(plan.choices)}
 
     @property
@@ -93,7 +96,7 @@ class QuantizedSource:
         if c.requantize:
             if isinstance(x, QTensor):
                 x = x.dequantize(jnp.float32)  # bit-exact with ggml's to_float
-            x = _quantize(x, c.format, self._weights_for(name, c.shape), name)
+            x = self.quantize(x, c.format, self._weights_for(name, c.shape), name)
         if self.on_load is not None:
             self.on_load(self._index[name], c)
         return x
