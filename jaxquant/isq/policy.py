@@ -16,6 +16,7 @@ that do not divide into blocks, and checks every choice before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import sys
@@ -314,14 +315,13 @@ def load_policy(spec: str | Path | Policy, pure: bool = False) -> Policy:
     """A Policy from itself, a mix name ('Q4_K_M'), a YAML file, or the name of one in
     ``configs/policies`` ('dynamic-gate')."""
     if isinstance(spec, Policy):
-        return spec
+        return dataclasses.replace(spec, pure=True) if pure else spec
     text = str(spec)
     if text.upper() in mixes.FTYPES:
         return preset(text, pure)
     for path in (Path(text), POLICY_DIR / text, POLICY_DIR / f"{text}.yaml"):
         if path.is_file():
-            policy = Policy.from_yaml(path)
-            return dataclasses.replace(policy, pure=True) if pure else policy
+            return load_policy(Policy.from_yaml(path), pure)
     named = sorted(p.stem for p in POLICY_DIR.glob("*.yaml")) if POLICY_DIR.is_dir() else []
     raise PolicyError(f"unknown policy {text!r}: not a mix ({', '.join(mixes.PRESETS)}), a YAML file, or a "
                       f"policy in {POLICY_DIR} ({', '.join(named) or 'none'})")
@@ -363,7 +363,7 @@ class Plan:
     def __getitem__(self, name: str) -> Choice:
         return self._by_name[name]
 
-    @property
+    @functools.cached_property
     def _by_name(self) -> dict[str, Choice]:
         return {c.name: c for c in self.choices}
 
