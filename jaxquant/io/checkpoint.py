@@ -32,8 +32,11 @@ HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_t
 def _manager(path: Path, read_only: bool = False):
     import orbax.checkpoint as ocp
 
-    return ocp.CheckpointManager(path.absolute(), options=ocp.CheckpointManagerOptions(
-        max_to_keep=1, create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only))
+    if read_only:
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    else:  # one step kept: the previous one is deleted once the new one is complete
+        options = ocp.CheckpointManagerOptions(max_to_keep=1, cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(path.absolute(), options=options)
 
 
 def _spec(name: str, x: Tensor) -> dict[str, Any]:

@@ -18,11 +18,11 @@ import torch
 import transformers
 
 import jaxquant
-from jaxquant.errors import FileFormatError
+from jaxquant.errors import FileFormatError, PolicyError
 from jaxquant.io import open_model
 from jaxquant.io.checkpoint import CheckpointSource, model_record, restore_checkpoint, save_checkpoint
 from jaxquant.isq import Policy, Rule
-from jaxquant.isq.apply import quantize_model, save_quantized_checkpoint
+from jaxquant.isq.apply import quantize_model, save_quantized_checkpoint, write_quantized_gguf
 from jaxquant.qtensor import QTensor
 
 SMALL = dict(vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -115,3 +115,16 @@ def test_a_killed_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     assert save_checkpoint(path, second) == 1  # the next save goes through and replaces the old step
     back, _ = restore_checkpoint(path)
     assert back.keys() == {"c"} and _same(back["c"], second["c"])
+
+
+def test_cli_writes_an_orbax_checkpoint(hf_model, tmp_path):
+    from jaxquant.cli import main as cli
+
+    path = tmp_path / "ck"
+    assert cli(["quantize", hf_model, str(path), "--type", "Q8_0", "--no-progress"]) == 0
+    src = open_model(path)
+    assert isinstance(src, CheckpointSource)
+    assert {src.info(n).type for n in src.tensor_names} == {"Q8_0", "BF16"}  # the norms stay as stored
+    assert src._meta["extra"] == {"policy": "Q8_0", "ftype": 7}
+    with pytest.raises(PolicyError, match="writing GGUF needs a GGUF source"):
+        write_quantized_gguf(open_model(hf_model), "Q8_0", tmp_path / "x.gguf")

@@ -211,3 +211,19 @@ def test_yaml_errors_name_the_file(tmp_path):
     policy = load_policy(good)
     assert policy.name == "good" and policy.mix == "Q5_K_M" and policy.rules[0].format == "Q8_0"
     assert load_policy(good, pure=True).pure
+
+
+def test_cli_dry_run_and_errors(gemma_path, tmp_path, capsys):
+    from jaxquant.cli import main as cli
+
+    out = tmp_path / "x.gguf"
+    assert cli(["quantize", gemma_path, str(out), "--type", "q4_k_s", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("policy Q4_K_S: llama.cpp mix Q4_K_S") and not out.exists()
+    assert re.search(r"blk\.0\.ffn_down\.weight +\[640, 2048\] +Q6_K +-> Q5_K +Q4_K_S: ffn_down 0/18: first eighth",
+                     text)
+    assert cli(["quantize", gemma_path, str(out), "--type", "Q4_K_Z"]) == 1
+    assert "unknown policy 'Q4_K_Z': not a mix (Q2_K, " in capsys.readouterr().err
+    assert cli(["quantize", gemma_path, str(out), "--policy", "dynamic-gate", "--pure"]) == 1
+    assert "'pure' applies to a mix only" in capsys.readouterr().err
+    assert not out.exists()
