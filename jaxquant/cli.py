@@ -125,7 +125,7 @@ def generate(args: argparse.Namespace) -> int:
         first = first or time.perf_counter()
         print(text, end="", flush=True)
     print()
-    print(f"[{time.perf_counter() - start:.1f} s, first chunk after {first - start:.1f} s (compiles)]",
+    print(f"[{time.perf_counter() - start:.1f} s, first token after {first - start:.1f} s (compiles)]",
           file=sys.stderr)
     return 0
 

@@ -2,10 +2,14 @@
 
 A batch of prompts of different lengths is right-padded; each token sits at its own position
 (padding at -1), so every row decodes on from its own length. The loop state (KV cache, the
-tokens generated so far, per-row counters) is allocated once at full size and donated from call
-to call. One call prefills the prompts and runs the decode loop (``lax.while_loop``) until every
-row has stopped or a step limit is reached; streaming is that limit raised ``chunk`` tokens at a
-time, with the new text printed between calls.
+tokens generated so far, per-row counters) is allocated once at full size and donated to the one
+device call that prefills the prompts and runs the decode loop (``lax.while_loop``) until every
+row has stopped.
+
+Streaming stays inside that call: each step hands its tokens to the host through
+``jax.debug.callback``. Calling the loop once per chunk of tokens instead would cost, on CPU, a
+dequantization of every weight per call: XLA hoists the loop-invariant dequantization out of
+the while loop, so a call pays it once (benchmarks/RESULTS.md, "Decode (CPU)").
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import functools
+import itertools
 import math
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -26,7 +33,6 @@ from jaxquant.errors import JaxquantError
 from jaxquant.model import Model
 
 DEFAULT_MAX_TOKENS = 256
-STREAM_CHUNK = 16  # tokens per device call when streaming (see benchmarks/RESULTS.md, "Decode (CPU)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,17 +131,31 @@ def _init_state(cfg: ModelConfig, batch: int, max_len: int, max_new: int, dtype)
                   jnp.zeros(batch, jnp.int32), jnp.zeros(batch, bool), jnp.zeros((), jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "spec"), donate_argnames=("state",))
+# Streaming: the loop hands every step's tokens to the host through a callback, to the queue of
+# its generation's channel (a traced id, so one compiled program serves every generation).
+_CHANNELS: dict[int, queue.SimpleQueue] = {}
+_channel_ids = itertools.count()
+
+
+def _emit(channel: np.ndarray, token: np.ndarray, live: np.ndarray) -> None:
+    events = _CHANNELS.get(int(channel))
+    if events is not None:  # None: the consumer has stopped listening; the loop runs to its end
+        events.put((np.asarray(token), np.asarray(live)))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "spec", "stream"), donate_argnames=("state",))
 def _run(params: models.Params, state: _State, prompts: jax.Array, lengths: jax.Array, limits: jax.Array,
-         stop_ids: jax.Array, key: jax.Array, values: jax.Array, until: jax.Array, *, cfg: ModelConfig,
-         spec: tuple[bool, int, bool, bool]) -> _State:
-    """Prefill (on the first call) and decode until every row is done or ``until`` model calls
-    have run. prompts [B, T] right-padded, lengths [B], limits [B] (most new tokens per row)."""
+         stop_ids: jax.Array, key: jax.Array, values: jax.Array, channel: jax.Array, *, cfg: ModelConfig,
+         spec: tuple[bool, int, bool, bool], stream: bool) -> _State:
+    """Prefill, then decode until every row is done. prompts [B, T] right-padded, lengths [B],
+    limits [B] (most new tokens per row). With ``stream`` each step's tokens go to ``_emit``."""
     rows = jnp.arange(prompts.shape[0])
 
     def record(state: _State, cache: models.KVCache, logits: jax.Array) -> _State:
         token = _sample(logits, jax.random.fold_in(key, state.step), values, spec)
         live = ~state.done
+        if stream:
+            jax.debug.callback(_emit, channel, token, live, ordered=True)
         slot = jnp.where(live, state.count, state.tokens.shape[1])  # finished rows write nothing
         tokens = state.tokens.at[rows, slot].set(token, mode="drop")
         count = state.count + live
@@ -155,8 +175,7 @@ def _run(params: models.Params, state: _State, prompts: jax.Array, lengths: jax.
         x, cache = models.hidden_states(params, token[:, None], position[:, None], state.cache, cfg)
         return record(state, cache, models.logits(params, x[:, 0], cfg))
 
-    state = jax.lax.cond(state.step == 0, prefill, lambda s: s, state)
-    return jax.lax.while_loop(lambda s: (s.step < until) & ~jnp.all(s.done), decode, state)
+    return jax.lax.while_loop(lambda s: ~jnp.all(s.done), decode, prefill(state))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,62 +218,75 @@ def _stop_ids(model: Model, stop: Sequence[int]) -> np.ndarray:
     return out
 
 
-def stream_tokens(model: Model, prompts: Sequence[Sequence[int]], *, max_tokens: int = DEFAULT_MAX_TOKENS,
-                  sampling: Sampling = Sampling(), seed: int = 0, stop: Sequence[int] = (),
-                  chunk: int | None = None) -> Iterator[list[list[int]]]:
-    """Generate from a batch of token-id prompts, yielding each row's new tokens after every device
-    call of up to ``chunk`` tokens (None: one call for the whole generation).
-
-    A row stops after ``max_tokens`` tokens, at the end of the context, or on an end-of-generation
-    token (the config's EOS, the tokenizer's end-of-turn tokens, ``stop``), which is not yielded.
-    """
+def _prepare(model: Model, prompts: Sequence[Sequence[int]], max_tokens: int, sampling: Sampling, seed: int,
+             stop: Sequence[int], channel: int | None) -> tuple[functools.partial, np.ndarray]:
+    """Check the input and allocate the state: the device loop ready to run, and the stop ids."""
     prompts = _check_prompts(model, prompts, max_tokens)
     stop_ids = _stop_ids(model, stop)
+    if not isinstance(sampling, Sampling):
+        raise JaxquantError(f"sampling must be a jaxquant.Sampling, not {type(sampling).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise JaxquantError(f"seed={seed!r} must be an integer")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise JaxquantError(f"chunk={chunk!r} must be an integer >= 1 or None")
     lengths = np.array([len(p) for p in prompts], np.int32)
     max_len = _bucket(int(lengths.max()) + max_tokens)
     if model.cfg.context_length:
         max_len = min(max_len, model.cfg.context_length)
-    width = min(_bucket(int(lengths.max())), max_len)
-    padded = np.zeros((len(prompts), width), np.int32)
+    padded = np.zeros((len(prompts), min(_bucket(int(lengths.max())), max_len)), np.int32)
     for row, p in zip(padded, prompts):
         row[:len(p)] = p
     limits = np.minimum(max_tokens, max_len - lengths)
     state = _init_state(model.cfg, len(prompts), max_len, _bucket(max_tokens), model.dtype)
-    key = jax.random.key(seed)
-    seen = np.zeros(len(prompts), np.int64)
-    step = 0
-    while True:
-        step = min(step + (chunk or max_tokens), max_tokens)
-        state = _run(model.params, state, padded, lengths, limits, stop_ids, key, sampling.values,
-                     np.int32(step), cfg=model.cfg, spec=sampling.spec)
-        tokens, count, done = jax.device_get((state.tokens, state.count, state.done))
-        new = []
-        for r in range(len(prompts)):
-            row = tokens[r, seen[r]:count[r]].tolist()
-            if done[r] and row and row[-1] in stop_ids:
-                row.pop()
-            new.append(row)
-        seen = count.astype(np.int64)
-        yield new
-        if done.all() or step >= max_tokens:
-            return
+    run = functools.partial(_run, model.params, state, padded, lengths, limits, stop_ids, jax.random.key(seed),
+                            sampling.values, np.int32(-1 if channel is None else channel), cfg=model.cfg,
+                            spec=sampling.spec, stream=channel is not None)
+    return run, stop_ids
 
 
 def generate_tokens(model: Model, prompts: Sequence[Sequence[int]], *, max_tokens: int = DEFAULT_MAX_TOKENS,
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                     seed: int = 0, stop: Sequence[int] = ()) -> list[list[int]]:
-    """The new token ids of each prompt (a batch of token-id lists), in one device call; see
-    ``Sampling`` for the sampling parameters and ``stream_tokens`` for when a row stops."""
+    """The new token ids of each prompt (a batch of token-id lists), in one device call.
+
+    A row stops after ``max_tokens`` tokens, at the end of the context, or on an end-of-generation
+    token (the config's EOS, the tokenizer's end-of-turn tokens, ``stop``), which is left out. See
+    ``Sampling`` for the sampling parameters.
+    """
     sampling = Sampling(temperature, top_k, top_p, min_p)
-    out: list[list[int]] = [[] for _ in prompts]
-    for new in stream_tokens(model, prompts, max_tokens=max_tokens, sampling=sampling, seed=seed, stop=stop):
-        for row, tokens in zip(out, new):
-            row.extend(tokens)
-    return out
+    run, stop_ids = _prepare(model, prompts, max_tokens, sampling, seed, stop, channel=None)
+    state = run()
+    tokens, count = jax.device_get((state.tokens, state.count))
+    return [[int(t) for t in row[:n] if t not in stop_ids] for row, n in zip(tokens, count)]
+
+
+def stream_tokens(model: Model, prompts: Sequence[Sequence[int]], *, max_tokens: int = DEFAULT_MAX_TOKENS,
+                  sampling: Sampling = Sampling(), seed: int = 0, stop: Sequence[int] = ()
+                  ) -> Iterator[list[list[int]]]:
+    """``generate_tokens`` that yields as the device loop runs: after every step, each row's new
+    token ([token], or [] for a row that has stopped). Still one device call: the loop hands each
+    step's tokens to the host through a callback."""
+    channel = next(_channel_ids)
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    _CHANNELS[channel] = events
+    try:
+        run, stop_ids = _prepare(model, prompts, max_tokens, sampling, seed, stop, channel)
+        # The device loop runs in another thread (a call may block until it is done) while this one
+        # yields; a sentinel marks its end, or its error.
+        threading.Thread(target=_run_to_end, args=(run, events), daemon=True).start()
+        while (event := events.get()) is not None:
+            if isinstance(event, BaseException):
+                raise event
+            token, live = event
+            yield [[int(t)] if alive and t not in stop_ids else [] for t, alive in zip(token, live)]
+    finally:
+        del _CHANNELS[channel]
+
+
+def _run_to_end(run: functools.partial, events: queue.SimpleQueue) -> None:
+    try:
+        jax.block_until_ready(run())
+        events.put(None)
+    except BaseException as e:  # handed to the consumer, which raises it
+        events.put(e)
 
 
 def encode_prompts(model: Model, prompts: Sequence[str], chat: bool = False) -> list[list[int]]:
@@ -275,17 +307,20 @@ def encode_prompts(model: Model, prompts: Sequence[str], chat: bool = False) -> 
     return out
 
 
+def _pieces(model: Model, tokens: Sequence[int]) -> bytes:
+    """The bytes of generated tokens as llama.cpp streams them (special tokens render as nothing)."""
+    return b"".join(model.tokenizer.token_to_piece(t, special=False) for t in tokens)
+
+
 def stream(model: Model, prompts: Sequence[str], *, max_tokens: int = DEFAULT_MAX_TOKENS,
-           sampling: Sampling = Sampling(), seed: int = 0, stop: Sequence[int] = (), chat: bool = False,
-           chunk: int | None = STREAM_CHUNK) -> Iterator[list[str]]:
-    """Like ``stream_tokens`` for text prompts: yields each row's new text (special tokens left
-    out; a UTF-8 character split across tokens comes out whole)."""
+           sampling: Sampling = Sampling(), seed: int = 0, stop: Sequence[int] = (), chat: bool = False
+           ) -> Iterator[list[str]]:
+    """``stream_tokens`` for text prompts: yields each row's new text after every step (a UTF-8
+    character split across tokens comes out whole, with its last token)."""
     ids = encode_prompts(model, prompts, chat)
     decoders = [codecs.getincrementaldecoder("utf-8")("replace") for _ in ids]
-    piece = model.tokenizer.token_to_piece
-    for new in stream_tokens(model, ids, max_tokens=max_tokens, sampling=sampling, seed=seed, stop=stop,
-                             chunk=chunk):
-        yield [d.decode(b"".join(piece(t, special=False) for t in tokens)) for d, tokens in zip(decoders, new)]
+    for new in stream_tokens(model, ids, max_tokens=max_tokens, sampling=sampling, seed=seed, stop=stop):
+        yield [d.decode(_pieces(model, tokens)) for d, tokens in zip(decoders, new)]
     if any(tail := [d.decode(b"", final=True) for d in decoders]):  # a character cut off at the end
         yield tail
 
@@ -296,8 +331,7 @@ def generate(model: Model, prompts: str | Sequence[str], *, max_tokens: int = DE
     """The generated text of each prompt (one string or a list), all rows in one batch and one
     device call. ``chat`` wraps each prompt as a user message in the model's chat template;
     ``stop`` adds stop token ids to the model's end-of-generation tokens; see ``Sampling``."""
-    prompts = [prompts] if isinstance(prompts, str) else prompts
-    sampling = Sampling(temperature, top_k, top_p, min_p)
-    parts = list(stream(model, prompts, max_tokens=max_tokens, sampling=sampling, seed=seed, stop=stop, chat=chat,
-                        chunk=None))
-    return ["".join(row) for row in zip(*parts)]
+    ids = encode_prompts(model, [prompts] if isinstance(prompts, str) else prompts, chat)
+    out = generate_tokens(model, ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          min_p=min_p, seed=seed, stop=stop)
+    return [_pieces(model, tokens).decode("utf-8", "replace") for tokens in out]

@@ -89,10 +89,10 @@ def test_stop_ids_end_a_row_which_then_stops_changing(tiny):
     for row, ref in zip(out, free):
         assert row == (ref[:ref.index(stop)] if stop in ref else ref)
     assert out[1] == free[1][:first]
-    # Streamed in chunks of 2, the stopped row yields nothing after its stop.
-    chunks = list(stream_tokens(tiny, PROMPTS, max_tokens=N, stop=[stop], chunk=2))
-    assert sum((c[1] for c in chunks), []) == out[1]
-    assert all(c[1] == [] for c in chunks[first // 2 + 1:])
+    # Streamed, the stopped row yields nothing from its stop on while the others go on.
+    steps = list(stream_tokens(tiny, PROMPTS, max_tokens=N, stop=[stop]))
+    assert [sum((s[r] for s in steps), []) for r in range(len(PROMPTS))] == out
+    assert all(s[1] == [] for s in steps[first:])
 
 
 def test_stop_set_holds_config_eos_tokenizer_eog_and_stop(gemma):
@@ -102,11 +102,11 @@ def test_stop_set_holds_config_eos_tokenizer_eog_and_stop(gemma):
     assert {gemma.tokenizer.token_to_id[t] for t in ("<eos>", "<end_of_turn>")} <= ids
 
 
-def test_streaming_in_chunks_equals_one_call(tiny):
-    whole = next(stream_tokens(tiny, PROMPTS, max_tokens=N, sampling=SAMPLING, seed=7))
-    chunks = list(stream_tokens(tiny, PROMPTS, max_tokens=N, sampling=SAMPLING, seed=7, chunk=5))
-    assert len(chunks) == 4
-    assert [sum((c[r] for c in chunks), []) for r in range(len(PROMPTS))] == whole
+def test_streamed_tokens_equal_one_call(tiny):
+    whole = jq.generate_tokens(tiny, PROMPTS, max_tokens=N, seed=7, **vars(SAMPLING))
+    steps = list(stream_tokens(tiny, PROMPTS, max_tokens=N, sampling=SAMPLING, seed=7))
+    assert len(steps) == N and all(len(row) == 1 for s in steps for row in s)
+    assert [sum((s[r] for s in steps), []) for r in range(len(PROMPTS))] == whole
 
 
 # ---- sampling ---------------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def test_top_k_1_equals_greedy(tiny):
 
 def test_seed_decides_the_sample(tiny):
     def run(seed: int, sampling: Sampling = SAMPLING) -> list[list[int]]:
-        return next(stream_tokens(tiny, PROMPTS, max_tokens=N, sampling=sampling, seed=seed))
+        return jq.generate_tokens(tiny, PROMPTS, max_tokens=N, seed=seed, **vars(sampling))
 
     assert run(1) == run(1)
     assert run(1) != run(2)
@@ -165,7 +165,7 @@ def test_filter_logits_equals_numpy_reference(sampling):
 def test_sampling_draws_only_kept_tokens(tiny):
     sampling = Sampling(1.3, top_k=50, top_p=0.6, min_p=1e-9)  # the filters of SAMPLING: its program
     firsts = {row[0] for seed in range(4)
-              for row in next(stream_tokens(tiny, [PROMPTS[0]] * 4, max_tokens=N, sampling=sampling, seed=seed))}
+              for row in jq.generate_tokens(tiny, [PROMPTS[0]] * 4, max_tokens=N, seed=seed, **vars(sampling))}
     logits, _ = jax.jit(jq.models.forward, static_argnums=4)(
         tiny.params, jnp.array([PROMPTS[0]]), jnp.arange(3)[None], jq.models.init_cache(TINY, 1, 16), TINY)
     allowed = set(np.flatnonzero(~np.isinf(np.asarray(filter_logits(logits[0, -1], sampling)))).tolist())
@@ -184,8 +184,8 @@ def test_chat_prompt_uses_the_gemma_template(gemma):
 
 @pytest.mark.slow
 def test_stream_text_joins_to_generate(gemma):
-    parts = list(stream(gemma, ["The capital of France is"], max_tokens=6, chunk=2))
-    assert len(parts) == 3
+    parts = list(stream(gemma, ["The capital of France is"], max_tokens=6))
+    assert len(parts) == 6
     text = "".join(p[0] for p in parts)
     assert text == jq.generate(gemma, "The capital of France is", max_tokens=6)[0]
     assert text == " the capital of the country of"  # greedy; llama.cpp decodes the same
