@@ -62,8 +62,11 @@ def seqsum(x: jax.Array, axis: int = -1) -> jax.Array:
 
 
 def first_argmax_abs(x: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
-    """``if (amax < fabsf(v)) {amax = fabsf(v); max = v;}``: (amax, signed value at first max)."""
-    amax = jnp.max(jnp.abs(x), axis=axis)
+    """``if (amax < fabsf(v)) {amax = fabsf(v); max = v;}``: (amax, signed value at first max).
+    A NaN never compares greater, so NaNs are skipped (the K-quants' scales are NaN where squares
+    overflow) and an all-NaN row gives (0, +0.0f) as in C."""
+    ax = jnp.abs(x)
+    amax = jnp.max(jnp.where(ax == ax, ax, F32(0)), axis=axis)
     a = jnp.expand_dims(amax, axis)
     idx = lax.broadcasted_iota(jnp.int32, x.shape, axis % x.ndim)
     n = x.shape[axis]
