@@ -1,0 +1,178 @@
+"""GPTQ and AWQ: b-bit affine integers (b = 2, 3, 4, 8) in groups of g along the input dim,
+``w = s * (q - z)`` with an fp16 scale and an integer zero point per (output row, group).
+
+Compute layout of a weight of shape ``(N, K)`` (N outputs, K inputs):
+
+- ``qs``    uint32 ``(N, K/g, g*b/32)``: a group's codes as one little-endian bit stream (code i at
+  bits ``b*i ..``, spilling into the next word for b = 3), exactly how GPTQ packs ``qweight`` along K;
+- ``scale`` float16 ``(N, K/g)``; ``zero`` uint8 ``(N, K/g)``, the true zero point (GPTQ v2 / AWQ);
+- ``perm``  int32 ``(K,)``, act-order tensors only: stored column j holds input column ``perm[j]``, so
+  every group is contiguous and a kernel multiplies ``x[..., perm]`` by the stored weight.
+
+GPTQ's ``qweight [K*b/32, N]`` is ``qs`` transposed, so a plain GPTQ tensor loads by a transpose;
+AWQ (packed along N, nibble order 0 2 4 6 1 3 5 7), act-order tensors and GPTQ v1 zeros (stored
+minus one) are unpacked and repacked once at load. All conversions are lossless. ``dequantize`` is
+what the reference libraries compute in fp16: ``fp16(s * (q - z))``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.errors import FormatError
+from jaxquant.formats.registry import _REGISTRY, Field, Format, register
+from jaxquant.qtensor import QTensor
+
+BITS = (2, 3, 4, 8)
+AWQ_ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])  # word position p holds column AWQ_ORDER[p] of its 8
+AWQ_REVERSE_ORDER = np.argsort(AWQ_ORDER)  # column c sits at word position AWQ_REVERSE_ORDER[c]
+
+
+def format_name(bits: int, group: int) -> str:
+    return f"GPTQ{bits}_G{group}"
+
+
+def gptq_format(bits: int, group: int) -> Format:
+    """The format of b-bit codes in groups of ``group`` inputs (registered on first use)."""
+    if bits not in BITS:
+        raise FormatError(f"GPTQ/AWQ: {bits}-bit codes are not supported; supported: {BITS}")
+    if group <= 0 or group * bits % 32:
+        raise FormatError(f"GPTQ/AWQ: group size {group} at {bits} bits does not fill whole 32-bit words "
+                          "(group * bits must be a multiple of 32)")
+    name = format_name(bits, group)
+    if name not in _REGISTRY:
+        fields = (Field("qs", "uint32", group * bits // 32), Field("scale", "float16"), Field("zero", "uint8"))
+        register(Format(name, group, fields, lambda a, b=bits: _dequantize(a, b), None, "gptq"))
+    return _REGISTRY[name]
+
+
+def _stream_index(n: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Word and bit offset of each of n codes in a little-endian stream of b-bit codes."""
+    pos = np.arange(n) * bits
+    return pos // 32, pos % 32
+
+
+def unpack_codes(words, bits: int, xp=jnp):
+    """uint32 words ``[..., W]`` -> codes ``[..., W*32/b]`` (uint8); ``xp`` is jnp or np."""
+    words = words.astype(xp.uint32)
+    n = words.shape[-1] * 32 // bits
+    mask = xp.uint32((1 << bits) - 1)
+    if 32 % bits == 0:
+        shifts = xp.asarray(np.arange(0, 32, bits, dtype=np.uint32))
+        codes = (words[..., None] >> shifts) & mask
+        return codes.reshape(*words.shape[:-1], n).astype(xp.uint8)
+    word, off = _stream_index(n, bits)
+    nxt = np.minimum(word + 1, words.shape[-1] - 1)
+    spill = xp.asarray(off + bits > 32)
+    # codes that straddle two words take their high bits from the next one
+    hi = xp.where(spill, words[..., nxt] << xp.asarray(((32 - off) % 32).astype(np.uint32)), xp.uint32(0))
+    codes = (words[..., word] >> xp.asarray(off.astype(np.uint32))) | hi
+    return (codes & mask).astype(xp.uint8)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes ``[..., n]`` (n*b a multiple of 32) -> uint32 words ``[..., n*b/32]``; the inverse of
+    ``unpack_codes``."""
+    codes = np.asarray(codes).astype(np.uint32)
+    n = codes.shape[-1]
+    if 32 % bits == 0:
+        per = 32 // bits
+        shifts = np.arange(0, 32, bits, dtype=np.uint32)
+        return np.bitwise_or.reduce(codes.reshape(*codes.shape[:-1], n // per, per) << shifts, axis=-1)
+    bitstream = (codes[..., None] >> np.arange(bits, dtype=np.uint32)) & 1  # [..., n, b], LSB first
+    packed = np.packbits(bitstream.astype(np.uint8).reshape(*codes.shape[:-1], n * bits), axis=-1,
+                         bitorder="little")
+    return np.ascontiguousarray(packed).view("<u4")
+
+
+def _dequantize(a: dict[str, jax.Array], bits: int) -> jax.Array:
+    q = unpack_codes(a["qs"], bits).astype(jnp.float32)  # [..., G, g]
+    s, z = a["scale"][..., None], a["zero"][..., None].astype(jnp.float32)
+    # s * (q - z) is exact in f32 (11 + 9 bits); one rounding to the scale's dtype as torch's fp16 op
+    w = ((q - z) * s.astype(jnp.float32)).astype(s.dtype).astype(jnp.float32)
+    w = w.reshape(*w.shape[:-2], -1)
+    if "perm" in a:
+        w = jnp.zeros_like(w).at[..., a["perm"]].set(w)
+    return w
+
+
+def _check_group(k: int, group: int, where: str) -> int:
+    group = k if group in (-1, None) else int(group)
+    if group <= 0 or k % group:
+        raise FormatError(f"{where}: {k} input features are not a whole number of groups of {group}")
+    return group
+
+
+def _act_order(g_idx: np.ndarray | None, k: int, group: int, where: str) -> np.ndarray | None:
+    """The column permutation that makes act-order groups contiguous (None when they already are)."""
+    if g_idx is None:
+        return None
+    g_idx = np.asarray(g_idx).astype(np.int64).reshape(-1)
+    if g_idx.shape != (k,):
+        raise FormatError(f"{where}: g_idx has {g_idx.size} entries, the weight has {k} input features")
+    if np.array_equal(g_idx, np.arange(k) // group):
+        return None
+    if g_idx.min() < 0 or g_idx.max() >= k // group or np.any(np.bincount(g_idx, minlength=k // group) != group):
+        raise FormatError(f"{where}: g_idx does not put exactly {group} input features in each of the "
+                          f"{k // group} groups; such a checkpoint cannot be loaded")
+    return np.argsort(g_idx, kind="stable").astype(np.int32)
+
+
+def _qtensor(codes_t: np.ndarray | None, words_t: np.ndarray | None, scales: np.ndarray, zeros: np.ndarray,
+             bits: int, group: int, perm: np.ndarray | None, where: str) -> QTensor:
+    """QTensor from codes ``[N, K]`` (or, already packed, words ``[N, K*b/32]``), scales and zeros
+    ``[K/g, N]`` as stored."""
+    if scales.dtype != np.float16:
+        raise FormatError(f"{where}: scales of dtype {scales.dtype}; GPTQ/AWQ checkpoints store float16 scales")
+    fmt = gptq_format(bits, group)
+    if words_t is None:
+        words_t = pack_codes(codes_t, bits)
+    n, kw = words_t.shape
+    k = kw * 32 // bits
+    if scales.shape != (k // group, n) or zeros.shape != scales.shape:
+        raise FormatError(f"{where}: scales {scales.shape} / zeros {zeros.shape} do not fit a [{n}, {k}] weight "
+                          f"in groups of {group} (expected {(k // group, n)})")
+    arrays = {"qs": jnp.asarray(np.ascontiguousarray(words_t.reshape(n, k // group, -1))),
+              "scale": jnp.asarray(np.ascontiguousarray(scales.T)),
+              "zero": jnp.asarray(np.ascontiguousarray(zeros.T.astype(np.uint8)))}
+    if perm is not None:
+        arrays["perm"] = jnp.asarray(perm)
+    return QTensor(arrays, fmt.name, (n, k))
+
+
+def from_gptq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None, *,
+              bits: int, group_size: int, v1: bool, where: str = "GPTQ tensor") -> QTensor:
+    """A GPTQ linear layer (``qweight [K*b/32, N]``, ``qzeros [K/g, N*b/32]``, ``scales [K/g, N]``,
+    optional ``g_idx [K]``) -> QTensor ``(N, K)``. ``v1``: the zeros were stored minus one
+    (checkpoint_format 'gptq'); a v1 code of 2^b - 1 (a zero point of 0, which v1 cannot store)
+    wraps to 0 as the reference kernels read it."""
+    words = np.asarray(qweight).view(np.uint32)
+    k, n = words.shape[0] * 32 // bits, words.shape[1]
+    group = _check_group(k, group_size, where)
+    zeros = unpack_codes(np.asarray(qzeros).view(np.uint32), bits, np)[:, :n]
+    if v1:
+        zeros = ((zeros.astype(np.int32) + 1) & ((1 << bits) - 1)).astype(np.uint8)
+    perm = _act_order(g_idx, k, group, where)
+    if perm is None:
+        return _qtensor(None, words.T, np.asarray(scales), zeros, bits, group, None, where)
+    codes = unpack_codes(words.T, bits, np)[:, perm]  # [N, K] in act order
+    return _qtensor(codes, None, np.asarray(scales), zeros, bits, group, perm, where)
+
+
+def from_awq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, *, bits: int, group_size: int,
+             where: str = "AWQ tensor") -> QTensor:
+    """An AutoAWQ GEMM layer (``qweight [K, N*b/32]`` and ``qzeros [K/g, N*b/32]`` packed along N in
+    the order 0 2 4 6 1 3 5 7, ``scales [K/g, N]``) -> QTensor ``(N, K)``."""
+    if bits != 4:
+        raise FormatError(f"{where}: AWQ GEMM packs 4-bit codes, the config says {bits} bits")
+
+    def columns(words: np.ndarray) -> np.ndarray:
+        codes = unpack_codes(np.asarray(words).view(np.uint32), bits, np)
+        codes = codes.reshape(*codes.shape[:-1], -1, 8)[..., AWQ_REVERSE_ORDER]
+        return codes.reshape(*codes.shape[:-2], -1)
+
+    codes = columns(qweight)
+    group = _check_group(codes.shape[0], group_size, where)
+    return _qtensor(codes.T, None, np.asarray(scales), columns(qzeros), bits, group, None, where)
