@@ -77,9 +77,28 @@ def dequantize(x, dtype=None) -> jax.Array:
 def take_rows(q: QTensor, ids: jax.Array) -> QTensor:
     """Rows ``ids`` (int array of any shape; out-of-range ids are clipped) of a 2-D QTensor, still
     packed: shape ``(*ids.shape, K)``. Dequantizing the result touches only those rows (embedding
-    lookups)."""
+    lookups). Arrays shared by the whole tensor (per-tensor scales) are kept as they are; formats
+    whose blocks span rows cannot be sliced (see ``lookup``)."""
     if len(q.shape) != 2:
         raise FormatError(f"take_rows needs a 2-D QTensor, got shape {q.shape}")
+    fmt = q.format
+    if not fmt.separable:
+        raise FormatError(f"take_rows: {q.fmt} has blocks spanning rows; use lookup() to get dequantized rows")
     ids = jnp.asarray(ids)
-    arrays = {k: jnp.take(a, ids, axis=0, mode="clip") for k, a in q.arrays.items()}
+    shared = {f.name for f in fmt.fields if f.layout == "tensor"}
+    arrays = {k: a if k in shared else jnp.take(a, ids, axis=0, mode="clip") for k, a in q.arrays.items()}
+    if fmt.scope == "tensor":  # its dequantize sees one matrix: keep the taken rows 2-D
+        arrays = {k: a if k in shared else a.reshape(-1, *a.shape[ids.ndim:]) for k, a in arrays.items()}
+        return QTensor(arrays, q.fmt, (ids.size, q.shape[1]), q.dtype)
     return QTensor(arrays, q.fmt, (*ids.shape, q.shape[1]), q.dtype)
+
+
+def lookup(q, ids: jax.Array, dtype=None) -> jax.Array:
+    """Rows ``ids`` of a 2-D QTensor or array, dequantized: ``(*ids.shape, K)``. Only those rows
+    are dequantized where the format allows (``take_rows``); else the whole tensor."""
+    ids = jnp.asarray(ids)
+    if not isinstance(q, QTensor):
+        return dequantize(jnp.take(q, ids, axis=0, mode="clip"), dtype)
+    if q.format.separable:
+        return take_rows(q, ids).dequantize(dtype).reshape(*ids.shape, q.shape[1])
+    return jnp.take(q.dequantize(dtype), ids, axis=0, mode="clip")

@@ -2,6 +2,27 @@
 
 The planar compute layout keeps each field of the GGUF block struct as its own array, so the
 conversion to and from GGUF bytes is a lossless re-view of the same bits in both directions.
+
+Formats without a GGML type (MLX affine, HQQ, bitsandbytes, FP8, NVFP4) declare themselves with
+``Format(..., gguf=False)``: they quantize, dequantize, run in ``qdot`` and go into orbax
+checkpoints, but have no GGUF bytes (``from_bytes``/``to_bytes`` and ``write_gguf`` raise
+``FormatError``). Such a format picks one of two scopes:
+
+- ``scope="row"`` (the default, as every GGUF format): ``quantize_rows`` sees any chunk of rows
+  and returns ``(R, K // block_size, count)`` arrays, one per field.
+- ``scope="tensor"``: ``quantize_rows`` sees the whole matrix ``[N, K]`` at once (quantizers
+  with per-tensor statistics: FP8 per-tensor scales, bitsandbytes' double quantization, HQQ's
+  early stop on the tensor's error) and returns arrays of any shape; ``dequantize_rows(arrays)``
+  must rebuild ``[N, K]`` from them alone. Leading axes (experts) are mapped over with ``vmap``.
+  Each ``Field`` then says how its array relates to rows (``Field.layout``): ``"rows"`` (its
+  leading axis is the tensor's rows, e.g. FP8 values, per-row scales), ``"tensor"`` (one array
+  for the whole tensor: a per-tensor scale) or ``"mixed"`` (blocks spanning rows: 128x128 FP8
+  scales, nested absmax). ``take_rows`` slices "rows" arrays and keeps "tensor" ones; a format
+  with a "mixed" field is dequantized whole before its rows are taken (``lookup``).
+
+``block_size`` is what the row length must be a multiple of. A field's ``dtype`` is what the
+quantizer produces; a non-GGUF format's dequantize may accept other float dtypes for its scale
+arrays (MLX checkpoints store bfloat16 or float16 scales), so a loader stores what it reads.
 """
 
 from __future__ import annotations
@@ -25,11 +46,13 @@ CHUNK_ELEMENTS = 1 << 22
 
 @dataclasses.dataclass(frozen=True)
 class Field:
-    """One member of a block struct, in GGUF byte order: ``count`` elements of ``dtype``."""
+    """One member of a block struct, in GGUF byte order: ``count`` elements of ``dtype``.
+    ``layout`` (tensor-scope formats only): "rows", "tensor" or "mixed" (see the module doc)."""
 
     name: str
     dtype: str
     count: int = 1
+    layout: str = "rows"
 
 
 QuantizeFn = Callable[[jax.Array, "jax.Array | None"], dict[str, jax.Array]]
@@ -39,7 +62,9 @@ DequantizeFn = Callable[[dict[str, jax.Array]], jax.Array]
 @dataclasses.dataclass(frozen=True)
 class Format:
     """A block format. ``quantize_rows(x f32[R, K], weights f32[K] | None) -> arrays`` with
-    arrays shaped ``(R, K // block_size, count)``; ``dequantize_rows(arrays) -> f32[..., K]``."""
+    arrays shaped ``(R, K // block_size, count)``; ``dequantize_rows(arrays) -> f32[..., K]``.
+    ``gguf=False``: no GGML type (no GGUF bytes); ``scope="tensor"``: the quantizer sees whole
+    matrices and the arrays may have any shape (see the module doc)."""
 
     name: str
     block_size: int
@@ -47,6 +72,17 @@ class Format:
     dequantize_rows: DequantizeFn
     quantize_rows: QuantizeFn | None = None
     family: str = ""
+    gguf: bool = True
+    scope: str = "row"
+
+    def __post_init__(self):
+        if self.scope not in ("row", "tensor") or (self.gguf and self.scope != "row"):
+            raise FormatError(f"{self.name}: scope {self.scope!r}; GGUF formats are 'row', others 'row' or 'tensor'")
+        bad = [f.name for f in self.fields if f.layout not in ("rows", "tensor", "mixed")
+               or (self.scope == "row" and f.layout != "rows")]
+        if bad:
+            raise FormatError(f"{self.name}: field {bad[0]!r} has a bad layout (row-scope fields are 'rows'; "
+                              "tensor-scope fields 'rows', 'tensor' or 'mixed')")
 
     @property
     def type_size(self) -> int:
@@ -58,14 +94,29 @@ class Format:
 
     @property
     def bits_per_weight(self) -> float:
+        """Bits per weight; for a tensor-scope format, those of a 4096 x 4096 matrix."""
+        if self.scope == "tensor":
+            return 8.0 * self.nbytes((4096, 4096)) / 4096**2
         return 8.0 * self.type_size / self.block_size
 
     @property
     def can_quantize(self) -> bool:
         return self.quantize_rows is not None
 
+    @property
+    def separable(self) -> bool:
+        """Whether ``take_rows`` can slice rows out still packed (no field spans rows)."""
+        return all(f.layout != "mixed" for f in self.fields)
+
     def row_bytes(self, k: int) -> int:
         return k // self.block_size * self.type_size
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes of a tensor of ``shape`` in this format (row formats: whole blocks per row)."""
+        if self.scope == "row":
+            return math.prod(shape[:-1]) * self.row_bytes(shape[-1])
+        out = jax.eval_shape(lambda x: _quantize_tensor(self, x), jax.ShapeDtypeStruct(tuple(shape), jnp.float32))
+        return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in out.values())
 
     def check_row_length(self, shape: tuple[int, ...], name: str | None = None) -> None:
         if not shape or shape[-1] % self.block_size:
@@ -76,10 +127,20 @@ class Format:
                 f"(llama.cpp falls back to Q5_0/Q8_0/IQ4_NL for such rows)")
 
     def dequantize(self, q: QTensor) -> jax.Array:
-        return self.dequantize_rows(q.arrays).reshape(q.shape)
+        fn = self.dequantize_rows
+        if self.scope == "tensor":  # one matrix per call; experts and other leading axes mapped
+            for _ in range(len(q.shape) - 2):
+                fn = jax.vmap(fn)
+        return fn(q.arrays).reshape(q.shape)
+
+    def _check_gguf(self) -> None:
+        if not self.gguf:
+            raise FormatError(f"{self.name} has no GGML type, so no GGUF bytes; save an orbax checkpoint "
+                              "(jaxquant quantize SRC DIR) or pick a GGUF format")
 
     def from_bytes(self, raw: np.ndarray, shape: tuple[int, ...], dtype: str = "float32") -> QTensor:
         """GGUF block bytes (any array of uint8 holding the tensor's data) -> QTensor."""
+        self._check_gguf()
         shape = tuple(int(s) for s in shape)
         self.check_row_length(shape)
         lead, nb = shape[:-1], shape[-1] // self.block_size
@@ -93,6 +154,7 @@ class Format:
 
     def to_bytes(self, q: QTensor) -> np.ndarray:
         """QTensor -> GGUF block bytes, shape ``(*shape[:-1], row_bytes)``."""
+        self._check_gguf()
         lead, nb = q.shape[:-1], q.shape[-1] // self.block_size
         blocks = np.empty((*lead, nb), self.block_dtype)
         for f in self.fields:
@@ -108,6 +170,8 @@ class PlainFormat:
     dtype: str
     family: str = "plain"
     block_size: int = 1
+    gguf = True
+    scope = "row"
 
     @property
     def type_size(self) -> int:
@@ -121,6 +185,9 @@ class PlainFormat:
 
     def row_bytes(self, k: int) -> int:
         return k * self.type_size
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        return math.prod(shape) * self.type_size
 
     def check_row_length(self, shape, name=None) -> None:
         pass
@@ -207,6 +274,8 @@ def quantize(x, fmt: str | Format | PlainFormat, weights=None, *, name: str | No
     if isinstance(fmt, PlainFormat):
         return x.astype(fmt.dtype)
     shape = tuple(x.shape)
+    if fmt.scope == "tensor":  # whole tensors, no row chunks
+        return QTensor(_quantize_tensor(fmt, x), fmt.name, shape, dtype)
     k = shape[-1]
     rows = x.reshape(-1, k)
     if isinstance(x, jax.core.Tracer):
@@ -230,3 +299,15 @@ def _quantize_chunked(fmt: Format, rows: jax.Array, weights) -> dict[str, jax.Ar
         out = _quantize_rows(fmt, chunk, weights)
         parts.append({key: v[: n - start] for key, v in out.items()})
     return {key: jnp.concatenate([p[key] for p in parts]) if len(parts) > 1 else parts[0][key] for key in parts[0]}
+
+
+@partial(jax.jit, static_argnums=0)
+def _quantize_tensor(fmt: Format, x: jax.Array) -> dict[str, jax.Array]:
+    """A tensor-scope format: one call per matrix (a 1-D tensor is one row); leading axes mapped.
+    Importance weights do not apply (they weigh the columns of llama.cpp's row quantizers)."""
+    def fn(m):
+        return fmt.quantize_rows(m, None)
+
+    for _ in range(x.ndim - 2):
+        fn = jax.vmap(fn)
+    return fn(x[None] if x.ndim == 1 else x)

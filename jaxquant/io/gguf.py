@@ -404,6 +404,11 @@ def write_gguf(path: str | os.PathLike, metadata: Mapping[str, Any], tensors: Ma
     if not isinstance(arch, str):
         raise FormatError("GGUF metadata needs a string 'general.architecture'")
     infos = [tensor_info(name, value) for name, value in tensors.items()]
+    for info in infos:
+        if info.type not in GGMLQuantizationType.__members__:
+            raise FormatError(f"tensor {info.name!r}: format {info.type} has no GGML type, so it cannot go into a "
+                              "GGUF file; save an orbax checkpoint instead (jaxquant quantize SRC DIR) or pick "
+                              "GGUF formats")
     tmp = path.with_name(path.name + ".tmp")
     writer = gguf.GGUFWriter(tmp, arch)
     writer.kv_data[0].clear()  # the constructor adds general.architecture; keep the caller's order

@@ -347,8 +347,7 @@ class Choice:
 
     @property
     def nbytes(self) -> int:
-        fmt = get_format(self.format)
-        return math.prod(self.shape[:-1]) * fmt.row_bytes(self.shape[-1])
+        return get_format(self.format).nbytes(self.shape)
 
 
 @dataclasses.dataclass(frozen=True)

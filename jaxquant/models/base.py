@@ -21,7 +21,7 @@ import numpy as np
 from jaxquant.config import ModelConfig
 from jaxquant.errors import FileFormatError
 from jaxquant.ops import qdot
-from jaxquant.qtensor import QTensor, take_rows
+from jaxquant.qtensor import QTensor, lookup
 
 Weight = jax.Array | QTensor
 KV = tuple[jax.Array, jax.Array]  # one layer's (keys, values) cache
@@ -258,11 +258,7 @@ Block = Callable[[Layer, jax.Array, KV, LayerCtx], tuple[jax.Array, KV]]
 def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Token embeddings [B, T, E] (float32, times cfg.embed_scale); only the rows of a quantized
     table that are looked up get dequantized."""
-    table = params.token_embd
-    if isinstance(table, QTensor):
-        x = take_rows(table, tokens).dequantize(jnp.float32)
-    else:
-        x = jnp.take(table, tokens, axis=0, mode="clip").astype(jnp.float32)
+    x = lookup(params.token_embd, tokens, jnp.float32)
     return x * cfg.embed_scale if cfg.embed_scale != 1.0 else x
 
 
