@@ -235,7 +235,7 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv: KV, ctx: LayerC
 
     qg = q.reshape(b, t, n_kv, n_heads // n_kv, d)  # query head h uses kv head h // group
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, cache_k, preferred_element_type=jnp.float32, precision=HIGHEST)
-    scores = scores * cfg.query_pre_attn_scalar ** -0.5
+    scores = scores * (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5  # 0: head_dim, as the config says
     if cfg.attn_softcap:
         scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
     slots, p = jnp.arange(s), pos[:, None, None, :, None]  # p [B, 1, 1, T, 1]
