@@ -1,0 +1,81 @@
+"""MLX affine quantization (AFQ): ``mx.quantize(w, group_size, bits, mode="affine")``.
+
+Per group of ``g`` elements along a row: ``scale = max((max - min) / (2^b - 1), 1e-7)``, negated
+unless the minimum is the larger in magnitude; the end of larger magnitude (``edge``) is then
+snapped, ``scale = edge / rint(edge / scale)`` with ``bias = edge`` (``bias = 0`` if that rounds
+to 0), and ``q = clamp(rint((w - bias) / scale), 0, 2^b - 1)`` with the float32 scale. Scales
+and biases are stored in float16 (MLX stores the input's dtype; a loader keeps bfloat16 ones).
+Quants form a little-endian bit stream per row (element i at bit ``i*b``) held in uint32 words,
+as MLX packs them for every ``b`` (for 3, 5, 6 bits it writes 3 or 5 bytes per 8 or 4 elements,
+which is the same stream). Dequantization is MLX's: ``scale * q + bias`` with each operation
+rounded to the scales' dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxquant.formats.numerics import F32, div, mul
+from jaxquant.formats.registry import Field, Format, register
+
+BITS = (2, 3, 4, 5, 6, 8)
+GROUPS = (32, 64, 128)
+
+
+def pack_bits(q: jax.Array, bits: int) -> jax.Array:
+    """``[..., n]`` ints in [0, 2^bits) -> ``[..., n*bits/32]`` uint32 words of their little-endian
+    bit stream (element i at bits ``i*bits .. i*bits+bits-1``)."""
+    stream = (q.astype(jnp.uint32)[..., None] >> jnp.arange(bits, dtype=jnp.uint32)) & 1
+    words = stream.reshape(*q.shape[:-1], -1, 32)
+    return jnp.sum(words << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+
+
+def unpack_bits(words: jax.Array, bits: int) -> jax.Array:
+    """The inverse of ``pack_bits``: uint32 words -> int32 values."""
+    stream = (words[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    per_value = stream.reshape(*words.shape[:-1], -1, bits)
+    return jnp.sum(per_value << jnp.arange(bits, dtype=jnp.uint32), axis=-1).astype(jnp.int32)
+
+
+def round_to(x: jax.Array, dtype) -> jax.Array:
+    """``x`` rounded to ``dtype`` (RNE) and back to float32: one operation of MLX in that dtype."""
+    return x.astype(dtype).astype(F32)
+
+
+def affine_params(xg: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
+    """MLX's float32 (scale, bias) of each group ``xg[..., g]``."""
+    n_bins = F32(2**bits - 1)
+    w_min, w_max = jnp.min(xg, axis=-1), jnp.max(xg, axis=-1)
+    mask = jnp.abs(w_min) > jnp.abs(w_max)
+    scale = jnp.maximum(div(w_max - w_min, n_bins), F32(1e-7))
+    scale = jnp.where(mask, scale, -scale)
+    edge = jnp.where(mask, w_min, w_max)
+    q0 = jnp.round(div(edge, scale))
+    snap = q0 != 0
+    return jnp.where(snap, div(edge, jnp.where(snap, q0, 1)), scale), jnp.where(snap, edge, F32(0))
+
+
+def affine_quantize(x: jax.Array, bits: int, group: int, dtype=jnp.float16) -> dict[str, jax.Array]:
+    """``x f32[R, K]`` -> {"q": uint32 [R, K/g, g*b/32], "scales", "biases": dtype [R, K/g]}."""
+    xg = x.reshape(x.shape[0], -1, group)
+    scale, bias = affine_params(xg, bits)
+    q = jnp.clip(jnp.round(div(xg - bias[..., None], scale[..., None])), 0, 2**bits - 1)
+    return {"q": pack_bits(q.astype(jnp.int32), bits), "scales": scale.astype(dtype), "biases": bias.astype(dtype)}
+
+
+def affine_dequantize(a: dict[str, jax.Array], bits: int) -> jax.Array:
+    """MLX's ``scales * q + biases``, each operation rounded to the scales' dtype."""
+    dt = a["scales"].dtype
+    s, b = a["scales"].astype(F32)[..., None], a["biases"].astype(F32)[..., None]
+    y = round_to(round_to(mul(s, unpack_bits(a["q"], bits).astype(F32)), dt) + b, dt)
+    return y.reshape(*y.shape[:-2], -1)
+
+
+def _register(bits: int, group: int) -> Format:
+    fields = (Field("q", "uint32", group * bits // 32), Field("scales", "float16"), Field("biases", "float16"))
+    return register(Format(f"AFQ{bits}_G{group}", group, fields, lambda a: affine_dequantize(a, bits),
+                           lambda x, qw: affine_quantize(x, bits, group), "mlx_affine", gguf=False))
+
+
+FORMATS = {(b, g): _register(b, g) for b in BITS for g in GROUPS}
