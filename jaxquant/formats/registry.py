@@ -224,8 +224,10 @@ def list_formats(quantizable_only: bool = False) -> list[str]:
     return sorted(n for n, f in _REGISTRY.items() if f.can_quantize or not quantizable_only)
 
 
-def _check_input(x, fmt, weights, name) -> tuple[jax.Array, jax.Array | None]:
-    where = f"tensor {name!r}" if name else "input"
+def _check_input(x, fmt, weights, name) -> tuple[np.ndarray | jax.Array, jax.Array | None]:
+    """Dtype, shape and importance-weight checks; ``x`` comes back as an array, not yet float32 (the
+    conversion and the finiteness check of ``x`` happen per chunk, see ``_quantize_chunked``)."""
+    where = _where(name)
     dt = getattr(x, "dtype", None)
     if dt is None or not jnp.issubdtype(dt, jnp.floating):
         raise QuantizeInputError(f"{fmt.name}: {where} has dtype {dt}; quantize takes float32, float16 or bfloat16")
@@ -235,27 +237,41 @@ def _check_input(x, fmt, weights, name) -> tuple[jax.Array, jax.Array | None]:
         fmt.check_row_length(tuple(x.shape), name)
     except FormatError as e:
         raise QuantizeInputError(str(e)) from None
-    x = jnp.asarray(x, jnp.float32)
+    if not isinstance(x, jax.Array):
+        x = np.asarray(x)
     if weights is not None:
         weights = jnp.asarray(weights, jnp.float32)
         if weights.shape != (x.shape[-1],):
             raise QuantizeInputError(
                 f"{fmt.name}: importance weights for {where} have shape {weights.shape}, expected ({x.shape[-1]},)")
-    for label, a in (("weight", x), ("importance weight", weights)):
-        if a is None or isinstance(a, jax.core.Tracer):
-            continue
-        finite = np.asarray(jnp.isfinite(a))
-        if not finite.all():
-            idx = tuple(int(i) for i in np.argwhere(~finite)[0])
-            raise QuantizeInputError(
-                f"{fmt.name}: {where} has a non-finite {label} ({float(a[idx])}) at index {idx}; "
-                "fix or drop the tensor before quantizing")
+        if not isinstance(weights, jax.core.Tracer):
+            _check_finite(np.asarray(weights), fmt, where, "importance weight")
     return x, weights
 
 
+def _where(name: str | None) -> str:
+    return f"tensor {name!r}" if name else "input"
+
+
+def _check_finite(a: np.ndarray, fmt, where: str, label: str, bad: int | None = None) -> None:
+    """Raise naming the first non-finite element of ``a`` (float32); ``bad``: its flat index, if known."""
+    if bad is None:
+        finite = np.isfinite(a)
+        if finite.all():
+            return
+        bad = int(np.argmin(finite.reshape(-1)))
+    idx = tuple(int(i) for i in np.unravel_index(bad, a.shape))
+    raise QuantizeInputError(
+        f"{fmt.name}: {where} has a non-finite {label} ({float(a[idx])}) at index {idx}; "
+        "fix or drop the tensor before quantizing")
+
+
 @partial(jax.jit, static_argnums=0)
-def _quantize_rows(fmt: Format, x: jax.Array, weights: jax.Array | None):
-    return fmt.quantize_rows(x, weights)
+def _quantize_chunk(fmt: Format, x: jax.Array, weights: jax.Array | None):
+    """One chunk of rows quantized, and whether all of them are finite (checked here, in one pass
+    of the compiled code, rather than on the host)."""
+    x = x.astype(jnp.float32)
+    return fmt.quantize_rows(x, weights), jnp.isfinite(x).all()
 
 
 def quantize(x, fmt: str | Format | PlainFormat, weights=None, *, name: str | None = None,
@@ -271,34 +287,48 @@ def quantize(x, fmt: str | Format | PlainFormat, weights=None, *, name: str | No
         raise FormatError(f"{fmt.name} can be loaded and dequantized but not quantized; "
                           f"quantizable formats: {', '.join(list_formats(True))}")
     x, weights = _check_input(x, fmt, weights, name)
-    if isinstance(fmt, PlainFormat):
-        return x.astype(fmt.dtype)
     shape = tuple(x.shape)
-    if fmt.scope == "tensor":  # whole tensors, no row chunks
-        return QTensor(_quantize_tensor(fmt, x), fmt.name, shape, dtype)
+    if isinstance(fmt, PlainFormat) or fmt.scope == "tensor":  # whole tensors, no row chunks
+        x = jnp.asarray(x, jnp.float32)
+        if not isinstance(x, jax.core.Tracer):
+            _check_finite(np.asarray(x), fmt, _where(name), "weight")
+        return x.astype(fmt.dtype) if isinstance(fmt, PlainFormat) else QTensor(
+            _quantize_tensor(fmt, x), fmt.name, shape, dtype)
     k = shape[-1]
     rows = x.reshape(-1, k)
     if isinstance(x, jax.core.Tracer):
-        arrays = fmt.quantize_rows(rows, weights)
+        arrays = fmt.quantize_rows(rows.astype(jnp.float32), weights)
     else:
-        arrays = _quantize_chunked(fmt, rows, weights)
+        arrays, bad = _quantize_chunked(fmt, rows, weights)
+        if bad is not None:
+            _check_finite(np.asarray(x, np.float32), fmt, _where(name), "weight", bad)
     nb = k // fmt.block_size
     arrays = {f.name: arrays[f.name].reshape(*shape[:-1], nb, *((f.count,) if f.count > 1 else ()))
               for f in fmt.fields}
     return QTensor(arrays, fmt.name, shape, dtype)
 
 
-def _quantize_chunked(fmt: Format, rows: jax.Array, weights) -> dict[str, jax.Array]:
+def _quantize_chunked(fmt: Format, rows, weights) -> tuple[dict[str, jax.Array], int | None]:
+    """``rows`` quantized chunk by chunk (host arrays go to the device a chunk at a time), and the flat
+    index of the first non-finite value, or None. Only the padded tail is sliced; one concatenation."""
     n, k = rows.shape
     step = max(1, min(n, CHUNK_ELEMENTS // k))
-    parts = []
+    xp = jnp if isinstance(rows, jax.Array) else np
+    parts, flags = [], []
     for start in range(0, n, step):
         chunk = rows[start:start + step]
         if chunk.shape[0] < step:  # pad the tail so every chunk reuses one compiled function
-            chunk = jnp.pad(chunk, ((0, step - chunk.shape[0]), (0, 0)))
-        out = _quantize_rows(fmt, chunk, weights)
-        parts.append({key: v[: n - start] for key, v in out.items()})
-    return {key: jnp.concatenate([p[key] for p in parts]) if len(parts) > 1 else parts[0][key] for key in parts[0]}
+            chunk = xp.pad(chunk, ((0, step - chunk.shape[0]), (0, 0)))
+        out, finite = _quantize_chunk(fmt, chunk, weights)
+        parts.append(out)
+        flags.append(finite)
+    for i, finite in enumerate(flags):
+        if not finite:  # rare: find the first bad value of that chunk on the host
+            chunk = np.asarray(rows[i * step:(i + 1) * step]).astype(np.float32)
+            return {}, i * step * k + int(np.argmin(np.isfinite(chunk).reshape(-1)))
+    if n % step:
+        parts[-1] = {key: v[:n % step] for key, v in parts[-1].items()}
+    return {key: jnp.concatenate([p[key] for p in parts]) if len(parts) > 1 else parts[0][key] for key in parts[0]}, None
 
 
 @partial(jax.jit, static_argnums=0)
