@@ -93,8 +93,9 @@ def _dequantize(a: dict[str, jax.Array], bits: int) -> jax.Array:
     # s * (q - z) is exact in f32 (11 + 9 bits); one rounding to the scale's dtype as torch's fp16 op
     w = ((q - z) * s.astype(jnp.float32)).astype(s.dtype).astype(jnp.float32)
     w = w.reshape(*w.shape[:-2], -1)
-    if "perm" in a:
-        w = jnp.zeros_like(w).at[..., a["perm"]].set(w)
+    if "perm" in a:  # back to the input order: column perm[j] is stored column j
+        inverse = jnp.zeros_like(a["perm"]).at[a["perm"]].set(jnp.arange(a["perm"].shape[0], dtype=a["perm"].dtype))
+        w = jnp.take(w, inverse, axis=-1)
     return w
 
 
@@ -105,6 +106,11 @@ def _check_group(k: int, group: int, where: str) -> int:
     return group
 
 
+def is_act_order(g_idx: np.ndarray, k: int, group: int) -> bool:
+    """Whether ``g_idx`` scatters the groups (loads with a column permutation)."""
+    return not np.array_equal(np.asarray(g_idx).reshape(-1), np.arange(k) // group)
+
+
 def _act_order(g_idx: np.ndarray | None, k: int, group: int, where: str) -> np.ndarray | None:
     """The column permutation that makes act-order groups contiguous (None when they already are)."""
     if g_idx is None:
@@ -112,7 +118,7 @@ def _act_order(g_idx: np.ndarray | None, k: int, group: int, where: str) -> np.n
     g_idx = np.asarray(g_idx).astype(np.int64).reshape(-1)
     if g_idx.shape != (k,):
         raise FormatError(f"{where}: g_idx has {g_idx.size} entries, the weight has {k} input features")
-    if np.array_equal(g_idx, np.arange(k) // group):
+    if not is_act_order(g_idx, k, group):
         return None
     if g_idx.min() < 0 or g_idx.max() >= k // group or np.any(np.bincount(g_idx, minlength=k // group) != group):
         raise FormatError(f"{where}: g_idx does not put exactly {group} input features in each of the "

@@ -44,9 +44,13 @@ def open_model(path: str | os.PathLike = DEFAULT_MODEL) -> GGUFSource | HFSource
     if path.is_dir():
         from jaxquant.io.checkpoint import CheckpointSource, is_checkpoint
 
-        return CheckpointSource(path) if is_checkpoint(path) else HFSource(path)
+        from jaxquant.io.hf_quantized import open_hf
+
+        return CheckpointSource(path) if is_checkpoint(path) else open_hf(path)
     if path.is_file() and path.name.endswith(".safetensors"):
-        return HFSource(path.parent)
+        from jaxquant.io.hf_quantized import open_hf
+
+        return open_hf(path.parent)
     if not path.exists():
         raise FileFormatError(f"{path}: no such file or directory")
     return GGUFSource(path)

@@ -1,0 +1,214 @@
+"""Pre-quantized HF checkpoints (GPTQ, AWQ) against the reference libraries.
+
+Checkpoints are packed here by the libraries' own code: AutoGPTQ's ``QuantLinear.pack``
+(qlinear_cuda, the act-order-aware layer; it writes v1 zeros) and AutoAWQ's
+``WQLinear_GEMM.from_linear``. Both packages' ``__init__`` import APIs that transformers 5 no longer
+has, so only their pure-torch layer modules are imported (``_module``). The references' dequantized
+weights are AutoGPTQ's torch forward of the identity matrix (its CPU path: ``scales[g_idx] *
+(w - zeros[g_idx])`` in fp16) and AutoAWQ's ``dequantize_gemm``. GPTQ v2 zeros (no minus one) are
+AutoGPTQ's packing of zero + 1, which its pack stores as zero (GPTQModel's v1 -> v2 conversion adds
+one to each packed zero).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import save_file
+
+import jaxquant
+from jaxquant import models
+from jaxquant.errors import FileFormatError
+from jaxquant.io import open_model
+from jaxquant.io.hf_quantized import QuantizedHFSource
+from jaxquant.io.safetensors import _permute
+from jaxquant.qtensor import QTensor
+
+# transformers' lazy import of cache_utils pulls in hqq (when installed), whose torch.compile warns
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+CONFIG = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+CANONICAL = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+TOKENIZER = ('{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null, '
+             '"pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null, "model": '
+             '{"type": "WordLevel", "vocab": {"<unk>": 0, "hello": 1, "world": 2}, "unk_token": "<unk>"}}')
+
+
+def _module(package: str, name: str):
+    """``package.name`` imported without running the package's ``__init__`` (it needs old transformers)."""
+    stub = sys.modules.get(package)
+    root = stub.__path__[0] if stub is not None else importlib.util.find_spec(package).submodule_search_locations[0]
+    parts = name.split(".")
+    for i in range(len(parts)):
+        pkg = ".".join([package, *parts[:i]])
+        if pkg not in sys.modules:
+            stub = types.ModuleType(pkg)
+            stub.__path__ = [f"{root}/{'/'.join(parts[:i])}".rstrip("/")]
+            sys.modules[pkg] = stub
+    return importlib.import_module(f"{package}.{name}")
+
+
+DEQUANTIZE = jax.jit(QTensor.dequantize)
+AUTO_GPTQ = _module("auto_gptq", "nn_modules.qlinear.qlinear_cuda")
+AWQ_GEMM = _module("awq", "modules.linear.gemm")
+AWQ_PACKING = _module("awq", "utils.packing_utils")
+
+
+def _codes(rng, n: int, k: int, bits: int, group: int, act: bool, sym: bool, zero_min: int):
+    """Random codes [N, K], zeros and fp16 scales [K/g, N], g_idx [K], and the float weight they encode."""
+    maxq = (1 << bits) - 1
+    q = rng.integers(0, maxq + 1, (n, k))
+    shape = (k // group, n)
+    z = np.full(shape, (maxq + 1) // 2) if sym else rng.integers(zero_min, maxq + 1, shape)
+    s = (rng.uniform(0.2, 1.0, shape) * 0.1 / maxq).astype(np.float16)
+    g_idx = np.arange(k) // group
+    if act:
+        g_idx = np.empty(k, np.int64)
+        g_idx[rng.permutation(k)] = np.arange(k) // group
+    w = (q - z[g_idx].T) * s[g_idx].T.astype(np.float32)
+    return q, z, s, g_idx, w
+
+
+def _linear(w: np.ndarray) -> torch.nn.Linear:
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight.data = torch.tensor(w, dtype=torch.float32)
+    return lin
+
+
+def gptq_layer(rng, n, k, *, bits, group, act, sym, v2):
+    """AutoGPTQ-packed tensors of one layer and the reference's dequantized weight [N, K] (float32)."""
+    g = k if group == -1 else group
+    # zero points >= 1: v1 cannot store 0, and the reference forward reads v1 zeros
+    q, z, s, g_idx, w = _codes(rng, n, k, bits, g, act, sym, zero_min=1)
+    args = (_linear(w), torch.tensor(s.astype(np.float32)).T, None, torch.tensor(g_idx, dtype=torch.int32))
+    layer = AUTO_GPTQ.QuantLinear(bits, g, k, n, False)
+    layer.pack(args[0], args[1], torch.tensor(z).T, args[3])
+    layer = layer.half()
+    with torch.no_grad():
+        ref = layer(torch.eye(k, dtype=torch.float16)).T.float().numpy()
+    tensors = {"qweight": layer.qweight.numpy(), "qzeros": layer.qzeros.numpy(), "scales": layer.scales.numpy(),
+               "g_idx": layer.g_idx.numpy()}
+    if v2:  # pack() stores zero - 1, so packing zero + 1 stores the v2 zeros (its codes are not used)
+        other = AUTO_GPTQ.QuantLinear(bits, g, k, n, False)
+        other.pack(args[0], args[1], torch.tensor(z + 1).T, args[3])
+        tensors["qzeros"] = other.qzeros.numpy()
+    return tensors, ref
+
+
+def awq_layer(rng, n, k, *, bits, group, **_):
+    """AutoAWQ GEMM-packed tensors of one layer and ``dequantize_gemm``'s weight [N, K] (float32)."""
+    q, z, s, _, w = _codes(rng, n, k, bits, group, act=False, sym=False, zero_min=0)
+    layer = AWQ_GEMM.WQLinear_GEMM.from_linear(_linear(w), bits, group, scales=torch.tensor(s.astype(np.float32)),
+                                               zeros=torch.tensor(z))
+    ref = AWQ_PACKING.dequantize_gemm(layer.qweight, layer.qzeros, layer.scales, bits, group)
+    tensors = {"qweight": layer.qweight.numpy(), "qzeros": layer.qzeros.numpy(), "scales": layer.scales.numpy()}
+    return tensors, ref.T.float().numpy()
+
+
+def build(path, method: str, seed: int = 0, **kw):
+    """A random Llama checkpoint whose linear layers are quantized by ``method`` ('gptq' | 'awq').
+    Returns the path, the transformers model carrying the reference-dequantized weights, and
+    {canonical name: reference weight}."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    config = transformers.LlamaConfig(**{**CONFIG, **kw.pop("config", {})})
+    model = transformers.LlamaForCausalLM(config).eval()
+    tensors, refs = {}, {}
+    for i, layer in enumerate(model.model.layers):
+        for part, names in LINEARS.items():
+            for name in names:
+                lin = getattr(getattr(layer, part), name)
+                make = gptq_layer if method == "gptq" else awq_layer
+                packed, ref = make(rng, lin.out_features, lin.in_features, **kw)
+                lin.weight.data = torch.tensor(ref)
+                prefix = f"model.layers.{i}.{part}.{name}"
+                tensors.update({f"{prefix}.{k}": v for k, v in packed.items()})
+                refs[f"blk.{i}.{CANONICAL[name]}.weight"] = ref
+    linear = {f"model.layers.{i}.{p}.{n}.weight" for i in range(config.num_hidden_layers)
+              for p, ns in LINEARS.items() for n in ns}
+    tensors.update({k: v.detach().numpy().copy() for k, v in model.state_dict().items() if k not in linear})
+    path.mkdir()
+    save_file(tensors, str(path / "model.safetensors"))
+    qc = {"quant_method": method, "bits": kw["bits"], "group_size": kw["group"]}
+    if method == "gptq":
+        qc.update(desc_act=kw["act"], sym=kw["sym"], checkpoint_format="gptq_v2" if kw["v2"] else "gptq")
+    else:
+        qc.update(version="gemm", zero_point=True)
+    (path / "config.json").write_text(json.dumps({**config.to_dict(), "quantization_config": qc}))
+    (path / "tokenizer.json").write_text(TOKENIZER)
+    return path, model, refs
+
+
+def _reference(name: str, ref: np.ndarray, cfg) -> np.ndarray:
+    """The reference weight as jaxquant names it: Llama's q/k rows in llama.cpp's rope order."""
+    if ".attn_q." in name:
+        return _permute(ref, cfg.n_heads)
+    if ".attn_k." in name:
+        return _permute(ref, cfg.n_kv_heads)
+    return ref
+
+
+GPTQ_CASES = [  # bits, group, act-order, sym, v2
+    (2, 32, False, False, False), (2, 32, True, True, True), (3, 32, True, False, False), (3, 64, False, True, True),
+    (4, 32, True, False, False), (4, 32, False, True, False), (4, 64, True, False, True), (4, -1, True, False, False),
+    (8, 32, True, False, False), (8, -1, False, True, True)]
+
+
+@pytest.mark.parametrize("bits,group,act,sym,v2", GPTQ_CASES)
+def test_gptq_dequantize_equals_autogptq(tmp_path, bits, group, act, sym, v2):
+    path, _, refs = build(tmp_path / "m", "gptq", seed=bits, bits=bits, group=group, act=act, sym=sym, v2=v2)
+    src = open_model(path)
+    assert isinstance(src, QuantizedHFSource)
+    for name, ref in refs.items():
+        q = src.load(name)
+        k = q.shape[1]
+        assert isinstance(q, QTensor) and q.fmt == f"GPTQ{bits}_G{k if group == -1 else group}"
+        assert ("perm" in q.arrays) == (act and 0 < group < k)
+        assert src.info(name).shape == q.shape and src.info(name).nbytes == q.nbytes
+        out = np.asarray(DEQUANTIZE(q))
+        np.testing.assert_array_equal(out.view(np.uint32), _reference(name, ref, src.config).view(np.uint32))
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_awq_dequantize_equals_autoawq(tmp_path, group):
+    path, _, refs = build(tmp_path / "m", "awq", seed=group, bits=4, group=group)
+    src = open_model(path)
+    for name, ref in refs.items():
+        q = src.load(name)
+        assert q.fmt == f"GPTQ4_G{group}" and "perm" not in q.arrays
+        out = np.asarray(DEQUANTIZE(q))
+        np.testing.assert_array_equal(out.view(np.uint32), _reference(name, ref, src.config).view(np.uint32))
+
+
+def _logits(model: jaxquant.Model, ids: np.ndarray) -> np.ndarray:
+    tokens = jnp.asarray(ids)[None]
+    positions = jnp.arange(len(ids))[None]
+    logits, _ = models.forward(model.params, tokens, positions, models.init_cache(model.cfg, 1, len(ids)), model.cfg)
+    return np.asarray(logits[0])
+
+
+@pytest.mark.parametrize("method,kw", [("gptq", {"bits": 4, "group": 32, "act": True, "sym": False, "v2": False}),
+                                       ("awq", {"bits": 4, "group": 32})])
+def test_model_logits_equal_transformers(tmp_path, method, kw):
+    """jaxquant.load of the quantized checkpoint runs, and its logits equal transformers' on the
+    reference-dequantized weights."""
+    path, model, _ = build(tmp_path / "m", method, config={"num_hidden_layers": 2}, **kw)
+    ids = np.random.default_rng(1).integers(0, CONFIG["vocab_size"], 12)
+    with torch.no_grad():
+        want = model(torch.tensor(ids)[None]).logits[0].numpy()
+    m = jaxquant.load(path)
+    assert isinstance(m.params.layers[1].ffn_down, QTensor)
+    got = _logits(m, ids)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
