@@ -7,7 +7,9 @@ Compute layout of a weight of shape ``(N, K)`` (N outputs, K inputs):
   bits ``b*i ..``, spilling into the next word for b = 3), exactly how GPTQ packs ``qweight`` along K;
 - ``scale`` float16 ``(N, K/g)``; ``zero`` uint8 ``(N, K/g)``, the true zero point (GPTQ v2 / AWQ);
 - ``perm``  int32 ``(K,)``, act-order tensors only: stored column j holds input column ``perm[j]``, so
-  every group is contiguous and a kernel multiplies ``x[..., perm]`` by the stored weight.
+  every group is contiguous and a kernel multiplies ``x[..., perm]`` by the stored weight. It is
+  an array of the QTensor beyond the format's (per-row) fields, so such a tensor cannot be sliced
+  by rows (``take_rows``); GPTQ never quantizes embeddings, the one tensor that is.
 
 GPTQ's ``qweight [K*b/32, N]`` is ``qs`` transposed, so a plain GPTQ tensor loads by a transpose;
 AWQ (packed along N, nibble order 0 2 4 6 1 3 5 7), act-order tensors and GPTQ v1 zeros (stored
@@ -17,35 +19,36 @@ what the reference libraries compute in fp16: ``fp16(s * (q - z))``.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.errors import FormatError
-from jaxquant.formats.registry import _REGISTRY, Field, Format, register
+from jaxquant.formats.registry import Field, Format, get_format, register
 from jaxquant.qtensor import QTensor
 
 BITS = (2, 3, 4, 8)
+GROUPS = (32, 64, 128)  # registered at import; other group sizes (-1: the row length) on first use
 AWQ_ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])  # word position p holds column AWQ_ORDER[p] of its 8
 AWQ_REVERSE_ORDER = np.argsort(AWQ_ORDER)  # column c sits at word position AWQ_REVERSE_ORDER[c]
 
 
-def format_name(bits: int, group: int) -> str:
-    return f"GPTQ{bits}_G{group}"
-
-
 def gptq_format(bits: int, group: int) -> Format:
-    """The format of b-bit codes in groups of ``group`` inputs (registered on first use)."""
+    """The format ``GPTQ{bits}_G{group}``: b-bit codes in groups of ``group`` inputs."""
     if bits not in BITS:
         raise FormatError(f"GPTQ/AWQ: {bits}-bit codes are not supported; supported: {BITS}")
     if group <= 0 or group * bits % 32:
         raise FormatError(f"GPTQ/AWQ: group size {group} at {bits} bits does not fill whole 32-bit words "
                           "(group * bits must be a multiple of 32)")
-    name = format_name(bits, group)
-    if name not in _REGISTRY:
+    name = f"GPTQ{bits}_G{group}"
+    try:
+        return get_format(name)
+    except FormatError:
         fields = (Field("qs", "uint32", group * bits // 32), Field("scale", "float16"), Field("zero", "uint8"))
-        register(Format(name, group, fields, lambda a, b=bits: _dequantize(a, b), None, "gptq"))
-    return _REGISTRY[name]
+        return register(Format(name, group, fields, functools.partial(_dequantize, bits=bits), None, "gptq",
+                               gguf=False))
 
 
 def _stream_index(n: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -182,3 +185,6 @@ def from_awq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, *, bit
     codes = columns(qweight)
     group = _check_group(codes.shape[0], group_size, where)
     return _qtensor(codes.T, None, np.asarray(scales), columns(qzeros), bits, group, None, where)
+
+
+FORMATS = {(b, g): gptq_format(b, g) for b in BITS for g in GROUPS}
