@@ -27,7 +27,8 @@ import transformers
 from safetensors.numpy import save_file
 
 import jaxquant
-from jaxquant import models
+from jaxquant import Policy, models
+from jaxquant.cli import main
 from jaxquant.errors import FileFormatError
 from jaxquant.io import open_model
 from jaxquant.io.hf_quantized import QuantizedHFSource
@@ -212,3 +213,17 @@ def test_model_logits_equal_transformers(tmp_path, method, kw):
     assert isinstance(m.params.layers[1].ffn_down, QTensor)
     got = _logits(m, ids)
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+
+def test_inspect_and_requantize(tmp_path, capsys):
+    """``jaxquant inspect`` lists the packed layers; ISQ requantizes them from their exact dequantization."""
+    path, _, refs = build(tmp_path / "m", "gptq", bits=4, group=-1, act=False, sym=True, v2=True)
+    assert main(["inspect", str(path)]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("blk.")}
+    assert rows["blk.0.ffn_down.weight"][-3:] == ["GPTQ4_G128", f"{8 * (64 * 64 + 64 * 3) / (64 * 128):.4f}",
+                                                  str(64 * 64 + 64 * 3)]
+    m = jaxquant.load(path, isq=Policy(default="Q8_0"))
+    for name, ref in refs.items():
+        got = getattr(m.params.layers[0], name.split(".")[2])
+        want = jaxquant.quantize(_reference(name, ref, m.cfg), "Q8_0")
+        assert got.fmt == "Q8_0" and all(np.array_equal(got.arrays[k], want.arrays[k]) for k in want.arrays)
