@@ -177,10 +177,13 @@ def _pack_scale_min_k4(ls: jax.Array, lm: jax.Array) -> jax.Array:
 
 def _unpack_scale_min_k4(scales: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``get_scale_min_k4`` for j = 0..7: 12 bytes -> (sc, m), int32 [..., 8]."""
-    s = scales.astype(jnp.int32)
-    lo, mid, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]
-    sc = jnp.concatenate([lo & 63, (hi & 0xF) | ((lo >> 6) << 4)], axis=-1)
-    m = jnp.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=-1)
+    # Selects over the bytes tiled to 8 rather than concatenates: fused into XLA's CPU dot, a
+    # concatenate made the whole loop ~10x slower.
+    s = jnp.tile(scales.astype(jnp.int32).reshape(*scales.shape[:-1], 3, 4), 2)
+    lo, mid, hi = s[..., 0, :], s[..., 1, :], s[..., 2, :]
+    first = jnp.arange(8) < 4
+    sc = jnp.where(first, lo & 63, (hi & 0xF) | ((lo >> 6) << 4))
+    m = jnp.where(first, mid & 63, (hi >> 4) | ((mid >> 6) << 4))
     return sc, m
 
 

@@ -123,8 +123,10 @@ def _pack_high_bits(q: jax.Array) -> jax.Array:
 
 
 def unpack_nibbles(qs: jax.Array) -> jax.Array:
-    """16 bytes -> 32 quants (int32), the inverse of ``pack_nibbles``."""
-    return jnp.concatenate([qs & 0xF, qs >> 4], axis=-1).astype(jnp.int32)
+    """16 bytes -> 32 quants (int32), the inverse of ``pack_nibbles``. A broadcast shift rather
+    than a concatenate: XLA's CPU dot fuses it into a vectorized loop (a concatenate is ~10x slower)."""
+    nibbles = (qs[..., None, :] >> jnp.array([[0], [4]], jnp.uint8)) & 0xF
+    return nibbles.reshape(*qs.shape[:-1], 2 * qs.shape[-1]).astype(jnp.int32)
 
 
 def _unpack5(qh: jax.Array, qs: jax.Array) -> jax.Array:
