@@ -9,6 +9,8 @@ else (embeddings, norms, an unquantized lm_head) loads as in ``HFSource``.
   (``desc_act`` with ``g_idx``), sym/asym, ``checkpoint_format`` 'gptq' (v1: zeros stored minus
   one) or 'gptq_v2'.
 - AWQ (``quant_method: awq``, version 'gemm'): 4 bits, packed along the outputs.
+- MLX (mlx-lm's ``quantization``: ``{bits, group_size}`` plus per-module overrides, ``false`` for a
+  module left in float): affine ``weight``/``scales``/``biases`` as AFQ formats, embeddings included.
 """
 
 from __future__ import annotations
@@ -23,73 +25,173 @@ import numpy as np
 from safetensors import SafetensorError
 
 from jaxquant.errors import FileFormatError, FormatError
-from jaxquant.formats import gptq
+from jaxquant.formats import Format, get_format, gptq
 from jaxquant.io import hf_names
-from jaxquant.io.safetensors import HFSource, _permute, _read_json
+from jaxquant.io.safetensors import DTYPES, HFSource, _permute, _read_json
 from jaxquant.io.source import TensorInfo
 from jaxquant.qtensor import QTensor
 
 
-@dataclasses.dataclass(frozen=True)
 class Scheme:
-    """How a checkpoint's quantized layers are stored, from its ``quantization_config``."""
+    """How a checkpoint stores its quantized layers: the tensor suffixes of one layer (``parts``;
+    ``primary`` marks a quantized layer and gives its shape) and how they become a QTensor."""
 
-    method: str  # 'gptq' | 'awq'
-    bits: int
-    group_size: int
-    parts: tuple[str, ...]  # tensor suffixes of one quantized layer; the first gives the shape
-    v1: bool = False  # GPTQ zeros stored minus one
+    parts: tuple[str, ...] = ()
+    primary: str = ""
+    optional: tuple[str, ...] = ()
 
-    @classmethod
-    def from_config(cls, qc: dict[str, Any], where: Path) -> Scheme:
-        method = str(qc.get("quant_method", "")).lower()
-        try:
-            bits, group = int(qc.get("bits", qc.get("w_bit", 4))), int(qc.get("group_size", qc.get("q_group_size", -1)))
-        except (TypeError, ValueError):
-            raise FileFormatError(f"{where}: quantization_config has non-integer bits or group_size") from None
-        if method == "gptq":
-            fmt = str(qc.get("checkpoint_format", "gptq")).lower()
-            if fmt not in ("gptq", "gptq_v2"):
-                raise FileFormatError(f"{where}: GPTQ checkpoint_format {fmt!r} is not supported "
-                                      "(supported: 'gptq', 'gptq_v2')")
-            return cls(method, bits, group, ("qweight", "qzeros", "scales", "g_idx"), v1=fmt == "gptq")
-        if method == "awq":
-            version = str(qc.get("version", "gemm")).lower()
-            if version != "gemm":
-                raise FileFormatError(f"{where}: AWQ version {version!r} is not supported (supported: 'gemm')")
-            if qc.get("zero_point", True) is False:
-                raise FileFormatError(f"{where}: AWQ without zero points is not supported")
-            return cls(method, bits, group, ("qweight", "qzeros", "scales"))
-        raise FileFormatError(f"{where}: quantization method {method!r} is not supported (supported: gptq, awq)")
+    def owns(self, part: str, dtype: str) -> bool:
+        """Whether a tensor ``module.part`` of ``dtype`` belongs to a quantized layer."""
+        return part in self.parts and not (part == "weight" and dtype in DTYPES)
 
-    def shape(self, qweight_shape: tuple[int, ...]) -> tuple[int, int]:
-        """The (N, K) of a layer from its qweight's shape."""
-        rows, cols = qweight_shape
-        if self.method == "gptq":
-            return cols, rows * 32 // self.bits
-        return cols * 32 // self.bits, rows
+    def layout(self, module: str, shape: tuple[int, ...]) -> tuple[tuple[int, int], Format]:
+        """The layer's (N, K) and format, from its primary tensor's shape."""
+        raise NotImplementedError
+
+    def build(self, module: str, parts: dict[str, np.ndarray], where: str) -> QTensor:
+        raise NotImplementedError
+
+    def extra_bytes(self, module: str, k: int, read) -> int:
+        """Bytes a layer's QTensor holds beyond its format's per-row fields (``read(part)``)."""
+        return 0
+
+
+def _ints(qc: dict[str, Any], where: Path, *keys: str, default: int) -> int:
+    for key in keys:
+        if key in qc:
+            try:
+                return int(qc[key])
+            except (TypeError, ValueError):
+                raise FileFormatError(f"{where}: quantization setting {key!r} is {qc[key]!r}, not an integer") from None
+    return default
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQ(Scheme):
+    """``quant_method: gptq``: qweight packed along K; ``v1``: zeros stored minus one."""
+
+    bits: int = 4
+    group_size: int = 128
+    v1: bool = True
+    parts: tuple[str, ...] = ("qweight", "qzeros", "scales", "g_idx")
+    primary: str = "qweight"
+    optional: tuple[str, ...] = ("g_idx",)
+
+    def group(self, k: int) -> int:
+        return k if self.group_size == -1 else self.group_size
+
+    def layout(self, module, shape):
+        n, k = shape[1], shape[0] * 32 // self.bits
+        return (n, k), gptq.gptq_format(self.bits, self.group(k))
+
+    def build(self, module, parts, where):
+        return gptq.from_gptq(parts["qweight"], parts["qzeros"], parts["scales"], parts.get("g_idx"),
+                              bits=self.bits, group_size=self.group_size, v1=self.v1, where=where)
+
+    def extra_bytes(self, module, k, read):
+        g_idx = read("g_idx")  # act-order layers carry their column order
+        return 4 * k if g_idx is not None and gptq.is_act_order(g_idx, k, self.group(k)) else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class AWQ(GPTQ):
+    """``quant_method: awq`` (GEMM): qweight and qzeros packed along N in AWQ's order."""
+
+    parts: tuple[str, ...] = ("qweight", "qzeros", "scales")
+    optional: tuple[str, ...] = ()
+
+    def layout(self, module, shape):
+        n, k = shape[1] * 32 // self.bits, shape[0]
+        return (n, k), gptq.gptq_format(self.bits, self.group(k))
+
+    def build(self, module, parts, where):
+        return gptq.from_awq(parts["qweight"], parts["qzeros"], parts["scales"], bits=self.bits,
+                             group_size=self.group_size, where=where)
+
+    def extra_bytes(self, module, k, read):
+        return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MLX(Scheme):
+    """mlx-lm's ``quantization``: affine (AFQ) ``weight`` (uint32), ``scales``, ``biases`` per layer,
+    with per-layer ``{bits, group_size}`` overrides keyed by module path."""
+
+    quantization: dict = dataclasses.field(default_factory=dict)
+    parts: tuple[str, ...] = ("weight", "scales", "biases")
+    primary: str = "weight"
+
+    def settings(self, module: str) -> tuple[int, int]:
+        override = self.quantization.get(module)
+        qc = override if isinstance(override, dict) else self.quantization
+        mode = qc.get("mode", "affine")
+        if mode != "affine":
+            raise FileFormatError(f"MLX quantization mode {mode!r} of {module!r} is not supported (supported: affine)")
+        return int(qc.get("bits", 4)), int(qc.get("group_size", 64))
+
+    def layout(self, module, shape):
+        bits, group = self.settings(module)
+        return (shape[0], shape[1] * 32 // bits), get_format(f"AFQ{bits}_G{group}")
+
+    def build(self, module, parts, where):
+        bits, group = self.settings(module)
+        fmt = get_format(f"AFQ{bits}_G{group}")
+        words = np.asarray(parts["weight"]).view(np.uint32)
+        n, k = words.shape[0], words.shape[1] * 32 // bits
+        arrays = {"q": words.reshape(n, k // group, -1), "scales": parts["scales"], "biases": parts["biases"]}
+        for key in ("scales", "biases"):
+            if arrays[key].shape != (n, k // group):
+                raise FormatError(f"{where}: {key} of shape {arrays[key].shape}, expected {(n, k // group)} "
+                                  f"for a [{n}, {k}] weight in groups of {group}")
+        return QTensor({key: jnp.asarray(a) for key, a in arrays.items()}, fmt.name, (n, k))
+
+
+def scheme_of(config: dict[str, Any], where: Path) -> Scheme:
+    """The scheme a config.json describes (mlx-lm's ``quantization`` or HF's ``quantization_config``)."""
+    if isinstance(config.get("quantization"), dict):
+        return MLX(quantization=config["quantization"])
+    qc = config["quantization_config"]
+    method = str(qc.get("quant_method", "")).lower()
+    bits = _ints(qc, where, "bits", "w_bit", default=4)
+    group = _ints(qc, where, "group_size", "q_group_size", default=128)
+    if method == "gptq":
+        fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+        if fmt not in ("gptq", "gptq_v2"):
+            raise FileFormatError(f"{where}: GPTQ checkpoint_format {fmt!r} is not supported (supported: 'gptq', "
+                                  "'gptq_v2')")
+        return GPTQ(bits=bits, group_size=group, v1=fmt == "gptq")
+    if method == "awq":
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise FileFormatError(f"{where}: AWQ version {version!r} is not supported (supported: 'gemm')")
+        if qc.get("zero_point", True) is False:
+            raise FileFormatError(f"{where}: AWQ without zero points is not supported")
+        return AWQ(bits=bits, group_size=group)
+    raise FileFormatError(f"{where}: quantization method {method!r} is not supported (supported: gptq, awq, "
+                          "mlx-lm's 'quantization')")
 
 
 class QuantizedHFSource(HFSource):
     """An ``HFSource`` whose linear layers are stored quantized (see the module docstring)."""
 
     def __init__(self, directory: str | os.PathLike):
-        self._layers: dict[str, dict[str, tuple[str, str]]] = {}  # canonical name -> part -> (shard, HF name)
-        self.scheme = Scheme.from_config(_read_json(Path(directory) / "config.json")["quantization_config"],
-                                         Path(directory) / "config.json")
+        self._layers: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {}  # name -> (module, part -> where)
+        config = Path(directory) / "config.json"
+        self.scheme = scheme_of(_read_json(config), config)
         super().__init__(directory)
-        for name, parts in self._layers.items():
-            missing = [p for p in self.scheme.parts if p not in parts and p != "g_idx"]
+        for name, (module, parts) in self._layers.items():
+            missing = [p for p in self.scheme.parts if p not in parts and p not in self.scheme.optional]
             if missing:
-                raise FileFormatError(f"{self.path}: quantized layer {parts[next(iter(parts))][1].rpartition('.')[0]!r} "
-                                      f"lacks {', '.join(missing)}")
-            if "g_idx" in parts and gptq.is_act_order(self._read(*parts["g_idx"]), *self._layer_geometry(name)):
-                info = self._infos[name]  # act-order layers carry their column order
-                self._infos[name] = dataclasses.replace(info, nbytes=info.nbytes + 4 * info.shape[1])
+                raise FileFormatError(f"{self.path}: quantized layer {module!r} lacks {', '.join(missing)}")
+            if name in self._infos:
+                info = self._infos[name]
+                extra = self.scheme.extra_bytes(module, info.shape[1], lambda p: self._part(name, p))
+                self._infos[name] = dataclasses.replace(info, nbytes=info.nbytes + extra)
 
     def _add(self, hf_name: str, shard: str) -> None:
         module, _, part = hf_name.rpartition(".")
-        if part not in self.scheme.parts:
+        handle = self._open(shard)[0]
+        if hf_name not in self._open(shard)[1] or not self.scheme.owns(part, handle.get_slice(hf_name).get_dtype()):
             return super()._add(hf_name, shard)
         where = self.path / shard
         try:
@@ -98,35 +200,29 @@ class QuantizedHFSource(HFSource):
             raise FileFormatError(f"{where}: tensor {hf_name!r} is not part of a {self.config.arch} model") from None
         if name is None:
             return None
-        self._layers.setdefault(name, {})[part] = (shard, hf_name)
-        if part == self.scheme.parts[0]:
-            shape = self.scheme.shape(tuple(int(d) for d in self._open(shard)[0].get_slice(hf_name).get_shape()))
-            fmt = gptq.gptq_format(self.scheme.bits, self._group(shape[1]))
+        self._layers.setdefault(name, (module, {}))[1][part] = (shard, hf_name)
+        if part == self.scheme.primary:
+            try:
+                shape, fmt = self.scheme.layout(module, tuple(int(d) for d in handle.get_slice(hf_name).get_shape()))
+            except FormatError as e:
+                raise FileFormatError(f"{where}: {module}: {e}") from None
             self._where[name] = (shard, hf_name)
-            self._infos[name] = TensorInfo(name, shape, fmt.name, shape[0] * fmt.row_bytes(shape[1]))
+            self._infos[name] = TensorInfo(name, shape, fmt.name, fmt.nbytes(shape))
         return None
 
-    def _group(self, k: int) -> int:
-        return k if self.scheme.group_size == -1 else self.scheme.group_size
-
-    def _layer_geometry(self, name: str) -> tuple[int, int]:
-        k = self._infos[name].shape[1]
-        return k, self._group(k)
+    def _part(self, name: str, part: str) -> np.ndarray | None:
+        where = self._layers[name][1].get(part)
+        return None if where is None else self._read(*where)
 
     def load(self, name: str):
         """The tensor under its canonical name; quantized layers as QTensors."""
         if name not in self._layers:
             return super().load(name)
-        parts = {p: self._read(*where) for p, where in self._layers[name].items()}
-        where = f"{self.path}: {self._layers[name][self.scheme.parts[0]][1].rpartition('.')[0]}"
-        s = self.scheme
+        self.info(name)
+        module, parts = self._layers[name]
+        where = f"{self.path}: {module}"
         try:
-            if s.method == "gptq":
-                q = gptq.from_gptq(parts["qweight"], parts["qzeros"], parts["scales"], parts.get("g_idx"),
-                                   bits=s.bits, group_size=s.group_size, v1=s.v1, where=where)
-            else:
-                q = gptq.from_awq(parts["qweight"], parts["qzeros"], parts["scales"], bits=s.bits,
-                                  group_size=s.group_size, where=where)
+            q = self.scheme.build(module, {p: self._read(*w) for p, w in parts.items()}, where)
         except FormatError as e:
             raise FileFormatError(str(e)) from None
         if q.shape != self.info(name).shape:
@@ -134,8 +230,8 @@ class QuantizedHFSource(HFSource):
         kind = hf_names.transform(self.config.arch, name)
         if kind in ("permute_q", "permute_k"):
             heads = self.config.n_heads if kind == "permute_q" else self.config.n_kv_heads
-            q = QTensor({k: a if k == "perm" else jnp.asarray(_permute(np.asarray(a), heads)) for k, a in q.arrays.items()},
-                        q.fmt, q.shape, q.dtype)
+            q = QTensor({k: a if k == "perm" else jnp.asarray(_permute(np.asarray(a), heads))
+                         for k, a in q.arrays.items()}, q.fmt, q.shape, q.dtype)
         return q
 
     def _read(self, shard: str, hf_name: str) -> np.ndarray:
@@ -147,6 +243,7 @@ class QuantizedHFSource(HFSource):
 
 def open_hf(directory: str | os.PathLike) -> HFSource:
     """An HF checkpoint directory: a ``QuantizedHFSource`` when config.json has a
-    ``quantization_config``, else an ``HFSource``."""
+    ``quantization_config`` (or mlx-lm's ``quantization``), else an ``HFSource``."""
     config = _read_json(Path(directory) / "config.json")
-    return QuantizedHFSource(directory) if "quantization_config" in config else HFSource(directory)
+    quantized = "quantization_config" in config or "quantization" in config
+    return QuantizedHFSource(directory) if quantized else HFSource(directory)
