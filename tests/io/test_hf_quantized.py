@@ -1,4 +1,4 @@
-"""Pre-quantized HF checkpoints (GPTQ, AWQ) against the reference libraries.
+"""Pre-quantized HF checkpoints (GPTQ, AWQ, MLX) against the reference libraries.
 
 Checkpoints are packed here by the libraries' own code: AutoGPTQ's ``QuantLinear.pack``
 (qlinear_cuda, the act-order-aware layer; it writes v1 zeros) and AutoAWQ's
@@ -7,7 +7,8 @@ has, so only their pure-torch layer modules are imported (``_module``). The refe
 weights are AutoGPTQ's torch forward of the identity matrix (its CPU path: ``scales[g_idx] *
 (w - zeros[g_idx])`` in fp16) and AutoAWQ's ``dequantize_gemm``. GPTQ v2 zeros (no minus one) are
 AutoGPTQ's packing of zero + 1, which its pack stores as zero (GPTQModel's v1 -> v2 conversion adds
-one to each packed zero).
+one to each packed zero). MLX checkpoints hold ``mx.quantize``'s tensors under mlx-lm's names and
+config; the reference is ``mx.dequantize``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+import mlx.core as mx
 import numpy as np
 import pytest
 import torch
@@ -116,6 +118,44 @@ def awq_layer(rng, n, k, *, bits, group, **_):
     ref = AWQ_PACKING.dequantize_gemm(layer.qweight, layer.qzeros, layer.scales, bits, group)
     tensors = {"qweight": layer.qweight.numpy(), "qzeros": layer.qzeros.numpy(), "scales": layer.scales.numpy()}
     return tensors, ref.T.float().numpy()
+
+
+def mlx_layer(w: np.ndarray, bits: int, group: int):
+    """mx.quantize's tensors of a float16 weight and mx.dequantize's weight [N, K] (float32)."""
+    wq, scales, biases = mx.quantize(mx.array(w.astype(np.float16)), group_size=group, bits=bits)
+    ref = np.array(mx.dequantize(wq, scales, biases, group_size=group, bits=bits)).astype(np.float32)
+    return {"weight": np.array(wq), "scales": np.array(scales), "biases": np.array(biases)}, ref
+
+
+def build_mlx(path, quantization: dict, seed: int = 0):
+    """A random Llama saved as mlx-lm saves a quantized model (embeddings and lm_head included),
+    with ``quantization`` as its config's; returns what ``build`` returns."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**{**CONFIG, "num_hidden_layers": 2})
+    model = transformers.LlamaForCausalLM(config).eval()
+    modules = {"model.embed_tokens": (model.model.embed_tokens, "token_embd.weight"),
+               "lm_head": (model.lm_head, "output.weight")}
+    for i, layer in enumerate(model.model.layers):
+        modules.update({f"model.layers.{i}.{part}.{name}": (getattr(getattr(layer, part), name),
+                                                            f"blk.{i}.{CANONICAL[name]}.weight")
+                        for part, names in LINEARS.items() for name in names})
+    tensors, refs = {}, {}
+    for prefix, (module, canonical) in modules.items():
+        settings = quantization.get(prefix, quantization)
+        if settings is False:
+            continue
+        packed, ref = mlx_layer(module.weight.detach().numpy(), settings["bits"], settings["group_size"])
+        module.weight.data = torch.tensor(ref)
+        tensors.update({f"{prefix}.{k}": v for k, v in packed.items()})
+        refs[canonical] = ref
+    tensors.update({k: v.detach().numpy().copy() for k, v in model.state_dict().items()
+                    if f"{k.rpartition('.')[0]}.scales" not in tensors})
+    path.mkdir()
+    save_file(tensors, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({**config.to_dict(), "quantization": quantization,
+                                                  "quantization_config": quantization}))
+    (path / "tokenizer.json").write_text(TOKENIZER)
+    return path, model, refs
 
 
 def build(path, method: str, seed: int = 0, **kw):
@@ -227,3 +267,32 @@ def test_inspect_and_requantize(tmp_path, capsys):
         got = getattr(m.params.layers[0], name.split(".")[2])
         want = jaxquant.quantize(_reference(name, ref, m.cfg), "Q8_0")
         assert got.fmt == "Q8_0" and all(np.array_equal(got.arrays[k], want.arrays[k]) for k in want.arrays)
+
+
+MLX_QUANTIZATION = {"group_size": 64, "bits": 4, "mode": "affine",
+                    "model.layers.0.mlp.down_proj": {"group_size": 128, "bits": 8},
+                    "model.layers.0.self_attn.o_proj": {"group_size": 32, "bits": 3},
+                    "model.layers.1.mlp.up_proj": {"group_size": 64, "bits": 6},
+                    "model.layers.1.mlp.gate_proj": {"group_size": 32, "bits": 5},
+                    "model.layers.1.self_attn.k_proj": {"group_size": 32, "bits": 2},
+                    "lm_head": False}
+
+
+def test_mlx_dequantize_and_logits(tmp_path):
+    """mlx-lm's layout with per-layer overrides: every layer (embeddings too) dequantizes to
+    mx.dequantize's weights, and the model's logits equal transformers' on them."""
+    path, model, refs = build_mlx(tmp_path / "m", MLX_QUANTIZATION)
+    src = open_model(path)
+    assert src.info("blk.0.ffn_down.weight").type == "AFQ8_G128" and src.info("output.weight").type == "F32"
+    for name, ref in refs.items():
+        q = src.load(name)
+        assert src.info(name).nbytes == q.nbytes
+        np.testing.assert_array_equal(np.asarray(DEQUANTIZE(q)).view(np.uint32),
+                                      _reference(name, ref, src.config).view(np.uint32))
+    ids = np.random.default_rng(1).integers(0, CONFIG["vocab_size"], 12)
+    with torch.no_grad():
+        want = model(torch.tensor(ids)[None]).logits[0].numpy()
+    m = jaxquant.load(path)
+    assert m.params.token_embd.fmt == "AFQ4_G64"
+    got = _logits(m, ids)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
