@@ -9,6 +9,8 @@ else (embeddings, norms, an unquantized lm_head) loads as in ``HFSource``.
   (``desc_act`` with ``g_idx``), sym/asym, ``checkpoint_format`` 'gptq' (v1: zeros stored minus
   one) or 'gptq_v2'.
 - AWQ (``quant_method: awq``, version 'gemm'): 4 bits, packed along the outputs.
+- FP8 (``quant_method: fp8``): float8 e4m3/e5m2 weights with ``weight_scale_inv`` per 128x128
+  block or per tensor, as FP8_* formats.
 - MLX (mlx-lm's ``quantization``: ``{bits, group_size}`` plus per-module overrides, ``false`` for a
   module left in float): affine ``weight``/``scales``/``biases`` as AFQ formats, embeddings included.
 """
@@ -16,6 +18,7 @@ else (embeddings, norms, an unquantized lm_head) loads as in ``HFSource``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,9 @@ from jaxquant.io import hf_names
 from jaxquant.io.safetensors import DTYPES, HFSource, _permute, _read_json
 from jaxquant.io.source import TensorInfo
 from jaxquant.qtensor import QTensor
+
+FP8_BLOCK = 128
+RAW = ("F8_E4M3", "F8_E5M2")
 
 
 class Scheme:
@@ -146,6 +152,29 @@ class MLX(Scheme):
         return QTensor({key: jnp.asarray(a) for key, a in arrays.items()}, fmt.name, (n, k))
 
 
+@dataclasses.dataclass(frozen=True)
+class FP8(Scheme):
+    """``quant_method: fp8`` (transformers' fine-grained FP8): float8 ``weight`` and float32
+    ``weight_scale_inv`` per 128x128 block (``weight_block_size``) or per tensor (None)."""
+
+    kind: str = "E4M3"
+    blocks: bool = True
+    parts: tuple[str, ...] = ("weight", "weight_scale_inv")
+    primary: str = "weight"
+
+    def layout(self, module, shape):
+        return (shape[0], shape[1]), get_format(f"FP8_{self.kind}{'_B128' if self.blocks else ''}")
+
+    def build(self, module, parts, where):
+        (n, k), fmt = self.layout(module, parts["weight"].shape)
+        q, scale = parts["weight"].view(jnp.dtype(fmt.fields[0].dtype)), np.asarray(parts["weight_scale_inv"], np.float32)
+        want = (-(-n // FP8_BLOCK), k // FP8_BLOCK) if self.blocks else ()
+        if scale.shape != want or (self.blocks and k % FP8_BLOCK):
+            raise FormatError(f"{where}: weight_scale_inv of shape {scale.shape}, expected {want} for a [{n}, {k}] "
+                              "weight" + (" in 128x128 blocks" if self.blocks else ""))
+        return QTensor({"q": jnp.asarray(q), "scale": jnp.asarray(scale)}, fmt.name, (n, k))
+
+
 def scheme_of(config: dict[str, Any], where: Path) -> Scheme:
     """The scheme a config.json describes (mlx-lm's ``quantization`` or HF's ``quantization_config``)."""
     if isinstance(config.get("quantization"), dict):
@@ -167,7 +196,15 @@ def scheme_of(config: dict[str, Any], where: Path) -> Scheme:
         if qc.get("zero_point", True) is False:
             raise FileFormatError(f"{where}: AWQ without zero points is not supported")
         return AWQ(bits=bits, group_size=group)
-    raise FileFormatError(f"{where}: quantization method {method!r} is not supported (supported: gptq, awq, "
+    if method == "fp8":
+        kind = {"e4m3": "E4M3", "float8_e4m3fn": "E4M3", "e5m2": "E5M2"}.get(str(qc.get("fmt", "e4m3")).lower())
+        block = qc.get("weight_block_size")
+        if kind is None or block not in (None, [FP8_BLOCK, FP8_BLOCK]) or qc.get("scale_fmt", "float") != "float":
+            raise FileFormatError(f"{where}: FP8 with fmt {qc.get('fmt')!r}, weight_block_size {block!r}, scale_fmt "
+                                  f"{qc.get('scale_fmt')!r} is not supported (e4m3/e5m2, 128x128 blocks or per tensor, "
+                                  "float32 scales)")
+        return FP8(kind=kind, blocks=block is not None)
+    raise FileFormatError(f"{where}: quantization method {method!r} is not supported (supported: gptq, awq, fp8, "
                           "mlx-lm's 'quantization')")
 
 
@@ -229,16 +266,43 @@ class QuantizedHFSource(HFSource):
             raise FileFormatError(f"{where}: loads as {q.shape}, expected {self.info(name).shape}")
         kind = hf_names.transform(self.config.arch, name)
         if kind in ("permute_q", "permute_k"):
-            heads = self.config.n_heads if kind == "permute_q" else self.config.n_kv_heads
-            q = QTensor({k: a if k == "perm" else jnp.asarray(_permute(np.asarray(a), heads))
-                         for k, a in q.arrays.items()}, q.fmt, q.shape, q.dtype)
+            q = _permute_rows(q, self.config.n_heads if kind == "permute_q" else self.config.n_kv_heads, where)
         return q
 
     def _read(self, shard: str, hf_name: str) -> np.ndarray:
         try:
-            return self._open(shard)[0].get_tensor(hf_name)
+            handle = self._open(shard)[0]
+            if handle.get_slice(hf_name).get_dtype() in RAW:  # dtypes safetensors' numpy side cannot give
+                return _raw_tensor(self.path / shard, hf_name)
+            return handle.get_tensor(hf_name)
         except (SafetensorError, OSError) as e:
             raise FileFormatError(f"{self.path / shard}: cannot read tensor {hf_name!r}: {e}") from None
+
+
+def _permute_rows(q: QTensor, n_head: int, where: str) -> QTensor:
+    """Llama's q/k row order (``safetensors._permute``) applied to a QTensor: per-row arrays are
+    permuted; per-tensor ones (and GPTQ's column order) kept; FP8's 128-row scale blocks kept when
+    every row stays in its block (head sizes dividing 128)."""
+    order = _permute(np.arange(q.shape[0]), n_head)
+    layouts = {f.name: f.layout for f in q.format.fields}
+    arrays = {}
+    for key, a in q.arrays.items():
+        layout = layouts.get(key, "tensor")
+        if layout == "mixed" and not (q.fmt.startswith("FP8_") and np.array_equal(order // FP8_BLOCK,
+                                                                                 np.arange(len(order)) // FP8_BLOCK)):
+            raise FileFormatError(f"{where}: the rope row order of Llama's q/k would move rows across the "
+                                  f"blocks of {q.fmt}'s {key!r}; such a checkpoint cannot be loaded")
+        arrays[key] = jnp.asarray(np.asarray(a)[order]) if layout == "rows" else a
+    return QTensor(arrays, q.fmt, q.shape, q.dtype)
+
+
+def _raw_tensor(path: Path, name: str) -> np.ndarray:
+    """A tensor of one-byte elements, as uint8 of its shape, read through the safetensors header."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    begin, end = header[name]["data_offsets"]
+    return np.fromfile(path, np.uint8, count=end - begin, offset=8 + size + begin).reshape(header[name]["shape"])
 
 
 def open_hf(directory: str | os.PathLike) -> HFSource:

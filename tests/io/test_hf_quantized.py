@@ -27,6 +27,7 @@ import pytest
 import torch
 import transformers
 from safetensors.numpy import save_file
+from safetensors.torch import save_file as save_torch
 
 import jaxquant
 from jaxquant import Policy, models
@@ -295,4 +296,49 @@ def test_mlx_dequantize_and_logits(tmp_path):
     m = jaxquant.load(path)
     assert m.params.token_embd.fmt == "AFQ4_G64"
     got = _logits(m, ids)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+
+@pytest.mark.parametrize("blocks", [True, False])
+def test_fp8_dequantize_and_logits(tmp_path, blocks):
+    """transformers' fine-grained FP8 layout (float8 weights, weight_scale_inv per 128x128 block or per
+    tensor; lm_head left in float): weights equal transformers' ``_dequantize_fp8_weight`` and logits
+    its model's on them."""
+    from transformers.integrations import finegrained_fp8  # here: it imports hqq, which warns (pytestmark)
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**CONFIG, "hidden_size": 128, "intermediate_size": 256})
+    model = transformers.LlamaForCausalLM(config).eval()
+    block = [128, 128] if blocks else None
+    tensors, refs = {}, {}
+    for i, layer in enumerate(model.model.layers):
+        for part, names in LINEARS.items():
+            for name in names:
+                lin = getattr(getattr(layer, part), name)
+                n, k = lin.weight.shape
+                q = (torch.randn(n, k) * 100).to(torch.float8_e4m3fn)
+                scale = torch.rand((-(-n // 128), k // 128) if blocks else ()) * 1e-3
+                ref = finegrained_fp8._dequantize_fp8_weight(q, scale, block, torch.float32)
+                lin.weight.data = ref
+                prefix = f"model.layers.{i}.{part}.{name}"
+                tensors.update({f"{prefix}.weight": q, f"{prefix}.weight_scale_inv": scale})
+                refs[f"blk.{i}.{CANONICAL[name]}.weight"] = ref.numpy()
+    tensors.update({k: v.detach().clone() for k, v in model.state_dict().items() if f"{k}_scale_inv" not in tensors})
+    path = tmp_path / "m"
+    path.mkdir()
+    save_torch(tensors, str(path / "model.safetensors"))
+    qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": block,
+          "modules_to_not_convert": ["lm_head"]}
+    (path / "config.json").write_text(json.dumps({**config.to_dict(), "quantization_config": qc}))
+    (path / "tokenizer.json").write_text(TOKENIZER)
+    src = open_model(path)
+    for name, ref in refs.items():
+        q = src.load(name)
+        assert q.fmt == ("FP8_E4M3_B128" if blocks else "FP8_E4M3") and src.info(name).nbytes == q.nbytes
+        np.testing.assert_array_equal(np.asarray(DEQUANTIZE(q)).view(np.uint32),
+                                      _reference(name, ref, src.config).view(np.uint32))
+    ids = np.random.default_rng(1).integers(0, CONFIG["vocab_size"], 12)
+    with torch.no_grad():
+        want = model(torch.tensor(ids)[None]).logits[0].numpy()
+    got = _logits(jaxquant.load(path), ids)
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
