@@ -1,0 +1,97 @@
+"""HQQ (half-quadratic quantization, mobiusml/hqq ``Quantizer.quantize(optimize=True)``).
+
+Groups of ``g``: ``axis=1`` (formats ``HQQ{b}_G{g}``) cuts each row into runs of ``g`` along the
+input; ``axis=0`` (``HQQ{b}_G{g}_AX0``, hqq's default) reshapes the flattened tensor to
+``[g, N*K/g]`` and groups its columns. Per group ``s = (2^b - 1) / (max - min)`` (1 where
+``|max - min| <= 1e-4``, at most 2e4), ``z = -min * s``; then hqq's proximal solver on CPU
+(float32, ``optimize_weights_proximal_legacy``: lp norm 0.7, beta 10 -- its kappa is unused --
+at most 20 iterations): ``q = clamp(round(x s + z))``, ``x_r = (q - z) / s``,
+``e = shrink(x - x_r)``, ``z = mean(q - (x - e) s)``; it stops after the first iteration whose
+mean ``|x - x_r|`` over the whole tensor does not improve (keeping that iteration's ``z``), so
+every format here quantizes whole tensors. Stored like ``HQQLinear`` with a float16 compute
+dtype: codes packed ``b`` bits per code (a little-endian bit stream in uint32 words), float16
+``scale = 1/s`` and ``zero``; dequantized ``(q - zero) * scale`` in float16 arithmetic.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxquant.formats.mlx_affine import pack_bits, round_to, unpack_bits
+from jaxquant.formats.numerics import F32, div, mul
+from jaxquant.formats.registry import Field, Format, register
+
+BITS = (1, 2, 3, 4, 8)
+GROUPS = (32, 64, 128)
+LP_NORM, BETA, ITERS = 0.7, 10.0, 20
+
+
+def _shrink(x: jax.Array) -> jax.Array:
+    """hqq's ``shrink_lp_op``: sign(x) * relu(|x| - (1/beta) |x|^(p-1))."""
+    a = jnp.abs(x)
+    return mul(jnp.maximum(a - mul(F32(1 / BETA), a ** F32(LP_NORM - 1)), 0), jnp.sign(x))
+
+
+def hqq_quantize(x: jax.Array, bits: int, group: int, axis: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``x f32[N, K]`` -> (codes in hqq's grouped shape, float32 ``s``, ``z``) as hqq computes them
+    (``s`` before hqq inverts it). Groups run along ``axis`` of the grouped matrix."""
+    w = x.reshape(-1, group) if axis == 1 else x.reshape(group, -1)
+    max_v = F32(2**bits - 1)
+    lo, hi = jnp.min(w, axis=axis, keepdims=True), jnp.max(w, axis=axis, keepdims=True)
+    denom = hi - lo
+    scale = jnp.minimum(jnp.where(jnp.abs(denom) <= 1e-4, F32(1), div(max_v, denom)), F32(2e4))
+    zero = -mul(lo, scale)
+
+    def quant(zero):
+        return jnp.clip(jnp.round(mul(w, scale) + zero), 0, max_v)
+
+    def step(_, state):
+        zero, best, done = state
+        q = quant(zero)
+        w_r = div(q - zero, scale)
+        w_e = _shrink(w - w_r)
+        new_zero = jnp.mean(q - mul(w - w_e, scale), axis=axis, keepdims=True)
+        err = jnp.mean(jnp.abs(w - w_r))
+        better = err < best
+        return (jnp.where(done, zero, new_zero), jnp.where(done | ~better, best, err), done | ~better)
+
+    zero, _, _ = lax.fori_loop(0, ITERS, step, (zero, F32(jnp.inf), jnp.asarray(False)))
+    return quant(zero).astype(jnp.int32), scale, zero
+
+
+def _quantize(x: jax.Array, bits: int, group: int, axis: int) -> dict[str, jax.Array]:
+    q, scale, zero = hqq_quantize(x, bits, group, axis)
+    n, k = x.shape
+    shape = (n, k // group) if axis == 1 else (-1,)
+    inv = div(F32(1), scale)
+    codes = q.reshape(n, k // group, group) if axis == 1 else q.reshape(n, k)
+    return {"q": pack_bits(codes, bits), "scale": inv.astype(jnp.float16).reshape(shape),
+            "zero": zero.astype(jnp.float16).reshape(shape)}
+
+
+def _dequantize(a: dict[str, jax.Array], bits: int, group: int, axis: int) -> jax.Array:
+    q = unpack_bits(a["q"], bits).astype(F32)
+    s, z = a["scale"].astype(F32), a["zero"].astype(F32)
+    dt = a["scale"].dtype
+    if axis == 1:
+        y = round_to(mul(round_to(q - z[..., None], dt), s[..., None]), dt)
+        return y.reshape(y.shape[0], -1)
+    n = q.shape[0]
+    qg = q.reshape(group, -1)
+    return round_to(mul(round_to(qg - z, dt), s), dt).reshape(n, -1)
+
+
+def _register(bits: int, group: int, axis: int) -> Format:
+    if axis == 1:
+        fields = (Field("q", "uint32", group * bits // 32), Field("scale", "float16"), Field("zero", "float16"))
+    else:
+        fields = (Field("q", "uint32"), Field("scale", "float16", layout="mixed"),
+                  Field("zero", "float16", layout="mixed"))
+    return register(Format(f"HQQ{bits}_G{group}" + ("_AX0" if axis == 0 else ""), group if axis == 1 else 32,
+                           fields, lambda a: _dequantize(a, bits, group, axis),
+                           lambda x, qw: _quantize(x, bits, group, axis), "hqq", gguf=False, scope="tensor"))
+
+
+FORMATS = {(b, g, axis): _register(b, g, axis) for b in BITS for g in GROUPS for axis in (1, 0)}
