@@ -61,8 +61,8 @@ def _or_shifted(v: jax.Array, bits: int) -> jax.Array:
 
 def _unpack_bits(v: jax.Array, bits: int, groups: int) -> jax.Array:
     """Inverse of ``_or_shifted``: (..., N) uint8 -> (..., groups, N) int32."""
-    shifts = jnp.arange(groups, dtype=jnp.uint8)[:, None] * bits
-    return ((v[..., None, :] >> shifts) & ((1 << bits) - 1)).astype(jnp.int32)
+    shifts = jnp.arange(groups, dtype=jnp.int32)[:, None] * bits  # int32: AVX2 has no uint8 shifts
+    return (v.astype(jnp.int32)[..., None, :] >> shifts) & ((1 << bits) - 1)
 
 
 def _requantize(xs: jax.Array, d: jax.Array, L: jax.Array, nmax: int) -> jax.Array:
@@ -228,8 +228,8 @@ def _q6_k_dequantize(a: dict[str, jax.Array]) -> jax.Array:
     lead = ql.shape[:-1]
     # [half][s >> 1][s & 1][l] by broadcasting the nibble shift over a new axis -3 (a swapaxes
     # here made XLA's CPU dot, which fuses this, several times slower)
-    nibble = jnp.array([0, 4], jnp.uint8)[:, None, None]
-    lo = ((ql.reshape(*lead, 2, 1, 2, 32) >> nibble) & 0xF).astype(jnp.int32)
+    nibble = jnp.array([0, 4], jnp.int32)[:, None, None]
+    lo = (ql.astype(jnp.int32).reshape(*lead, 2, 1, 2, 32) >> nibble) & 0xF
     hi = _unpack_bits(qh.reshape(*lead, 2, 32), 2, 4)
     q = ((lo.reshape(*lead, 2, 4, 32) | (hi << 4)) - 32).astype(F32).reshape(*lead, SUB, SUB)
     dl = a["d"].astype(F32)[..., None] * a["scales"].astype(F32)

@@ -123,16 +123,17 @@ def _pack_high_bits(q: jax.Array) -> jax.Array:
 
 
 def unpack_nibbles(qs: jax.Array) -> jax.Array:
-    """16 bytes -> 32 quants (int32), the inverse of ``pack_nibbles``. A broadcast shift rather
-    than a concatenate: XLA's CPU dot fuses it into a vectorized loop (a concatenate is ~10x slower)."""
-    nibbles = (qs[..., None, :] >> jnp.array([[0], [4]], jnp.uint8)) & 0xF
-    return nibbles.reshape(*qs.shape[:-1], 2 * qs.shape[-1]).astype(jnp.int32)
+    """16 bytes -> 32 quants (int32), the inverse of ``pack_nibbles``. Shifts of int32 broadcast
+    over a new axis: XLA's CPU dot fuses them into a vectorized loop (a concatenate, or uint8
+    shifts, which AVX2 lacks, made it 5-10x slower)."""
+    nibbles = (qs.astype(jnp.int32)[..., None, :] >> jnp.array([[0], [4]], jnp.int32)) & 0xF
+    return nibbles.reshape(*qs.shape[:-1], 2 * qs.shape[-1])
 
 
 def _unpack5(qh: jax.Array, qs: jax.Array) -> jax.Array:
     """Nibbles plus the 5th bits from ``qh`` -> 32 quants in [0, 32)."""
-    high = (qh[..., :, None] >> jnp.arange(8, dtype=jnp.uint8)) & 1
-    return unpack_nibbles(qs) | (high.reshape(*qh.shape[:-1], QK).astype(jnp.int32) << 4)
+    high = (qh.astype(jnp.int32)[..., :, None] >> jnp.arange(8, dtype=jnp.int32)) & 1
+    return unpack_nibbles(qs) | (high.reshape(*qh.shape[:-1], QK) << 4)
 
 
 def _rows(y: jax.Array) -> jax.Array:
