@@ -99,3 +99,18 @@ def test_kernels_in_interpreter(fmt, m):
     x = jax.random.normal(jax.random.key(9), (m, 1024), jnp.float32).astype(jnp.bfloat16)
     y = ops.qdot(x, w, backend="interpret")
     assert _rel(y.astype(jnp.float32), _ref(x.astype(jnp.float32), w)) < 2e-3
+
+
+NON_GGUF = ["AFQ4_G64", "AFQ3_G32", "HQQ4_G64", "HQQ2_G32_AX0", "NF4", "FP4_DQ", "INT8", "FP8_E4M3", "FP8_E5M2_CH",
+            "FP8_E4M3_B128", "NVFP4"]
+
+
+@pytest.mark.parametrize("fmt", NON_GGUF)
+def test_xla_qdot_non_gguf_formats(fmt):
+    """Formats without a GGML type (quantized from real data: their scales need not be random
+    bytes' values): qdot equals dequantize + a float64 dot."""
+    w = jq.quantize(jax.random.normal(jax.random.key(2), (256, 512), jnp.float32), fmt)
+    x = jax.random.normal(jax.random.key(3), (2, 3, 512), jnp.float32)
+    y = ops.qdot(x, w, backend="xla")
+    assert y.shape == (2, 3, 256) and y.dtype == jnp.float32
+    assert _rel(y, _ref(x.reshape(-1, 512), w).reshape(2, 3, 256)) < 1e-6
