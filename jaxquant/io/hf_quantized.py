@@ -167,7 +167,8 @@ class FP8(Scheme):
 
     def build(self, module, parts, where):
         (n, k), fmt = self.layout(module, parts["weight"].shape)
-        q, scale = parts["weight"].view(jnp.dtype(fmt.fields[0].dtype)), np.asarray(parts["weight_scale_inv"], np.float32)
+        q = parts["weight"].view(jnp.dtype(fmt.fields[0].dtype))
+        scale = np.asarray(parts["weight_scale_inv"], np.float32)
         want = (-(-n // FP8_BLOCK), k // FP8_BLOCK) if self.blocks else ()
         if scale.shape != want or (self.blocks and k % FP8_BLOCK):
             raise FormatError(f"{where}: weight_scale_inv of shape {scale.shape}, expected {want} for a [{n}, {k}] "
