@@ -159,7 +159,10 @@ def allows_quantization(name: str, ndim: int, arch: str, quantize_output: bool =
 
 
 def fallback(type_name: str, row_len: int) -> tuple[str, str | None]:
-    """tensor_type_fallback: ``(type, note)``; the note says why the type changed (None: it fits)."""
+    """tensor_type_fallback: ``(type, note)``; the note says why the type changed (None: it fits).
+    Formats llama.cpp does not know (no GGML type) have no fallback: they fit or the plan refuses them."""
+    if type_name not in BLOCK_SIZES:
+        return type_name, None
     block = BLOCK_SIZES[type_name]
     if row_len % block == 0:
         return type_name, None
