@@ -112,11 +112,17 @@ def _quantize_4bit_dq(x: jax.Array, table: np.ndarray) -> dict[str, jax.Array]:
     return {"qs": a["qs"], "absmax_q": codes.reshape(a["absmax"].shape), "absmax2": absmax2, "offset": offset}
 
 
-def _dequantize_4bit_dq(a: dict[str, jax.Array], table: np.ndarray) -> jax.Array:
+def dequantize_absmax(a: dict[str, jax.Array]) -> jax.Array:
+    """The float32 absmax of a double-quantized tensor's blocks (shaped as ``absmax_q``), as bnb
+    computes it before the 4-bit dequantization: ``code[q] * absmax2 + offset``."""
     codes = a["absmax_q"].reshape(-1)
     blocks = jnp.arange(codes.shape[0]) // NESTED_BLOCK
     absmax = mul(jnp.asarray(DYNAMIC_MAP)[codes.astype(jnp.int32)], a["absmax2"][blocks]) + a["offset"]
-    return _dequantize_4bit({"qs": a["qs"], "absmax": absmax.reshape(a["absmax_q"].shape)}, table)
+    return absmax.reshape(a["absmax_q"].shape)
+
+
+def _dequantize_4bit_dq(a: dict[str, jax.Array], table: np.ndarray) -> jax.Array:
+    return _dequantize_4bit({"qs": a["qs"], "absmax": dequantize_absmax(a)}, table)
 
 
 def _quantize_int8(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
