@@ -43,3 +43,24 @@ def block_mismatch(a: np.ndarray, b: np.ndarray, type_size: int) -> tuple[int, i
     """(differing blocks, total blocks) between two byte arrays of one tensor."""
     a, b = a.reshape(-1, type_size), b.reshape(-1, type_size)
     return int((a != b).any(axis=1).sum()), a.shape[0]
+
+
+def model_quantize(src: str, dst: str, ftype: int, pure: bool = False,
+                   imatrix: dict[str, np.ndarray] | None = None) -> None:
+    """llama_model_quantize (2 threads, as llama-quantize) of the GGUF ``src`` into ``dst``; ``imatrix``:
+    tensor name -> importance weights (what llama-quantize reads from an imatrix file)."""
+    import llama_cpp
+    import llama_cpp._logger
+
+    llama_cpp._logger.set_verbose(False)  # no per-tensor log
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.pure, params.nthread = ftype, pure, 2
+    keep = []
+    if imatrix is not None:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()  # a zeroed entry ends the list
+        for i, (name, w) in enumerate(sorted(imatrix.items())):
+            keep.append(np.ascontiguousarray(w, np.float32))
+            entries[i].name, entries[i].size = name.encode(), keep[-1].size
+            entries[i].data = keep[-1].ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        params.imatrix = entries
+    assert llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) == 0
