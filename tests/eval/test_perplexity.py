@@ -1,8 +1,12 @@
-"""Perplexity vs llama.cpp: the same tokens, chunks and formula on llama.cpp's own logits."""
+"""Perplexity vs llama.cpp: the same tokens, chunks and formula on llama.cpp's own logits, on a
+real English text (tests/data/shakespeare.txt: 31,921 Gemma tokens of Shakespeare, public domain,
+from karpathy/char-rnn's tinyshakespeare)."""
 
 from __future__ import annotations
 
+import ctypes
 import json
+from pathlib import Path
 
 import llama_cpp
 import numpy as np
@@ -16,6 +20,7 @@ from jaxquant.errors import JaxquantError
 
 N_CTX = 512
 FAST_CHUNKS = 3
+TEXT = (Path(__file__).resolve().parents[1] / "data" / "shakespeare.txt").read_text(encoding="utf-8")
 
 
 def llama_cpp_nll(llm: llama_cpp.Llama, chunks: np.ndarray) -> np.ndarray:
@@ -48,7 +53,7 @@ def llm(model):
 def _compare(model, llm, text: str, n_chunks: int | None) -> pp.PerplexityResult:
     tokens = pp.tokenize(model, text)
     assert tokens == llm.tokenize(text.encode(), add_bos=True, special=False)
-    ours = pp.perplexity(model, text, n_ctx=N_CTX, n_chunks=n_chunks, show_progress=False)
+    ours = pp.perplexity(model, text, n_ctx=N_CTX, n_chunks=n_chunks, batch=4, show_progress=False)
     chunks = pp.make_chunks(tokens, N_CTX, n_chunks, model.tokenizer.bos_id)
     ppl, err = pp.ppl_and_error(llama_cpp_nll(llm, chunks))
     print(f"\n{len(tokens)} tokens, {ours.n_chunks} chunks: jaxquant PPL {ours.ppl:.4f} +/- {ours.error:.5f}, "
@@ -59,30 +64,44 @@ def _compare(model, llm, text: str, n_chunks: int | None) -> pp.PerplexityResult
 
 
 def test_perplexity_vs_llama_cpp_fast(model, llm):
-    _compare(model, llm, english_text(2000, seed=1), FAST_CHUNKS)
+    _compare(model, llm, TEXT, FAST_CHUNKS)
 
 
 @pytest.mark.slow
 def test_perplexity_vs_llama_cpp_30k_tokens(model, llm):
-    res = _compare(model, llm, english_text(28000), None)
-    assert res.n_tokens >= 30000
+    """The shipped Q4_K_M file on the whole text (62 chunks of 512)."""
+    res = _compare(model, llm, TEXT, None)
+    assert res.n_tokens >= 30000 and res.n_chunks == 62
+
+
+@pytest.fixture(scope="module")
+def float_gguf(model, tmp_path_factory) -> str:
+    """The shipped model dequantized into an F32 GGUF (the float model llama-quantize starts from)."""
+    from jaxquant.io import open_model
+    from jaxquant.isq import Policy
+    from jaxquant.isq.apply import write_quantized_gguf
+
+    path = str(tmp_path_factory.mktemp("ppl") / "f32.gguf")
+    write_quantized_gguf(open_model(model.path), Policy(default="F32"), path, show_progress=False)
+    return path
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mix", ["Q8_0", "Q4_0"])
-def test_perplexity_vs_llama_cpp_requantized_by_llama_cpp(model, mix, tmp_path):
-    """Two other quantizations of the model, made by llama-quantize from the shipped file."""
-    import ctypes
-
+def test_perplexity_vs_llama_cpp_quantized_by_llama_cpp(mix, float_gguf, tmp_path):
+    """Two other quantizations of the model, made by llama_model_quantize from the float file; the
+    whole text."""
     from jaxquant.isq.mixes import FTYPES
 
     path = str(tmp_path / f"{mix}.gguf")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread, params.allow_requantize = FTYPES[mix][0], 2, True
-    assert llama_cpp.llama_model_quantize(str(model.path).encode(), path.encode(), ctypes.byref(params)) == 0
+    params.ftype, params.nthread = FTYPES[mix][0], 2
+    assert llama_cpp.llama_model_quantize(float_gguf.encode(), path.encode(), ctypes.byref(params)) == 0
     other = jaxquant.load(path)
+    assert {t for t in (other.params.layers[0].attn_q.fmt, other.params.layers[5].ffn_down.fmt)} == {mix}
     llm = llama_cpp.Llama(path, n_ctx=N_CTX, n_batch=N_CTX, logits_all=True, n_threads=2, verbose=False)
-    _compare(other, llm, english_text(28000), 8)
+    res = _compare(other, llm, TEXT, None)
+    assert res.n_chunks == 62
 
 
 def test_chunks_and_formula():
