@@ -13,6 +13,13 @@ else (embeddings, norms, an unquantized lm_head) loads as in ``HFSource``.
   block or per tensor, as FP8_* formats.
 - MLX (mlx-lm's ``quantization``: ``{bits, group_size}`` plus per-module overrides, ``false`` for a
   module left in float): affine ``weight``/``scales``/``biases`` as AFQ formats, embeddings included.
+- bitsandbytes (``quant_method: bitsandbytes``): ``load_in_4bit`` NF4/FP4 (blocks of 64, with or
+  without ``bnb_4bit_use_double_quant``) as NF4/FP4(_DQ), ``load_in_8bit`` (LLM.int8, ``SCB``) as
+  INT8. Part names hold dots (``weight.absmax``, ``weight.quant_state.bitsandbytes__nf4``).
+
+Llama's q/k rows are reordered to llama.cpp's rope order (``_permute_rows``). Double-quantized
+absmax blocks of 256 span rows, so such q/k layers load as NF4/FP4 with their absmax dequantized
+to float32 exactly as bitsandbytes does before its 4-bit dequantization: the same weights.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import numpy as np
 from safetensors import SafetensorError
 
 from jaxquant.errors import FileFormatError, FormatError
-from jaxquant.formats import Format, get_format, gptq
+from jaxquant.formats import Format, bnb, get_format, gptq
 from jaxquant.io import hf_names
 from jaxquant.io.safetensors import DTYPES, HFSource, _permute, _read_json
 from jaxquant.io.source import TensorInfo
@@ -36,22 +43,34 @@ from jaxquant.qtensor import QTensor
 
 FP8_BLOCK = 128
 RAW = ("F8_E4M3", "F8_E5M2")
+SEPARABLE = {"NF4_DQ": "NF4", "FP4_DQ": "FP4"}  # what a double-quantized layer loads as when its rows move
 
 
 class Scheme:
-    """How a checkpoint stores its quantized layers: the tensor suffixes of one layer (``parts``;
-    ``primary`` marks a quantized layer and gives its shape) and how they become a QTensor."""
+    """How a checkpoint stores its quantized layers: the tensor suffixes of one layer (``parts``,
+    which may hold dots; ``primary`` marks a quantized layer and gives its shape) and how they
+    become a QTensor."""
 
     parts: tuple[str, ...] = ()
     primary: str = ""
     optional: tuple[str, ...] = ()
 
+    def split(self, hf_name: str) -> tuple[str, str]:
+        """(module, part) of a tensor name: the longest of ``parts`` it ends with, else its last name."""
+        for part in sorted(self.parts, key=len, reverse=True):
+            if hf_name.endswith("." + part):
+                return hf_name[:-len(part) - 1], part
+        module, _, part = hf_name.rpartition(".")
+        return module, part
+
     def owns(self, part: str, dtype: str) -> bool:
         """Whether a tensor ``module.part`` of ``dtype`` belongs to a quantized layer."""
         return part in self.parts and not (part == "weight" and dtype in DTYPES)
 
-    def layout(self, module: str, shape: tuple[int, ...]) -> tuple[tuple[int, int], Format]:
-        """The layer's (N, K) and format, from its primary tensor's shape."""
+    def layout(self, module: str, shape: tuple[int, ...], want: tuple[int, ...] | None
+               ) -> tuple[tuple[int, int], Format]:
+        """The layer's (N, K) and format, from its primary tensor's shape (``want``: the shape
+        config.json implies for the weight, None if it does not say)."""
         raise NotImplementedError
 
     def build(self, module: str, parts: dict[str, np.ndarray], where: str) -> QTensor:
@@ -86,7 +105,7 @@ class GPTQ(Scheme):
     def group(self, k: int) -> int:
         return k if self.group_size == -1 else self.group_size
 
-    def layout(self, module, shape):
+    def layout(self, module, shape, want=None):
         n, k = shape[1], shape[0] * 32 // self.bits
         return (n, k), gptq.gptq_format(self.bits, self.group(k))
 
@@ -106,7 +125,7 @@ class AWQ(GPTQ):
     parts: tuple[str, ...] = ("qweight", "qzeros", "scales")
     optional: tuple[str, ...] = ()
 
-    def layout(self, module, shape):
+    def layout(self, module, shape, want=None):
         n, k = shape[1] * 32 // self.bits, shape[0]
         return (n, k), gptq.gptq_format(self.bits, self.group(k))
 
@@ -135,7 +154,7 @@ class MLX(Scheme):
             raise FileFormatError(f"MLX quantization mode {mode!r} of {module!r} is not supported (supported: affine)")
         return int(qc.get("bits", 4)), int(qc.get("group_size", 64))
 
-    def layout(self, module, shape):
+    def layout(self, module, shape, want=None):
         bits, group = self.settings(module)
         return (shape[0], shape[1] * 32 // bits), get_format(f"AFQ{bits}_G{group}")
 
@@ -162,11 +181,11 @@ class FP8(Scheme):
     parts: tuple[str, ...] = ("weight", "weight_scale_inv")
     primary: str = "weight"
 
-    def layout(self, module, shape):
+    def layout(self, module, shape, want=None):
         return (shape[0], shape[1]), get_format(f"FP8_{self.kind}{'_B128' if self.blocks else ''}")
 
     def build(self, module, parts, where):
-        (n, k), fmt = self.layout(module, parts["weight"].shape)
+        (n, k), fmt = self.layout(module, parts["weight"].shape, None)
         q = parts["weight"].view(jnp.dtype(fmt.fields[0].dtype))
         scale = np.asarray(parts["weight_scale_inv"], np.float32)
         want = (-(-n // FP8_BLOCK), k // FP8_BLOCK) if self.blocks else ()
@@ -174,6 +193,109 @@ class FP8(Scheme):
             raise FormatError(f"{where}: weight_scale_inv of shape {scale.shape}, expected {want} for a [{n}, {k}] "
                               "weight" + (" in 128x128 blocks" if self.blocks else ""))
         return QTensor({"q": jnp.asarray(q), "scale": jnp.asarray(scale)}, fmt.name, (n, k))
+
+
+@dataclasses.dataclass(frozen=True)
+class BNB4(Scheme):
+    """``quant_method: bitsandbytes``, ``load_in_4bit``: ``weight`` holds the codes of the flattened
+    matrix (uint8 ``[N*K/2, 1]``, two per byte, the even element high), ``weight.absmax`` one float32
+    per 64 elements (double quantization: uint8 codes, with ``weight.nested_absmax`` per 256 of them
+    and the offset in the JSON ``weight.quant_state.bitsandbytes__<type>``), ``weight.quant_map`` the
+    16 values (nested: ``weight.nested_quant_map``, the 8-bit dynamic map)."""
+
+    quant_type: str = "nf4"
+    double: bool = False
+    primary: str = "weight"
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        nested = ("weight.nested_absmax", "weight.nested_quant_map") if self.double else ()
+        return ("weight", "weight.absmax", "weight.quant_map", self.state_part, *nested)
+
+    @property
+    def state_part(self) -> str:
+        return f"weight.quant_state.bitsandbytes__{self.quant_type}"
+
+    def layout(self, module, shape, want=None):
+        fmt = get_format(self.quant_type.upper() + ("_DQ" if self.double else ""))
+        if want is None or len(want) != 2 or 2 * shape[0] * (shape[1] if len(shape) > 1 else 1) != want[0] * want[1]:
+            raise FormatError(f"weight of shape {shape} does not hold the packed 4-bit codes of the {want} weight "
+                              "config.json implies (bnb_4bit_quant_storage other than uint8 is not supported)")
+        fmt.check_row_length(want)
+        return (want[0], want[1]), fmt
+
+    def build(self, module, parts, where):
+        state = _bnb_state(parts[self.state_part], where)
+        n, k = (int(d) for d in state.get("shape", ()))
+        if (state.get("quant_type"), state.get("blocksize")) != (self.quant_type, bnb.BLOCK):
+            raise FormatError(f"{where}: bitsandbytes quant_type {state.get('quant_type')!r} in blocks of "
+                              f"{state.get('blocksize')}; supported: {self.quant_type!r} (as config.json says) in "
+                              f"blocks of {bnb.BLOCK}")
+        table = bnb.NF4_TABLE if self.quant_type == "nf4" else bnb.FP4_TABLE
+        _check_map(parts["weight.quant_map"], table, "weight.quant_map", where)
+        qs = np.asarray(parts["weight"])
+        absmax = np.asarray(parts["weight.absmax"])
+        nb = n * k // bnb.BLOCK
+        if qs.dtype != np.uint8 or qs.size != n * k // 2 or absmax.size != nb:
+            raise FormatError(f"{where}: weight {qs.dtype} {qs.shape} / weight.absmax {absmax.shape} do not hold a "
+                              f"[{n}, {k}] weight in blocks of {bnb.BLOCK}")
+        arrays = {"qs": qs.reshape(n, k // bnb.BLOCK, bnb.BLOCK // 2)}
+        if not self.double:
+            arrays["absmax"] = absmax.astype(np.float32, copy=False).reshape(n, -1)
+        else:
+            _check_map(parts["weight.nested_quant_map"], bnb.DYNAMIC_MAP, "weight.nested_quant_map", where)
+            absmax2 = np.asarray(parts["weight.nested_absmax"], np.float32)
+            if (state.get("nested_blocksize") != bnb.NESTED_BLOCK or absmax.dtype != np.uint8
+                    or absmax2.shape != (-(-nb // bnb.NESTED_BLOCK),)):
+                raise FormatError(f"{where}: nested absmax {absmax2.shape} in blocks of "
+                                  f"{state.get('nested_blocksize')} does not fit {nb} uint8 absmax codes in blocks "
+                                  f"of {bnb.NESTED_BLOCK}")
+            arrays.update(absmax_q=absmax.reshape(n, -1), absmax2=absmax2,
+                          offset=np.float32(state["nested_offset"]))
+        fmt = self.layout(module, qs.shape, (n, k))[1]
+        # bitsandbytes dequantizes to the model's dtype (the quant state's)
+        return QTensor({key: jnp.asarray(a) for key, a in arrays.items()}, fmt.name, (n, k),
+                       str(state.get("dtype", "float32")))
+
+
+@dataclasses.dataclass(frozen=True)
+class BNB8(Scheme):
+    """``quant_method: bitsandbytes``, ``load_in_8bit`` (LLM.int8): int8 ``weight [N, K]`` and its
+    row absmax ``SCB [N]``; ``weight_format`` 0 is the row-major layout (the only one written now)."""
+
+    parts: tuple[str, ...] = ("weight", "SCB", "weight_format")
+    primary: str = "weight"
+    optional: tuple[str, ...] = ("weight_format",)
+
+    def layout(self, module, shape, want=None):
+        return (shape[0], shape[1]), bnb.INT8
+
+    def build(self, module, parts, where):
+        q, scb = np.asarray(parts["weight"]), np.asarray(parts["SCB"]).astype(np.float32)
+        fmt_code = parts.get("weight_format")
+        if fmt_code is not None and int(np.asarray(fmt_code).reshape(-1)[0]) != 0:
+            raise FormatError(f"{where}: int8 weight_format {int(np.asarray(fmt_code).reshape(-1)[0])} is not "
+                              "supported (supported: 0, row-major)")
+        if q.dtype != np.int8 or q.ndim != 2 or scb.shape != q.shape[:1]:
+            raise FormatError(f"{where}: int8 weight {q.dtype} {q.shape} with SCB {scb.shape}; expected int8 [N, K] "
+                              "and float SCB [N]")
+        return QTensor({"q": jnp.asarray(q), "scb": jnp.asarray(scb)}, bnb.INT8.name, q.shape)
+
+
+def _bnb_state(raw: np.ndarray, where: str) -> dict[str, Any]:
+    """bitsandbytes' packed quant state: a JSON object as uint8 bytes."""
+    try:
+        state = json.loads(np.asarray(raw, np.uint8).tobytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"{where}: unreadable bitsandbytes quant_state ({e})") from None
+    if not isinstance(state, dict):
+        raise FormatError(f"{where}: bitsandbytes quant_state is not a JSON object")
+    return state
+
+
+def _check_map(got: np.ndarray, table: np.ndarray, part: str, where: str) -> None:
+    if np.asarray(got).shape != table.shape or not np.array_equal(np.asarray(got, np.float32), table):
+        raise FormatError(f"{where}: {part} differs from bitsandbytes' table; custom code maps are not supported")
 
 
 def scheme_of(config: dict[str, Any], where: Path) -> Scheme:
@@ -205,8 +327,18 @@ def scheme_of(config: dict[str, Any], where: Path) -> Scheme:
                                   f"{qc.get('scale_fmt')!r} is not supported (e4m3/e5m2, 128x128 blocks or per tensor, "
                                   "float32 scales)")
         return FP8(kind=kind, blocks=block is not None)
+    if method == "bitsandbytes":
+        if qc.get("load_in_8bit"):
+            return BNB8()
+        quant_type = str(qc.get("bnb_4bit_quant_type", "fp4")).lower()
+        storage = str(qc.get("bnb_4bit_quant_storage", "uint8")).lower()
+        if not qc.get("load_in_4bit") or quant_type not in ("nf4", "fp4") or storage not in ("uint8", "torch.uint8"):
+            raise FileFormatError(f"{where}: bitsandbytes with load_in_4bit {qc.get('load_in_4bit')!r}, quant type "
+                                  f"{quant_type!r}, quant storage {storage!r} is not supported (load_in_8bit, or "
+                                  "load_in_4bit nf4/fp4 stored as uint8)")
+        return BNB4(quant_type=quant_type, double=bool(qc.get("bnb_4bit_use_double_quant", False)))
     raise FileFormatError(f"{where}: quantization method {method!r} is not supported (supported: gptq, awq, fp8, "
-                          "mlx-lm's 'quantization')")
+                          "bitsandbytes, mlx-lm's 'quantization')")
 
 
 class QuantizedHFSource(HFSource):
@@ -227,7 +359,7 @@ class QuantizedHFSource(HFSource):
                 self._infos[name] = dataclasses.replace(info, nbytes=info.nbytes + extra)
 
     def _add(self, hf_name: str, shard: str) -> None:
-        module, _, part = hf_name.rpartition(".")
+        module, part = self.scheme.split(hf_name)
         handle = self._open(shard)[0]
         if hf_name not in self._open(shard)[1] or not self.scheme.owns(part, handle.get_slice(hf_name).get_dtype()):
             return super()._add(hf_name, shard)
@@ -241,9 +373,12 @@ class QuantizedHFSource(HFSource):
         self._layers.setdefault(name, (module, {}))[1][part] = (shard, hf_name)
         if part == self.scheme.primary:
             try:
-                shape, fmt = self.scheme.layout(module, tuple(int(d) for d in handle.get_slice(hf_name).get_shape()))
+                shape, fmt = self.scheme.layout(module, tuple(int(d) for d in handle.get_slice(hf_name).get_shape()),
+                                                self.config.tensor_shape(name))
             except FormatError as e:
                 raise FileFormatError(f"{where}: {module}: {e}") from None
+            if hf_names.transform(self.config.arch, name) in ("permute_q", "permute_k"):
+                fmt = get_format(SEPARABLE.get(fmt.name, fmt.name))
             self._where[name] = (shard, hf_name)
             self._infos[name] = TensorInfo(name, shape, fmt.name, fmt.nbytes(shape))
         return None
@@ -283,7 +418,10 @@ class QuantizedHFSource(HFSource):
 def _permute_rows(q: QTensor, n_head: int, where: str) -> QTensor:
     """Llama's q/k row order (``safetensors._permute``) applied to a QTensor: per-row arrays are
     permuted; per-tensor ones (and GPTQ's column order) kept; FP8's 128-row scale blocks kept when
-    every row stays in its block (head sizes dividing 128)."""
+    every row stays in its block (head sizes dividing 128); bnb's nested absmax dequantized first."""
+    if q.fmt in SEPARABLE:
+        q = QTensor({"qs": q.arrays["qs"], "absmax": bnb.dequantize_absmax(q.arrays)}, SEPARABLE[q.fmt], q.shape,
+                    q.dtype)
     order = _permute(np.arange(q.shape[0]), n_head)
     layouts = {f.name: f.layout for f in q.format.fields}
     arrays = {}

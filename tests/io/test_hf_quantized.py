@@ -363,3 +363,66 @@ def test_bad_checkpoints(tmp_path):
     save_file(tensors, str(path / "model.safetensors"))
     with pytest.raises(FileFormatError, match="g_idx does not put exactly 32 input features in each"):
         open_model(path).load("blk.0.ffn_up.weight")
+
+
+BNB_CASES = {  # name: (BitsAndBytesConfig kwargs, config overrides, format of the unpermuted layers)
+    "nf4": ({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, {}, "NF4"),
+    # hidden 256 in 2 heads: q/k heads of 128 rows cross the nested blocks (64 rows of 4 absmax)
+    "nf4_dq": ({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+               {"hidden_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1}, "NF4_DQ"),
+    "fp4_dq": ({"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": True},
+               {"hidden_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1}, "FP4_DQ"),
+    "int8": ({"load_in_8bit": True}, {}, "INT8"),
+}
+
+
+def build_bnb(path, case: str, seed: int = 0):
+    """A random Llama quantized by transformers' bitsandbytes integration (on CPU) and saved as it
+    saves one; returns the path, the float model carrying bitsandbytes' dequantized weights and
+    {canonical name: those weights}."""
+    import bitsandbytes.functional as bnbf
+
+    torch.manual_seed(seed)
+    kwargs, overrides, _ = BNB_CASES[case]
+    config = transformers.LlamaConfig(**{**CONFIG, **overrides})
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(path / "float")
+    quantized = transformers.LlamaForCausalLM.from_pretrained(
+        path / "float", quantization_config=transformers.BitsAndBytesConfig(**kwargs), device_map="cpu",
+        dtype=torch.float32)
+    quantized.save_pretrained(path / "m")
+    (path / "m" / "tokenizer.json").write_text(TOKENIZER)
+    refs = {}
+    for i, (layer, qlayer) in enumerate(zip(model.model.layers, quantized.model.layers, strict=True)):
+        for part, names in LINEARS.items():
+            for name in names:
+                w = getattr(getattr(qlayer, part), name).weight
+                if "load_in_8bit" in kwargs:
+                    ref = bnbf.int8_vectorwise_dequant(w.data, w.SCB)
+                else:
+                    ref = bnbf.dequantize_4bit(w.data, w.quant_state)
+                getattr(getattr(layer, part), name).weight.data = ref.float()
+                refs[f"blk.{i}.{CANONICAL[name]}.weight"] = ref.float().numpy()
+    return path / "m", model, refs
+
+
+@pytest.mark.parametrize("case", list(BNB_CASES))
+def test_bnb_dequantize_and_logits(tmp_path, case):
+    """transformers' bitsandbytes checkpoints (4-bit NF4/FP4 with and without double quantization,
+    LLM.int8) load straight into the bnb formats: weights equal bitsandbytes' dequantization bit for
+    bit (Llama's q/k, reordered, lose only the nested absmax quantization), logits transformers'."""
+    path, model, refs = build_bnb(tmp_path, case)
+    src = open_model(path)
+    fmt = BNB_CASES[case][2]
+    for name, ref in refs.items():
+        q = src.load(name)
+        permuted = ".attn_q." in name or ".attn_k." in name
+        assert q.fmt == (fmt.removesuffix("_DQ") if permuted else fmt), (name, q.fmt)
+        assert src.info(name).shape == q.shape and src.info(name).nbytes == q.nbytes
+        np.testing.assert_array_equal(np.asarray(DEQUANTIZE(q)).view(np.uint32),
+                                      _reference(name, ref, src.config).view(np.uint32))
+    ids = np.random.default_rng(1).integers(0, CONFIG["vocab_size"], 12)
+    with torch.no_grad():
+        want = model(torch.tensor(ids)[None]).logits[0].numpy()
+    got = _logits(jaxquant.load(path), ids)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
