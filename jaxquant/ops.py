@@ -80,6 +80,9 @@ def qdot(x: jax.Array, w, *, backend: str | None = None) -> jax.Array:
         fn(x, w)
     out_dtype = jnp.result_type(x.dtype, w.dtype)
     x2 = x.reshape(-1, shape[1])
+    if is_q and "perm" in w.arrays:  # act order: gather x's columns once, not the weight's (registry doc)
+        x2 = jnp.take(x2, w.arrays["perm"], axis=1)
+        w = QTensor({k: a for k, a in w.arrays.items() if k != "perm"}, w.fmt, w.shape, w.dtype)
     name = resolve_backend(backend)
     y = None
     if is_q and name != "xla":

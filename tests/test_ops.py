@@ -114,3 +114,24 @@ def test_xla_qdot_non_gguf_formats(fmt):
     y = ops.qdot(x, w, backend="xla")
     assert y.shape == (2, 3, 256) and y.dtype == jnp.float32
     assert _rel(y, _ref(x.reshape(-1, 512), w).reshape(2, 3, 256)) < 1e-6
+
+
+def test_xla_qdot_gptq_act_order():
+    """GPTQ act order (a per-tensor ``perm`` field): qdot multiplies x's permuted columns by the
+    stored weight and equals dequantize (input order) + a float64 dot; take_rows keeps ``perm``."""
+    rng = np.random.default_rng(0)
+    n, k, group = 48, 256, 32
+    w = jq.QTensor({"qs": jnp.asarray(rng.integers(0, 2**32, (n, k // group, group * 4 // 32), dtype=np.uint32)),
+                    "scale": jnp.asarray(rng.uniform(1e-3, 1e-2, (n, k // group)).astype(np.float16)),
+                    "zero": jnp.asarray(rng.integers(0, 16, (n, k // group), dtype=np.uint8)),
+                    "perm": jnp.asarray(rng.permutation(k).astype(np.int32))}, f"GPTQ4_G{group}", (n, k))
+    stored = np.asarray(jq.QTensor({a: v for a, v in w.arrays.items() if a != "perm"}, w.fmt, w.shape).dequantize())
+    full = np.asarray(w.dequantize())
+    assert np.array_equal(full[:, np.asarray(w.arrays["perm"])], stored)  # column perm[j] is stored column j
+    x = jax.random.normal(jax.random.key(3), (2, 3, k), jnp.float32)
+    y = ops.qdot(x, w, backend="xla")
+    assert y.shape == (2, 3, n) and _rel(y, _ref(x.reshape(-1, k), w).reshape(2, 3, n)) < 1e-6
+    rows = jq.qtensor.take_rows(w, jnp.array([5, 0, 47]))
+    assert np.array_equal(rows.arrays["perm"], w.arrays["perm"])
+    assert np.array_equal(np.asarray(rows.dequantize()), full[[5, 0, 47]])
+    assert w.nbytes == get_format(w.fmt).nbytes(w.shape) + 4 * k

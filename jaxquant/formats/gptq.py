@@ -6,10 +6,9 @@ Compute layout of a weight of shape ``(N, K)`` (N outputs, K inputs):
 - ``qs``    uint32 ``(N, K/g, g*b/32)``: a group's codes as one little-endian bit stream (code i at
   bits ``b*i ..``, spilling into the next word for b = 3), exactly how GPTQ packs ``qweight`` along K;
 - ``scale`` float16 ``(N, K/g)``; ``zero`` uint8 ``(N, K/g)``, the true zero point (GPTQ v2 / AWQ);
-- ``perm``  int32 ``(K,)``, act-order tensors only: stored column j holds input column ``perm[j]``, so
-  every group is contiguous and a kernel multiplies ``x[..., perm]`` by the stored weight. It is
-  an array of the QTensor beyond the format's (per-row) fields, so such a tensor cannot be sliced
-  by rows (``take_rows``); GPTQ never quantizes embeddings, the one tensor that is.
+- ``perm``  int32 ``(K,)``, act-order tensors only (a per-tensor field, see the registry): stored
+  column j holds input column ``perm[j]``, so every group is contiguous and ``qdot`` multiplies
+  ``x[..., perm]`` by the stored weight; ``take_rows`` keeps it whole.
 
 GPTQ's ``qweight [K*b/32, N]`` is ``qs`` transposed, so a plain GPTQ tensor loads by a transpose;
 AWQ (packed along N, nibble order 0 2 4 6 1 3 5 7), act-order tensors and GPTQ v1 zeros (stored
@@ -46,7 +45,8 @@ def gptq_format(bits: int, group: int) -> Format:
     try:
         return get_format(name)
     except FormatError:
-        fields = (Field("qs", "uint32", group * bits // 32), Field("scale", "float16"), Field("zero", "uint8"))
+        fields = (Field("qs", "uint32", group * bits // 32), Field("scale", "float16"), Field("zero", "uint8"),
+                  Field("perm", "int32", layout="tensor"))
         return register(Format(name, group, fields, functools.partial(_dequantize, bits=bits), None, "gptq",
                                gguf=False))
 

@@ -9,7 +9,12 @@ checkpoints, but have no GGUF bytes (``from_bytes``/``to_bytes`` and ``write_ggu
 ``FormatError``). Such a format picks one of two scopes:
 
 - ``scope="row"`` (the default, as every GGUF format): ``quantize_rows`` sees any chunk of rows
-  and returns ``(R, K // block_size, count)`` arrays, one per field.
+  and returns ``(R, K // block_size, count)`` arrays, one per field. A format that only loads (no
+  quantizer) may also declare ``layout="tensor"`` fields: arrays of the whole tensor outside its
+  blocks, which a QTensor may lack. One such field has a meaning of its own: ``perm`` (int32
+  ``[K]``, GPTQ's act order) says that stored column j holds input column ``perm[j]``;
+  ``dequantize`` returns the input order and ``qdot`` multiplies ``x[..., perm]`` by the stored
+  columns.
 - ``scope="tensor"``: ``quantize_rows`` sees the whole matrix ``[N, K]`` at once (quantizers
   with per-tensor statistics: FP8 per-tensor scales, bitsandbytes' double quantization, HQQ's
   early stop on the tensor's error) and returns arrays of any shape; ``dequantize_rows(arrays)``
@@ -47,7 +52,7 @@ CHUNK_ELEMENTS = 1 << 22
 @dataclasses.dataclass(frozen=True)
 class Field:
     """One member of a block struct, in GGUF byte order: ``count`` elements of ``dtype``.
-    ``layout`` (tensor-scope formats only): "rows", "tensor" or "mixed" (see the module doc)."""
+    ``layout`` (non-GGUF formats): "rows", "tensor" or "mixed" (see the module doc)."""
 
     name: str
     dtype: str
@@ -78,11 +83,13 @@ class Format:
     def __post_init__(self):
         if self.scope not in ("row", "tensor") or (self.gguf and self.scope != "row"):
             raise FormatError(f"{self.name}: scope {self.scope!r}; GGUF formats are 'row', others 'row' or 'tensor'")
+        row_ok = ("rows",) if self.gguf or self.quantize_rows is not None else ("rows", "tensor")
         bad = [f.name for f in self.fields if f.layout not in ("rows", "tensor", "mixed")
-               or (self.scope == "row" and f.layout != "rows")]
+               or (self.scope == "row" and f.layout not in row_ok)]
         if bad:
-            raise FormatError(f"{self.name}: field {bad[0]!r} has a bad layout (row-scope fields are 'rows'; "
-                              "tensor-scope fields 'rows', 'tensor' or 'mixed')")
+            raise FormatError(f"{self.name}: field {bad[0]!r} has a bad layout (row-scope fields are 'rows', or "
+                              "'tensor' in non-GGUF formats without a quantizer; tensor-scope fields 'rows', "
+                              "'tensor' or 'mixed')")
 
     @property
     def type_size(self) -> int:
@@ -90,7 +97,9 @@ class Format:
 
     @property
     def block_dtype(self) -> np.dtype:
-        return np.dtype([(f.name, f.dtype, (f.count,)) if f.count > 1 else (f.name, f.dtype) for f in self.fields])
+        """The block struct; a row-scope format's per-tensor fields lie outside its blocks."""
+        fields = [f for f in self.fields if self.scope == "tensor" or f.layout == "rows"]
+        return np.dtype([(f.name, f.dtype, (f.count,)) if f.count > 1 else (f.name, f.dtype) for f in fields])
 
     @property
     def bits_per_weight(self) -> float:
