@@ -7,9 +7,10 @@ device call that prefills the prompts and runs the decode loop (``lax.while_loop
 row has stopped.
 
 Streaming stays inside that call: each step hands its tokens to the host through
-``jax.debug.callback``. Calling the loop once per chunk of tokens instead would cost, on CPU, a
-dequantization of every weight per call: XLA hoists the loop-invariant dequantization out of
-the while loop, so a call pays it once (benchmarks/RESULTS.md, "Decode (CPU)").
+``jax.debug.callback``. Each decode step multiplies by the packed weights (``ops.qdot``); an
+optimization barrier keeps XLA from hoisting their dequantization out of the loop, which would
+hold a float32 copy of every weight for the call and read 4 bytes per weight per step
+(benchmarks/RESULTS.md, "Decode on the CPU vs llama.cpp").
 """
 
 from __future__ import annotations
@@ -172,8 +173,9 @@ def _run(params: models.Params, state: _State, prompts: jax.Array, lengths: jax.
     def decode(state: _State) -> _State:
         token = state.tokens[rows, state.count - 1]
         position = jnp.where(state.done, -1, lengths + state.count - 1)  # finished rows write no K/V
-        x, cache = models.hidden_states(params, token[:, None], position[:, None], state.cache, cfg)
-        return record(state, cache, models.logits(params, x[:, 0], cfg))
+        p = jax.lax.optimization_barrier(params)  # qdot on the packed bytes each step (module docstring)
+        x, cache = models.hidden_states(p, token[:, None], position[:, None], state.cache, cfg)
+        return record(state, cache, models.logits(p, x[:, 0], cfg))
 
     return jax.lax.while_loop(lambda s: ~jnp.all(s.done), decode, prefill(state))
 
@@ -263,12 +265,16 @@ def stream_tokens(model: Model, prompts: Sequence[Sequence[int]], *, max_tokens:
                   ) -> Iterator[list[list[int]]]:
     """``generate_tokens`` that yields as the device loop runs: after every step, each row's new
     token ([token], or [] for a row that has stopped). Still one device call: the loop hands each
-    step's tokens to the host through a callback."""
+    step's tokens to the host through a callback. Bad input raises here, not at the first step."""
     channel = next(_channel_ids)
+    run, stop_ids = _prepare(model, prompts, max_tokens, sampling, seed, stop, channel)
+    return _stream_events(run, stop_ids, channel)
+
+
+def _stream_events(run: functools.partial, stop_ids: np.ndarray, channel: int) -> Iterator[list[list[int]]]:
     events: queue.SimpleQueue = queue.SimpleQueue()
     _CHANNELS[channel] = events
     try:
-        run, stop_ids = _prepare(model, prompts, max_tokens, sampling, seed, stop, channel)
         # The device loop runs in another thread (a call may block until it is done) while this one
         # yields; a sentinel marks its end, or its error.
         threading.Thread(target=_run_to_end, args=(run, events), daemon=True).start()
@@ -316,10 +322,15 @@ def stream(model: Model, prompts: Sequence[str], *, max_tokens: int = DEFAULT_MA
            sampling: Sampling = Sampling(), seed: int = 0, stop: Sequence[int] = (), chat: bool = False
            ) -> Iterator[list[str]]:
     """``stream_tokens`` for text prompts: yields each row's new text after every step (a UTF-8
-    character split across tokens comes out whole, with its last token)."""
+    character split across tokens comes out whole, with its last token). Bad input raises here."""
     ids = encode_prompts(model, prompts, chat)
-    decoders = [codecs.getincrementaldecoder("utf-8")("replace") for _ in ids]
-    for new in stream_tokens(model, ids, max_tokens=max_tokens, sampling=sampling, seed=seed, stop=stop):
+    steps = stream_tokens(model, ids, max_tokens=max_tokens, sampling=sampling, seed=seed, stop=stop)
+    return _texts(model, steps, len(ids))
+
+
+def _texts(model: Model, steps: Iterator[list[list[int]]], rows: int) -> Iterator[list[str]]:
+    decoders = [codecs.getincrementaldecoder("utf-8")("replace") for _ in range(rows)]
+    for new in steps:
         yield [d.decode(_pieces(model, tokens)) for d, tokens in zip(decoders, new)]
     if any(tail := [d.decode(b"", final=True) for d in decoders]):  # a character cut off at the end
         yield tail

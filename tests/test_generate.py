@@ -207,7 +207,9 @@ def no_compile(monkeypatch):
     (dict(temperature=float("inf")), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(min_p=-0.1), "min_p"), (dict(min_p=2.0), "min_p"), (dict(top_k=-1), "top_k"), (dict(top_k=2.5), "top_k"),
     (dict(temperature="hot"), "temperature"), (dict(max_tokens=0), "max_tokens"), (dict(seed=1.5), "seed"),
-    (dict(stop=[300]), "stop"), (dict(stop=[-1]), "stop")])
+    (dict(stop=[300]), "stop"), (dict(stop=[-1]), "stop"), (dict(top_p=float("nan")), "top_p"),
+    (dict(min_p=float("nan")), "min_p"), (dict(top_k=True), "top_k"), (dict(max_tokens=-5), "max_tokens"),
+    (dict(max_tokens=True), "max_tokens"), (dict(max_tokens=2.0), "max_tokens")])
 def test_bad_parameters(tiny, no_compile, kwargs, message):
     with pytest.raises(jq.JaxquantError, match=message):
         jq.generate_tokens(tiny, PROMPTS, **kwargs)
@@ -221,6 +223,22 @@ def test_bad_prompts(tiny, no_compile, prompts, message):
         jq.generate_tokens(tiny, prompts)
 
 
+@pytest.mark.parametrize("prompts, kwargs, message", [
+    ([[1, 2], []], {}, "prompt 1 is empty"), ([list(range(48))], {}, "context is 48 tokens"),
+    (PROMPTS, dict(max_tokens=0), "max_tokens"), (PROMPTS, dict(sampling=dict(temperature=1.0)), "jaxquant.Sampling")])
+def test_streaming_rejects_bad_input_at_the_call(tiny, no_compile, prompts, kwargs, message):
+    with pytest.raises(jq.JaxquantError, match=message):
+        stream_tokens(tiny, prompts, **kwargs)  # raises without being iterated
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.5), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.01), "top_p"),
+    (dict(top_k=-3), "top_k"), (dict(min_p=-0.01), "min_p"), (dict(min_p=1.5), "min_p")])
+def test_sampling_rejects_bad_values(kwargs, message):
+    with pytest.raises(jq.JaxquantError, match=rf"sampling: {message}="):
+        Sampling(**kwargs)
+
+
 def test_bad_text_prompts(tiny, gemma, no_compile):
     cfg = ModelConfig(**{**vars(TINY), "vocab_size": gemma.cfg.vocab_size})  # a 48-token context
     model = jq.Model(tiny.params, cfg, gemma.tokenizer)
@@ -232,3 +250,9 @@ def test_bad_text_prompts(tiny, gemma, no_compile):
         jq.generate(model, "hello", top_p=2.0)
     with pytest.raises(jq.JaxquantError, match="no tokenizer"):
         jq.generate(tiny, "hello")
+    with pytest.raises(jq.JaxquantError, match=r"prompt 0 has \d+ tokens; the model's context is 48"):
+        stream(model, ["word " * 60])  # at the call, before the first step
+    with pytest.raises(jq.JaxquantError, match="prompt 0 is empty"):
+        stream(model, [""])
+    with pytest.raises(jq.JaxquantError, match="max_tokens"):
+        stream(model, ["hello"], max_tokens=0)
