@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.errors import FormatError
+from jaxquant.formats.packing import pack_bits, unpack_bits
 from jaxquant.formats.registry import Field, Format, get_format, register
 from jaxquant.qtensor import QTensor
 
@@ -51,47 +52,8 @@ def gptq_format(bits: int, group: int) -> Format:
                                gguf=False))
 
 
-def _stream_index(n: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Word and bit offset of each of n codes in a little-endian stream of b-bit codes."""
-    pos = np.arange(n) * bits
-    return pos // 32, pos % 32
-
-
-def unpack_codes(words, bits: int, xp=jnp):
-    """uint32 words ``[..., W]`` -> codes ``[..., W*32/b]`` (uint8); ``xp`` is jnp or np."""
-    words = words.astype(xp.uint32)
-    n = words.shape[-1] * 32 // bits
-    mask = xp.uint32((1 << bits) - 1)
-    if 32 % bits == 0:
-        shifts = xp.asarray(np.arange(0, 32, bits, dtype=np.uint32))
-        codes = (words[..., None] >> shifts) & mask
-        return codes.reshape(*words.shape[:-1], n).astype(xp.uint8)
-    word, off = _stream_index(n, bits)
-    nxt = np.minimum(word + 1, words.shape[-1] - 1)
-    spill = xp.asarray(off + bits > 32)
-    # codes that straddle two words take their high bits from the next one
-    hi = xp.where(spill, words[..., nxt] << xp.asarray(((32 - off) % 32).astype(np.uint32)), xp.uint32(0))
-    codes = (words[..., word] >> xp.asarray(off.astype(np.uint32))) | hi
-    return (codes & mask).astype(xp.uint8)
-
-
-def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Codes ``[..., n]`` (n*b a multiple of 32) -> uint32 words ``[..., n*b/32]``; the inverse of
-    ``unpack_codes``."""
-    codes = np.asarray(codes).astype(np.uint32)
-    n = codes.shape[-1]
-    if 32 % bits == 0:
-        per = 32 // bits
-        shifts = np.arange(0, 32, bits, dtype=np.uint32)
-        return np.bitwise_or.reduce(codes.reshape(*codes.shape[:-1], n // per, per) << shifts, axis=-1)
-    bitstream = (codes[..., None] >> np.arange(bits, dtype=np.uint32)) & 1  # [..., n, b], LSB first
-    packed = np.packbits(bitstream.astype(np.uint8).reshape(*codes.shape[:-1], n * bits), axis=-1,
-                         bitorder="little")
-    return np.ascontiguousarray(packed).view("<u4")
-
-
 def _dequantize(a: dict[str, jax.Array], bits: int) -> jax.Array:
-    q = unpack_codes(a["qs"], bits).astype(jnp.float32)  # [..., G, g]
+    q = unpack_bits(a["qs"], bits).astype(jnp.float32)  # [..., G, g]
     s, z = a["scale"][..., None], a["zero"][..., None].astype(jnp.float32)
     # s * (q - z) is exact in f32 (11 + 9 bits); one rounding to the scale's dtype as torch's fp16 op
     w = ((q - z) * s.astype(jnp.float32)).astype(s.dtype).astype(jnp.float32)
@@ -137,7 +99,7 @@ def _qtensor(codes_t: np.ndarray | None, words_t: np.ndarray | None, scales: np.
         raise FormatError(f"{where}: scales of dtype {scales.dtype}; GPTQ/AWQ checkpoints store float16 scales")
     fmt = gptq_format(bits, group)
     if words_t is None:
-        words_t = pack_codes(codes_t, bits)
+        words_t = pack_bits(codes_t, bits, np)
     n, kw = words_t.shape
     k = kw * 32 // bits
     if scales.shape != (k // group, n) or zeros.shape != scales.shape:
@@ -160,13 +122,13 @@ def from_gptq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx
     words = np.asarray(qweight).view(np.uint32)
     k, n = words.shape[0] * 32 // bits, words.shape[1]
     group = _check_group(k, group_size, where)
-    zeros = unpack_codes(np.asarray(qzeros).view(np.uint32), bits, np)[:, :n]
+    zeros = unpack_bits(np.asarray(qzeros).view(np.uint32), bits, np)[:, :n]
     if v1:
         zeros = ((zeros.astype(np.int32) + 1) & ((1 << bits) - 1)).astype(np.uint8)
     perm = _act_order(g_idx, k, group, where)
     if perm is None:
         return _qtensor(None, words.T, np.asarray(scales), zeros, bits, group, None, where)
-    codes = unpack_codes(words.T, bits, np)[:, perm]  # [N, K] in act order
+    codes = unpack_bits(words.T, bits, np)[:, perm]  # [N, K] in act order
     return _qtensor(codes, None, np.asarray(scales), zeros, bits, group, perm, where)
 
 
@@ -178,7 +140,7 @@ def from_awq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, *, bit
         raise FormatError(f"{where}: AWQ GEMM packs 4-bit codes, the config says {bits} bits")
 
     def columns(words: np.ndarray) -> np.ndarray:
-        codes = unpack_codes(np.asarray(words).view(np.uint32), bits, np)
+        codes = unpack_bits(np.asarray(words).view(np.uint32), bits, np)
         codes = codes.reshape(*codes.shape[:-1], -1, 8)[..., AWQ_REVERSE_ORDER]
         return codes.reshape(*codes.shape[:-2], -1)
 

@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxquant.formats.mlx_affine import pack_bits, round_to, unpack_bits
+from jaxquant.formats.mlx_affine import round_to
 from jaxquant.formats.numerics import F32, div, mul
+from jaxquant.formats.packing import pack_bits, unpack_bits
 from jaxquant.formats.registry import Field, Format, register
 
 BITS = (1, 2, 3, 4, 8)

@@ -17,25 +17,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.formats.numerics import F32, div, mul
+from jaxquant.formats.packing import pack_bits, unpack_bits
 from jaxquant.formats.registry import Field, Format, register
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128)
-
-
-def pack_bits(q: jax.Array, bits: int) -> jax.Array:
-    """``[..., n]`` ints in [0, 2^bits) -> ``[..., n*bits/32]`` uint32 words of their little-endian
-    bit stream (element i at bits ``i*bits .. i*bits+bits-1``)."""
-    stream = (q.astype(jnp.uint32)[..., None] >> jnp.arange(bits, dtype=jnp.uint32)) & 1
-    words = stream.reshape(*q.shape[:-1], -1, 32)
-    return jnp.sum(words << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
-
-
-def unpack_bits(words: jax.Array, bits: int) -> jax.Array:
-    """The inverse of ``pack_bits``: uint32 words -> int32 values."""
-    stream = (words[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
-    per_value = stream.reshape(*words.shape[:-1], -1, bits)
-    return jnp.sum(per_value << jnp.arange(bits, dtype=jnp.uint32), axis=-1).astype(jnp.int32)
 
 
 def round_to(x: jax.Array, dtype) -> jax.Array:
