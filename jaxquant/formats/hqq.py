@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxquant.formats.mlx_affine import round_to
-from jaxquant.formats.numerics import F32, div, mul
+from jaxquant.formats.numerics import F32, div, mul, seqsum
 from jaxquant.formats.packing import pack_bits, unpack_bits
 from jaxquant.formats.registry import Field, Format, register
 
@@ -29,20 +29,70 @@ GROUPS = (32, 64, 128)
 LP_NORM, BETA, ITERS = 0.7, 10.0, 20
 
 
+# torch's CPU sum (ATen SumKernel.cpp ``cascade_sum``, AVX2's 8 float lanes): hqq's means are
+# ``sum / n``, and their rounding decides zero's last bits and the early stop.
+LANES = 8
+
+
+def _cascade(rows: jax.Array) -> jax.Array:
+    """``multi_row_sum``: rows ``[n, ...]`` summed in runs of 2^p rows (p = max(4, ceil(log2 n) / 4)),
+    run sums accumulated over three levels, each flushed to the next after 2^p of its own."""
+    n, rest = rows.shape[0], rows.shape[1:]
+    step = 1 << max(4, (n - 1).bit_length() // 4)
+    accs, level = [], rows
+    for _ in range(3):
+        full = level.shape[0] // step * step
+        accs.append(seqsum(level[full:], 0))
+        level = seqsum(level[:full].reshape(full // step, step, *rest), 1)
+    return ((accs[0] + accs[1]) + accs[2]) + seqsum(level, 0)
+
+
+def _row_sum(rows: jax.Array) -> jax.Array:
+    """``row_sum``: four interleaved cascades (rows ``4i + k``), the leftover rows, then the four."""
+    n = rows.shape[0] // 4 * 4
+    p = _cascade(rows[:n].reshape(n // 4, 4, *rows.shape[1:]))
+    return seqsum(jnp.concatenate([p[:1], rows[n:], p[1:]]), 0)
+
+
+def torch_sum(x: jax.Array, axis: int, threads: int = 1) -> jax.Array:
+    """torch's float32 ``x.sum(axis)`` on CPU for a contiguous ``x[R, C]``; ``axis=None`` sums
+    everything as ``threads`` OpenMP threads do (chunks of at least 2^15, then their sums)."""
+    if axis is None:
+        flat = x.reshape(1, -1)
+        chunks = min(threads, max(1, -(-flat.size // 32768)))
+        size = -(-flat.size // chunks)
+        parts = [torch_sum(flat[:, i:i + size], 1) for i in range(0, flat.size, size)]
+        return seqsum(jnp.concatenate(parts), 0)
+    r, c = x.shape
+    if axis == 1 and c < LANES:
+        return _row_sum(x.T)
+    if axis == 1:  # contiguous: vectors of 8 down the row, then the leftover and the 8 lanes
+        v = c // LANES * LANES
+        lanes = _row_sum(jnp.moveaxis(x[:, :v].reshape(r, -1, LANES), 1, 0))
+        return seqsum(jnp.concatenate([x[:, v:], lanes], 1), 1)
+    # down the columns: blocks of 4 vectors (>= 8 columns) or 4 columns as plain cascades,
+    # the remaining columns as row_sum
+    v = c // (4 * LANES) * 4 * LANES if c >= LANES else c // 4 * 4
+    return jnp.concatenate([_cascade(x[:, :v]), _row_sum(x[:, v:])])
+
+
 def _shrink(x: jax.Array) -> jax.Array:
     """hqq's ``shrink_lp_op``: sign(x) * relu(|x| - (1/beta) |x|^(p-1))."""
     a = jnp.abs(x)
     return mul(jnp.maximum(a - mul(F32(1 / BETA), a ** F32(LP_NORM - 1)), 0), jnp.sign(x))
 
 
-def hqq_quantize(x: jax.Array, bits: int, group: int, axis: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def hqq_quantize(x: jax.Array, bits: int, group: int, axis: int,
+                 threads: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``x f32[N, K]`` -> (codes in hqq's grouped shape, float32 ``s``, ``z``) as hqq computes them
-    (``s`` before hqq inverts it). Groups run along ``axis`` of the grouped matrix."""
+    (``s`` before hqq inverts it). Groups run along ``axis`` of the grouped matrix. ``threads``:
+    torch's thread count, which orders the sum of the whole-tensor error (the early stop)."""
     w = x.reshape(-1, group) if axis == 1 else x.reshape(group, -1)
     max_v = F32(2**bits - 1)
     lo, hi = jnp.min(w, axis=axis, keepdims=True), jnp.max(w, axis=axis, keepdims=True)
     denom = hi - lo
-    scale = jnp.minimum(jnp.where(jnp.abs(denom) <= 1e-4, F32(1), div(max_v, denom)), F32(2e4))
+    # torch's ``int / tensor`` is ``tensor.reciprocal() * int``
+    scale = jnp.minimum(jnp.where(jnp.abs(denom) <= 1e-4, F32(1), mul(div(F32(1), denom), max_v)), F32(2e4))
     zero = -mul(lo, scale)
 
     def quant(zero):
@@ -53,8 +103,8 @@ def hqq_quantize(x: jax.Array, bits: int, group: int, axis: int) -> tuple[jax.Ar
         q = quant(zero)
         w_r = div(q - zero, scale)
         w_e = _shrink(w - w_r)
-        new_zero = jnp.mean(q - mul(w - w_e, scale), axis=axis, keepdims=True)
-        err = jnp.mean(jnp.abs(w - w_r))
+        new_zero = div(jnp.expand_dims(torch_sum(q - mul(w - w_e, scale), axis), axis), F32(group))
+        err = div(torch_sum(jnp.abs(w - w_r), None, threads), F32(w.size))
         better = err < best
         return (jnp.where(done, zero, new_zero), jnp.where(done | ~better, best, err), done | ~better)
 
