@@ -8,7 +8,11 @@ weights are AutoGPTQ's torch forward of the identity matrix (its CPU path: ``sca
 (w - zeros[g_idx])`` in fp16) and AutoAWQ's ``dequantize_gemm``. GPTQ v2 zeros (no minus one) are
 AutoGPTQ's packing of zero + 1, which its pack stores as zero (GPTQModel's v1 -> v2 conversion adds
 one to each packed zero). MLX checkpoints hold ``mx.quantize``'s tensors under mlx-lm's names and
-config; the reference is ``mx.dequantize``.
+config; the reference is ``mx.dequantize``. bitsandbytes checkpoints are written by transformers'
+bitsandbytes integration on CPU; the reference is bitsandbytes' dequantization.
+
+Each loader's exactness (every weight bit for bit) is in the fast suite; whole-model logits vs
+transformers are slow tests (one model forward each), sharing the checkpoints through fixtures.
 """
 
 from __future__ import annotations
@@ -203,9 +207,11 @@ def _reference(name: str, ref: np.ndarray, cfg) -> np.ndarray:
     return ref
 
 
-GPTQ_CASES = [  # bits, group, act-order, sym, v2
-    (2, 32, False, False, False), (2, 32, True, True, True), (3, 32, True, False, False), (3, 64, False, True, True),
-    (4, 32, True, False, False), (4, 64, True, False, True), (4, -1, True, False, False), (8, -1, False, True, True)]
+SLOW = pytest.mark.slow
+GPTQ_CASES = [  # bits, group, act-order, sym, v2: each bit width, both orders, both zero formats in the fast suite
+    (2, 32, False, False, False), pytest.param(2, 32, True, True, True, marks=SLOW), (3, 32, True, False, False),
+    pytest.param(3, 64, False, True, True, marks=SLOW), pytest.param(4, 32, True, False, False, marks=SLOW),
+    (4, 64, True, False, True), (4, -1, True, False, False), (8, -1, False, True, True)]
 
 
 @pytest.mark.parametrize("bits,group,act,sym,v2", GPTQ_CASES)
@@ -241,19 +247,26 @@ def _logits(model: jaxquant.Model, ids: np.ndarray) -> np.ndarray:
     return np.asarray(logits[0])
 
 
+def _check_logits(path, model: torch.nn.Module) -> jaxquant.Model:
+    """jaxquant.load of the checkpoint runs, and its logits equal transformers' on the
+    reference-dequantized weights; returns the loaded model."""
+    ids = np.random.default_rng(1).integers(0, CONFIG["vocab_size"], 12)
+    with torch.no_grad():
+        want = model(torch.tensor(ids)[None]).logits[0].numpy()
+    m = jaxquant.load(path)
+    got = _logits(m, ids)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+    return m
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method,kw", [("gptq", {"bits": 4, "group": 32, "act": True, "sym": False, "v2": False}),
                                        ("awq", {"bits": 4, "group": 32})])
 def test_model_logits_equal_transformers(tmp_path, method, kw):
     """jaxquant.load of the quantized checkpoint runs, and its logits equal transformers' on the
     reference-dequantized weights."""
     path, model, _ = build(tmp_path / "m", method, config={"num_hidden_layers": 2}, **kw)
-    ids = np.random.default_rng(1).integers(0, CONFIG["vocab_size"], 12)
-    with torch.no_grad():
-        want = model(torch.tensor(ids)[None]).logits[0].numpy()
-    m = jaxquant.load(path)
-    assert isinstance(m.params.layers[1].ffn_down, QTensor)
-    got = _logits(m, ids)
-    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+    assert isinstance(_check_logits(path, model).params.layers[1].ffn_down, QTensor)
 
 
 def test_inspect_and_requantize(tmp_path, capsys):
@@ -279,10 +292,15 @@ MLX_QUANTIZATION = {"group_size": 64, "bits": 4, "mode": "affine",
                     "lm_head": False}
 
 
-def test_mlx_dequantize_and_logits(tmp_path):
+@pytest.fixture(scope="module")
+def mlx_checkpoint(tmp_path_factory):
+    return build_mlx(tmp_path_factory.mktemp("mlx") / "m", MLX_QUANTIZATION)
+
+
+def test_mlx_dequantize_equals_mlx(mlx_checkpoint):
     """mlx-lm's layout with per-layer overrides: every layer (embeddings too) dequantizes to
-    mx.dequantize's weights, and the model's logits equal transformers' on them."""
-    path, model, refs = build_mlx(tmp_path / "m", MLX_QUANTIZATION)
+    mx.dequantize's weights."""
+    path, _, refs = mlx_checkpoint
     src = open_model(path)
     assert src.info("blk.0.ffn_down.weight").type == "AFQ8_G128" and src.info("output.weight").type == "F32"
     for name, ref in refs.items():
@@ -290,20 +308,18 @@ def test_mlx_dequantize_and_logits(tmp_path):
         assert src.info(name).nbytes == q.nbytes
         np.testing.assert_array_equal(np.asarray(DEQUANTIZE(q)).view(np.uint32),
                                       _reference(name, ref, src.config).view(np.uint32))
-    ids = np.random.default_rng(1).integers(0, CONFIG["vocab_size"], 12)
-    with torch.no_grad():
-        want = model(torch.tensor(ids)[None]).logits[0].numpy()
-    m = jaxquant.load(path)
-    assert m.params.token_embd.fmt == "AFQ4_G64"
-    got = _logits(m, ids)
-    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
 
 
-@pytest.mark.parametrize("blocks", [True, False])
-def test_fp8_dequantize_and_logits(tmp_path, blocks):
+@pytest.mark.slow
+def test_mlx_logits(mlx_checkpoint):
+    path, model, _ = mlx_checkpoint
+    assert _check_logits(path, model).params.token_embd.fmt == "AFQ4_G64"
+
+
+def build_fp8(path, blocks: bool):
     """transformers' fine-grained FP8 layout (float8 weights, weight_scale_inv per 128x128 block or per
-    tensor; lm_head left in float): weights equal transformers' ``_dequantize_fp8_weight`` and logits
-    its model's on them."""
+    tensor; lm_head left in float); returns what ``build`` returns, the references being
+    transformers' ``_dequantize_fp8_weight``."""
     from transformers.integrations import finegrained_fp8  # here: it imports hqq, which warns (pytestmark)
 
     torch.manual_seed(0)
@@ -324,25 +340,31 @@ def test_fp8_dequantize_and_logits(tmp_path, blocks):
                 tensors.update({f"{prefix}.weight": q, f"{prefix}.weight_scale_inv": scale})
                 refs[f"blk.{i}.{CANONICAL[name]}.weight"] = ref.numpy()
     tensors.update({k: v.detach().clone() for k, v in model.state_dict().items() if f"{k}_scale_inv" not in tensors})
-    path = tmp_path / "m"
     path.mkdir()
     save_torch(tensors, str(path / "model.safetensors"))
     qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": block,
           "modules_to_not_convert": ["lm_head"]}
     (path / "config.json").write_text(json.dumps({**config.to_dict(), "quantization_config": qc}))
     (path / "tokenizer.json").write_text(TOKENIZER)
+    return path, model, refs
+
+
+@pytest.mark.parametrize("blocks", [True, False])
+def test_fp8_dequantize_equals_transformers(tmp_path, blocks):
+    path, _, refs = build_fp8(tmp_path / "m", blocks)
     src = open_model(path)
     for name, ref in refs.items():
         q = src.load(name)
         assert q.fmt == ("FP8_E4M3_B128" if blocks else "FP8_E4M3") and src.info(name).nbytes == q.nbytes
         np.testing.assert_array_equal(np.asarray(DEQUANTIZE(q)).view(np.uint32),
                                       _reference(name, ref, src.config).view(np.uint32))
-    if blocks:  # the model runs (per-tensor scales differ only in the dequantization checked above)
-        ids = np.random.default_rng(1).integers(0, CONFIG["vocab_size"], 12)
-        with torch.no_grad():
-            want = model(torch.tensor(ids)[None]).logits[0].numpy()
-        got = _logits(jaxquant.load(path), ids)
-        assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_fp8_logits(tmp_path):
+    """128x128 blocks (per-tensor scales differ only in the dequantization checked above)."""
+    path, model, _ = build_fp8(tmp_path / "m", blocks=True)
+    _check_logits(path, model)
 
 
 def test_bad_checkpoints(tmp_path):
@@ -352,7 +374,9 @@ def test_bad_checkpoints(tmp_path):
     for qc, message in (({"quant_method": "awq", "version": "gemv"}, "AWQ version 'gemv'"),
                         ({"quant_method": "bitnet"}, "quantization method 'bitnet'"),
                         ({**config["quantization_config"], "checkpoint_format": "marlin"}, "checkpoint_format"),
-                        ({"quant_method": "fp8", "weight_block_size": [64, 64]}, "weight_block_size [64, 64]")):
+                        ({"quant_method": "fp8", "weight_block_size": [64, 64]}, "weight_block_size [64, 64]"),
+                        ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                          "bnb_4bit_quant_storage": "bfloat16"}, "quant storage 'bfloat16'")):
         (path / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
         with pytest.raises(FileFormatError, match=re.escape(message)):
             open_model(path)
@@ -406,12 +430,16 @@ def build_bnb(path, case: str, seed: int = 0):
     return path / "m", model, refs
 
 
-@pytest.mark.parametrize("case", list(BNB_CASES))
-def test_bnb_dequantize_and_logits(tmp_path, case):
+@pytest.fixture(scope="module", params=list(BNB_CASES))
+def bnb_checkpoint(request, tmp_path_factory):
+    return request.param, *build_bnb(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def test_bnb_dequantize_equals_bitsandbytes(bnb_checkpoint):
     """transformers' bitsandbytes checkpoints (4-bit NF4/FP4 with and without double quantization,
     LLM.int8) load straight into the bnb formats: weights equal bitsandbytes' dequantization bit for
-    bit (Llama's q/k, reordered, lose only the nested absmax quantization), logits transformers'."""
-    path, model, refs = build_bnb(tmp_path, case)
+    bit (Llama's q/k, reordered, lose only the nested absmax quantization)."""
+    case, path, _, refs = bnb_checkpoint
     src = open_model(path)
     fmt = BNB_CASES[case][2]
     for name, ref in refs.items():
@@ -421,8 +449,9 @@ def test_bnb_dequantize_and_logits(tmp_path, case):
         assert src.info(name).shape == q.shape and src.info(name).nbytes == q.nbytes
         np.testing.assert_array_equal(np.asarray(DEQUANTIZE(q)).view(np.uint32),
                                       _reference(name, ref, src.config).view(np.uint32))
-    ids = np.random.default_rng(1).integers(0, CONFIG["vocab_size"], 12)
-    with torch.no_grad():
-        want = model(torch.tensor(ids)[None]).logits[0].numpy()
-    got = _logits(jaxquant.load(path), ids)
-    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_bnb_logits(bnb_checkpoint):
+    _, path, model, _ = bnb_checkpoint
+    _check_logits(path, model)
