@@ -32,7 +32,7 @@ from jaxquant.io.source import TensorInfo
 from jaxquant.isq import mixes, preset
 from jaxquant.isq.apply import QuantizedSource, write_quantized_gguf
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "isq"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 
 class RandomLlama8B:
