@@ -180,7 +180,9 @@ def run_sweep(cfg: SweepConfig, show_progress: bool | None = None, log=print) ->
                "kld_error": s["kld_error"], "kld_p99": s["kld_p99"], "same_top_p": s["same_top_p"],
                "p_diff_rms": s["p_diff_rms"], "tokens_per_s": res.tokens_per_s,
                "compiles": compile_count() - compiles, "seconds": time.perf_counter() - start, "stats": s}
-        done.write_text(json.dumps(row))
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(row))
+        os.replace(tmp, done)  # a variant killed while saving is not taken as done
         log(f"[{v.name}] bpw {bpw:.3f}  PPL {s['ppl']:.4f}  KLD {s['kld_mean']:.5f}  same top {s['same_top_p']:.2%}  "
             f"{row['compiles']} compiles, {row['seconds']:.0f} s")
     rows = [json.loads((cfg.out / "variants" / f"{_slug(v.name)}.json").read_text()) for v in cfg.variants]
