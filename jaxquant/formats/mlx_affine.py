@@ -30,8 +30,8 @@ def round_to(x: jax.Array, dtype) -> jax.Array:
 
 
 def affine_params(xg: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
-    """MLX's float32 (scale, bias) of each group ``xg[..., g]``."""
-    n_bins = F32(2**bits - 1)
+    """MLX's float32 (scale, bias) of each group ``xg[..., g]``; ``bits`` may be an integer array."""
+    n_bins = (jnp.left_shift(1, bits) - 1).astype(F32)
     w_min, w_max = jnp.min(xg, axis=-1), jnp.max(xg, axis=-1)
     mask = jnp.abs(w_min) > jnp.abs(w_max)
     scale = jnp.maximum(div(w_max - w_min, n_bins), F32(1e-7))
@@ -42,12 +42,19 @@ def affine_params(xg: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
     return jnp.where(snap, div(edge, jnp.where(snap, q0, 1)), scale), jnp.where(snap, edge, F32(0))
 
 
-def affine_quantize(x: jax.Array, bits: int, group: int, dtype=jnp.float16) -> dict[str, jax.Array]:
-    """``x f32[R, K]`` -> {"q": uint32 [R, K/g, g*b/32], "scales", "biases": dtype [R, K/g]}."""
+def affine_codes(x: jax.Array, bits: int, group: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``x f32[R, K]`` -> (int32 codes ``[R, K/g, g]``, float32 scale, bias ``[R, K/g]``); ``bits``
+    may be an integer array (vmapped over)."""
     xg = x.reshape(x.shape[0], -1, group)
     scale, bias = affine_params(xg, bits)
-    q = jnp.clip(jnp.round(div(xg - bias[..., None], scale[..., None])), 0, 2**bits - 1)
-    return {"q": pack_bits(q.astype(jnp.int32), bits), "scales": scale.astype(dtype), "biases": bias.astype(dtype)}
+    q = jnp.clip(jnp.round(div(xg - bias[..., None], scale[..., None])), 0, jnp.left_shift(1, bits) - 1)
+    return q.astype(jnp.int32), scale, bias
+
+
+def affine_quantize(x: jax.Array, bits: int, group: int, dtype=jnp.float16) -> dict[str, jax.Array]:
+    """``x f32[R, K]`` -> {"q": uint32 [R, K/g, g*b/32], "scales", "biases": dtype [R, K/g]}."""
+    q, scale, bias = affine_codes(x, bits, group)
+    return {"q": pack_bits(q, bits), "scales": scale.astype(dtype), "biases": bias.astype(dtype)}
 
 
 def affine_dequantize(a: dict[str, jax.Array], bits: int) -> jax.Array:

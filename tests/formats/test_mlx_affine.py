@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import mlx.core as mx
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 from edge_cases import edge_matrix
 
 import jaxquant as jq
-from jaxquant.formats.mlx_affine import BITS, GROUPS, affine_dequantize, affine_quantize
+from jaxquant.formats.mlx_affine import BITS, GROUPS, affine_codes, affine_dequantize, affine_quantize
+from jaxquant.formats.packing import pack_bits
 
 
 def _mlx(x: np.ndarray, bits: int, group: int, dtype) -> tuple[np.ndarray, ...]:
@@ -24,17 +26,43 @@ def _same(ours, ref) -> None:
     assert (ours.view(np.uint32) != ref.view(np.uint32)).sum() == 0
 
 
-@pytest.mark.parametrize("bits", BITS)
+_codes = jax.jit(jax.vmap(affine_codes, in_axes=(None, 0, None)), static_argnums=2)
+
+
+def _f16_matrix(group: int) -> np.ndarray:
+    return np.clip(edge_matrix(256, group, group), -6e4, 6e4).astype(np.float16).astype(np.float32)
+
+
 @pytest.mark.parametrize("group", GROUPS)
-def test_float16_matches_mlx(bits, group):
+def test_float16_matches_mlx(group):
     """The registered formats (float16 scales) are MLX on a float16 weight: same words, scales,
-    biases and dequantized values, bit for bit."""
-    x = np.clip(edge_matrix(256, group, bits * group), -6e4, 6e4).astype(np.float16).astype(np.float32)
+    biases and dequantized values, bit for bit. Every bit width from one compiled call (codes
+    packed here as the formats pack them); the formats end to end in test_formats_end_to_end."""
+    x = _f16_matrix(group)
+    qs, ss, bs = _codes(jnp.asarray(x), jnp.asarray(BITS), group)
+    for i, bits in enumerate(BITS):
+        wq, s, b, y = _mlx(x, bits, group, mx.float16)
+        a = {"q": pack_bits(qs[i], bits), "scales": ss[i].astype(jnp.float16), "biases": bs[i].astype(jnp.float16)}
+        for ours, ref in ((a["q"], wq), (a["scales"], s), (a["biases"], b), (affine_dequantize(a, bits), y)):
+            _same(ours, ref)
+        assert jq.get_format(f"AFQ{bits}_G{group}").bits_per_weight == bits + 32 / group
+
+
+@pytest.mark.parametrize("bits,group", [(4, 64), (3, 32), (6, 128)])
+def test_formats_end_to_end(bits, group):
+    """jq.quantize through the registry: the same arrays and dequantization as MLX."""
+    x = _f16_matrix(group)
     q = jq.quantize(x, f"AFQ{bits}_G{group}")
     wq, s, b, y = _mlx(x, bits, group, mx.float16)
     for ours, ref in ((q.arrays["q"], wq), (q.arrays["scales"], s), (q.arrays["biases"], b), (q.dequantize(), y)):
         _same(ours, ref)
-    assert q.bits_per_weight == bits + 32 / group
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_format_end_to_end(group):
+    for bits in BITS:
+        test_formats_end_to_end(bits, group)
 
 
 @pytest.mark.parametrize("bits", [3, 4, 6])
