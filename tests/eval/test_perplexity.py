@@ -63,6 +63,7 @@ def _compare(model, llm, text: str, n_chunks: int | None) -> pp.PerplexityResult
     return ours
 
 
+@pytest.mark.slow  # the 30k-token test below covers it; kept for a quick check with -m slow -k fast
 def test_perplexity_vs_llama_cpp_fast(model, llm):
     _compare(model, llm, TEXT, FAST_CHUNKS)
 
