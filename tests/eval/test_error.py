@@ -41,7 +41,8 @@ def _oracle(x: np.ndarray, fmt: str, imp: np.ndarray | None) -> tuple[float, flo
     return float(np.sqrt(d2.sum() / w2.sum())), float(np.sqrt((d2 * imp).sum() / (w2 * imp).sum()))
 
 
-@pytest.mark.parametrize(("mix", "with_imatrix"), [("Q4_0", False), pytest.param("Q4_K_M", True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(("mix", "with_imatrix"),
+                         [("Q4_0", False), pytest.param("Q4_K_M", True, marks=pytest.mark.slow)])
 def test_errors_vs_llama_cpp(mix, with_imatrix):
     src = RandomSource()
     rng = np.random.default_rng(1)
