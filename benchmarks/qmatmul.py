@@ -92,31 +92,18 @@ def bench_bf16(k: int, n: int, m: int, args) -> dict:
 
 
 def sweep_configs(fmt: str, k: int, n: int, m: int):
-    """Tilings tried by ``--sweep``: (label, matmul) pairs around the defaults of the op that
-    ``select`` picks for M (for large M the fused gemm is timed too)."""
+    """Tilings tried by ``--sweep``: (label, matmul) pairs around ``qmm``'s default for M (large M
+    runs the dequantize + dot path, which has no tiling to sweep)."""
     import pallas_kernels as pk
-    from pallas_kernels import dequant, gemm, gemv
+    from pallas_kernels import qmm
 
-    spec = pk.SPECS[fmt]
-    runs = []
-    if m <= 16:
-        b = gemv.default_config(spec, m, n, k)
-        runs += [(gemv.gemv, b, v) for v in (
-            {}, {"num_warps": 8}, {"num_warps": 8, "block_n": 2 * b.block_n}, {"block_n": 2 * b.block_n},
-            {"block_b": 2 * b.block_b}, {"block_b": 2 * b.block_b, "num_warps": 8}, {"splits": 2 * b.splits},
-            {"splits": max(1, b.splits // 2)}, {"num_stages": 2})]
-    if m > pk.GEMV_MAX_M:
-        b = gemm.default_config(spec, m, n, k)
-        runs += [(gemm.gemm, b, v) for v in (
-            {}, {"num_warps": 12 - b.num_warps}, {"num_stages": 3}, {"block_b": 2 * b.block_b},
-            {"block_n": b.block_n // 2}, {"splits": 2 * b.splits}, {"block_n": b.block_n // 2, "splits": 2 * b.splits})]
-    if m > pk.GEMM_MAX_M:
-        b = dequant.default_config(spec, n, k)
-        runs += [(dequant.dequant_dot, b, v) for v in (
-            {}, {"block_n": 2 * b.block_n}, {"block_b": 2 * b.block_b}, {"num_warps": 8})]
-    for fn, base, v in runs:
+    dec = pk.DECODERS[fmt]
+    base = qmm.default_config(dec, m, n, k)
+    for v in ({}, {"num_stages": 3}, {"num_stages": 4}, {"num_warps": 8}, {"splits": 2 * base.splits},
+              {"splits": max(1, base.splits // 2)}, {"block_b": 2 * base.block_b},
+              {"block_n": 128, "num_warps": 8}, {"splits": max(1, base.splits // 2), "num_stages": 4}):
         cfg = dataclasses.replace(base, **v)
-        yield str(cfg), (lambda x, w, fn=fn, cfg=cfg: fn(x, w, spec, config=cfg))
+        yield str(cfg), (lambda x, w, cfg=cfg: qmm.qmm(x, w, dec, config=cfg))
 
 
 def main() -> None:

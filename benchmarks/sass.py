@@ -65,8 +65,9 @@ def lower_for_cuda(fn, *args) -> list[tuple[str, int, int]]:
     return found
 
 
-def compile_sm90(ttir: str, num_warps: int, num_stages: int, workdir: str) -> tuple[str, str]:
-    """(SASS text, resource usage line) of Triton IR compiled for sm_90."""
+def compile_sm90(ttir: str, num_warps: int, num_stages: int, workdir: str) -> tuple[str, str, str]:
+    """(SASS, resource usage line, TTGIR: the IR with Triton's register layouts) of Triton IR
+    compiled for sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -81,7 +82,7 @@ def compile_sm90(ttir: str, num_warps: int, num_stages: int, workdir: str) -> tu
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
     res = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
-    return sass, " ".join(line.strip() for line in res.splitlines() if "REG" in line)
+    return sass, " ".join(line.strip() for line in res.splitlines() if "REG" in line), k.asm["ttgir"]
 
 
 def innermost_loop(sass: str) -> collections.Counter:
@@ -120,10 +121,10 @@ def main() -> None:
                 irs = lower_for_cuda(lambda x, w: ops.qdot(x, w), x, w)
             for ir, warps, stages in irs:
                 with tempfile.TemporaryDirectory() as tmp:
-                    sass, res = compile_sm90(ir, warps, stages, tmp)
+                    sass, res, ttgir = compile_sm90(ir, warps, stages, tmp)
                     if args.keep:
                         os.makedirs(args.keep, exist_ok=True)
-                        for ext, text in (("ttir", ir), ("sass", sass)):
+                        for ext, text in (("ttir", ir), ("ttgir", ttgir), ("sass", sass)):
                             with open(os.path.join(args.keep, f"{fmt}_m{m}.{ext}"), "w") as f:
                                 f.write(text)
                 loop = innermost_loop(sass)

@@ -91,7 +91,7 @@ def qdot(x: jax.Array, w, *, backend: str | None = None) -> jax.Array:
         kern = pallas_kernels.select(w, x2.shape[0])
         if kern is not None:
             y = kern.fn(x2, w, interpret=name == "interpret")
-        elif name == "pallas" and pallas_kernels.lookup(w.fmt, "gemv") is None:
+        elif name == "pallas" and pallas_kernels.lookup(w.fmt, "qmm") is None:
             raise JaxquantError(f"qdot: no Pallas kernel for format {w.fmt}; kernels exist for "
                                 f"{sorted({k[0] for k in pallas_kernels.kernels()})} (use backend='auto')")
     if y is None:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import functools
 
-from pallas_kernels import dequant, gemm, gemv, ggml_iq, ggml_k, ggml_legacy
-from pallas_kernels.registry import GEMM_MAX_M, GEMV_MAX_M, Kernel, kernels, lookup, register, select
+from pallas_kernels import dequant, ggml_iq, ggml_k, ggml_legacy, qmm
+from pallas_kernels.registry import QMM_MAX_M, Kernel, kernels, lookup, register, select
 
-SPECS = {s.fmt: s for s in (*ggml_legacy.SPECS, *ggml_k.SPECS, *ggml_iq.SPECS)}
+DECODERS = {d.fmt: d for d in (*ggml_legacy.DECODERS, *ggml_k.DECODERS, *ggml_iq.DECODERS)}
 
-for _spec in SPECS.values():
-    for _op, _fn, _supports in (("gemv", gemv.gemv, gemv.supports), ("gemm", gemm.gemm, gemm.supports),
-                                ("dequant", dequant.dequant_dot, dequant.supports)):
-        register(Kernel(_spec.fmt, _op, "triton", functools.partial(_fn, spec=_spec),
-                        functools.partial(_supports, _spec)))
+for _dec in DECODERS.values():
+    register(Kernel(_dec.fmt, "qmm", "triton", functools.partial(qmm.qmm, dec=_dec),
+                    functools.partial(qmm.supports, _dec)))
+    register(Kernel(_dec.fmt, "dequant", "triton", functools.partial(dequant.dequant_dot, dec=_dec),
+                    functools.partial(qmm.supports, _dec)))
 
-__all__ = ["GEMM_MAX_M", "GEMV_MAX_M", "Kernel", "SPECS", "kernels", "lookup", "register", "select"]
+__all__ = ["DECODERS", "QMM_MAX_M", "Kernel", "kernels", "lookup", "register", "select"]

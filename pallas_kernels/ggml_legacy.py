@@ -1,56 +1,87 @@
-"""Kernel views of llama.cpp's 32-element formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0.
+"""Kernel decoders of llama.cpp's 32-element formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0.
 
-``qs`` is read as 4 (8 for Q8_0) uint32 words per block. Nibble ``p`` of word ``t`` is byte
-``p // 2`` of that word, low (element ``4t + p//2``) or high (element ``16 + 4t + p//2``).
+A step of ``bb`` blocks gives each lane slot ``bb / 4`` whole blocks; a unit is one uint32 word of
+``qs``. Nibble formats: pair ``p`` of a word holds the nibbles at bits ``4p`` and ``16 + 4p`` (bytes
+``p // 2`` and ``p // 2 + 2``; low nibble -> element ``byte``, high -> ``byte + 16``), turned into
+``1024 + q`` by one mask-and-or (``halfpack``). Q8_0: pair ``p`` holds bytes ``p`` and ``p + 2``.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
-from jax import lax
+import numpy as np
 
-from pallas_kernels.unpack import BlockSpec, Loader, Term, as_f32, bits_f32, field, move
+from pallas_kernels.halfpack import MAGIC2, U32, dup, f16_bits, splat, sub_fma, sub_mul
+from pallas_kernels.tile import Decoder, Loader
 
-F32 = jnp.float32
-
-
-def _nibble_elems(p: int) -> tuple[int, ...]:
-    return tuple(4 * t + p // 2 + 16 * (p % 2) for t in range(4))
+QK = 32
 
 
-def _nibble_terms(ld: Loader, offset_of, high_bit: bool) -> list[Term]:
-    """Q4_0/Q4_1/Q5_0/Q5_1: ``d * q + offset`` with q a nibble (plus bit 4 from ``qh``)."""
-    w, d = ld("qs"), ld("d").astype(F32)
-    offset = offset_of(d)
-    terms = []
-    for p in range(8):
-        elems = _nibble_elems(p)
-        if high_bit:  # bit e of the 32-bit qh holds bit 4 of element e
-            v, s = field(w, 4 * p, 4)
-            qh = ld("qh", 0)[..., None] >> (lax.broadcasted_iota(jnp.uint32, (1, 1, 4), 2) * 4 + elems[0])
-            q = as_f32(v | move(qh & jnp.uint32(1), 0, s + 4))
-        else:
-            q, s = bits_f32(w, 4 * p, 4)
-        terms.append(Term(q, d, offset, elems, s))
-    return terms
+def per_block(ld: Loader, name: str, bb: int, units: int) -> jax.Array:
+    """A per-block float16 field as packed pairs broadcast over each block's ``units`` words:
+    ``[BN, 4, bb / 4 * units]``."""
+    v = splat(ld(name)).reshape(-1, 4, bb // 4, 1)
+    return jnp.broadcast_to(v, (v.shape[0], 4, bb // 4, units)).reshape(v.shape[0], 4, bb // 4 * units)
 
 
-def _q8_0_terms(ld: Loader) -> list[Term]:
-    w = ld("qs") ^ jnp.uint32(0x80808080)  # int8 b -> unsigned b + 128
-    d = ld("d").astype(F32)
-    offset = -128 * d
-    terms = []
-    for u in range(4):
-        q, s = bits_f32(w, 8 * u, 8)
-        terms.append(Term(q, d, offset, tuple(4 * t + u for t in range(8)), s))
-    return terms
+def _nibble_pairs(ld: Loader, bb: int, high_bits: bool) -> list[jax.Array]:
+    """``1024 + q`` for the 4 nibble pairs of every word (``q`` 5 bits with ``qh``)."""
+    w = ld("qs").reshape(-1, 4, bb)  # 4 words per block, bb / 4 blocks per slot
+    out = []
+    for p in range(4):
+        t = (w >> U32(4 * p)) & U32(0x000F000F) | U32(MAGIC2)
+        if high_bits:  # bits el and el + 2 of the block's qh (el = this pair's first element) -> 4, 20
+            qh = jnp.broadcast_to(ld("qh").reshape(-1, 4, bb // 4, 1), (w.shape[0], 4, bb // 4, 4)).reshape(w.shape)
+            el = 4 * (jnp.arange(bb, dtype=U32) % U32(4)) + U32(p // 2 + 16 * (p % 2))
+            y = (qh >> el) & U32(5)
+            t = t | (y * U32(0x40010)) & U32(0x00100010)
+        out.append(t)
+    return out
 
 
-SPECS = (
-    BlockSpec("Q4_0", 32, lambda ld: _nibble_terms(ld, lambda d: -8 * d, False), (("qs", "u32"),)),
-    BlockSpec("Q4_1", 32, lambda ld: _nibble_terms(ld, lambda d: ld("m").astype(F32), False), (("qs", "u32"),)),
-    BlockSpec("Q5_0", 32, lambda ld: _nibble_terms(ld, lambda d: -16 * d, True), (("qs", "u32"), ("qh", "u32"))),
-    BlockSpec("Q5_1", 32, lambda ld: _nibble_terms(ld, lambda d: ld("m").astype(F32), True),
-              (("qs", "u32"), ("qh", "u32"))),
-    BlockSpec("Q8_0", 32, _q8_0_terms, (("qs", "u32"),)),
+def _nibble_elems(bb: int) -> np.ndarray:
+    c, u, p, e = np.meshgrid(np.arange(4), np.arange(bb), np.arange(4), np.arange(2), indexing="ij")
+    block, word = c * (bb // 4) + u // 4, u % 4
+    byte = 4 * word + p // 2 + 2 * e
+    return QK * block + byte + 16 * (p % 2)
+
+
+def _q4_0(ld: Loader, bb: int, interpret: bool) -> list[jax.Array]:
+    d = per_block(ld, "d", bb, 4)
+    return [sub_mul(t, dup(f16_bits(1032)), d, interpret) for t in _nibble_pairs(ld, bb, False)]
+
+
+def _q5_0(ld: Loader, bb: int, interpret: bool) -> list[jax.Array]:
+    d = per_block(ld, "d", bb, 4)
+    return [sub_mul(t, dup(f16_bits(1040)), d, interpret) for t in _nibble_pairs(ld, bb, True)]
+
+
+def _with_min(high_bits: bool):
+    def decode(ld: Loader, bb: int, interpret: bool) -> list[jax.Array]:
+        d, m = per_block(ld, "d", bb, 4), per_block(ld, "m", bb, 4)
+        return [sub_fma(t, dup(f16_bits(1024)), d, m, interpret) for t in _nibble_pairs(ld, bb, high_bits)]
+    return decode
+
+
+def _q8_0(ld: Loader, bb: int, interpret: bool) -> list[jax.Array]:
+    w = ld("qs").reshape(-1, 4, 2 * bb)  # 8 words per block
+    d = per_block(ld, "d", bb, 8)
+    # int8 b -> 1024 + (b + 128): the sign bit flipped inside the mask-and-or
+    return [sub_mul((w >> U32(8 * p)) & U32(0x00FF00FF) ^ U32(MAGIC2 | 0x00800080), dup(f16_bits(1152)), d, interpret)
+            for p in range(2)]
+
+
+def _q8_0_elems(bb: int) -> np.ndarray:
+    c, u, p, e = np.meshgrid(np.arange(4), np.arange(2 * bb), np.arange(2), np.arange(2), indexing="ij")
+    block, word = c * (bb // 4) + u // 8, u % 8
+    return QK * block + 4 * word + p + 2 * e
+
+
+DECODERS = (
+    Decoder("Q4_0", QK, _q4_0, _nibble_elems, ("qs",), min_blocks=4),
+    Decoder("Q4_1", QK, _with_min(False), _nibble_elems, ("qs",), min_blocks=4),
+    Decoder("Q5_0", QK, _q5_0, _nibble_elems, ("qs", "qh"), min_blocks=4),
+    Decoder("Q5_1", QK, _with_min(True), _nibble_elems, ("qs", "qh"), min_blocks=4),
+    Decoder("Q8_0", QK, _q8_0, _q8_0_elems, ("qs",), min_blocks=4),
 )

@@ -1,19 +1,22 @@
 """Kernel registry: (format, op, backend) -> kernel.
 
-``op`` is ``"gemv"`` (decode: a few activation rows, split-K on the CUDA cores), ``"gemm"``
-(weight tiles dequantized in registers and fed to the tensor cores) or ``"dequant"`` (large M:
-one pass to a transient float16 copy, then XLA's dot). ``jaxquant.ops.qdot`` asks ``select``
-for a kernel and falls back to XLA (dequantize + dot) where none applies.
+``op`` is ``"qmm"`` (up to ``QMM_MAX_M`` activation rows: packed weights decoded into the tensor
+cores' registers, ``qmm.py``) or ``"dequant"`` (more rows: one pass to a transient float16 copy,
+then XLA's dot). ``jaxquant.ops.qdot`` asks ``select`` for a kernel and falls back to XLA
+(dequantize + dot) where none applies.
 
 Backend: Pallas' Triton lowering (``backend="triton"``), chosen deliberately on JAX 0.11.2:
-- These kernels are per-thread integer work: bit-field extraction from uint32 words, exact
-  int->float tricks and in-thread reductions over [rows, blocks, words] tiles with 16-byte
-  vector loads. Triton picks register layouts for such arrays itself; Mosaic GPU (the default
-  since JAX 0.11) is a warpgroup/TMA/wgmma model whose register layouts are built around
-  tensor-core tiles and whose ``pallas_call`` entry point is itself deprecated in favour of
-  ``plgpu.kernel``: a GEMV there is hand-written per layout, for little gain at M = 1.
-- Triton lowering works and was measured on the H100 with JAX 0.11.2 (benchmarks/RESULTS.md);
-  it warns that it is deprecated (the warning is filtered in ``common.py``). When JAX removes
+- The work per weight is bit-field extraction and packed half2 arithmetic in registers, laid out
+  to match the MMA operand fragment (``tile.py``). Triton's linear layouts turn that layout match
+  into register renaming, inline PTX (``elementwise_inline_asm``) gives the half2 instructions, and
+  Hopper's ``wgmma`` comes from a plain ``dot``. Mosaic GPU (the default since JAX 0.11) is a
+  warpgroup/TMA model with its own register layouts and no inline PTX; ``jax-triton`` needs a
+  wheel the device image lacks and has no CPU interpreter for the tests; an XLA FFI kernel would
+  need a CUDA build step at install time.
+- Pallas Triton runs in the Pallas interpreter on any platform, so the CPU suite tests every
+  decoder bit for bit (``halfpack`` has a jnp twin of each PTX line), and ``benchmarks/sass.py``
+  compiles the kernels for sm_90 without a GPU.
+- It warns that it is deprecated (the warning is filtered in ``halfpack.py``). When JAX removes
   it, a Mosaic GPU kernel registers under ``backend="mosaic_gpu"`` with no change to callers.
 """
 
@@ -27,11 +30,8 @@ import jax
 from jaxquant.errors import JaxquantError
 from jaxquant.qtensor import QTensor
 
-# Up to GEMV_MAX_M activation rows the CUDA-core GEMV beats padding to a tensor-core tile
-# (its per-row accumulators spill beyond; measured 360+ us at M=16 against 60 for gemm);
-# above GEMM_MAX_M one f16 copy plus the library dot beats re-dequantizing per row tile.
-GEMV_MAX_M = 4
-GEMM_MAX_M = 256
+# Above QMM_MAX_M rows one float16 copy plus the library dot beats re-decoding per row tile.
+QMM_MAX_M = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +70,6 @@ def select(w: QTensor, m: int, backend: str = "triton") -> Kernel | None:
     if len(w.shape) != 2:
         return None
     n, k = w.shape
-    op = "gemv" if m <= GEMV_MAX_M else "gemm" if m <= GEMM_MAX_M else "dequant"
+    op = "qmm" if m <= QMM_MAX_M else "dequant"
     kern = lookup(w.fmt, op, backend)
     return kern if kern is not None and kern.supports(m, n, k) else None

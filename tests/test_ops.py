@@ -2,8 +2,8 @@
 
 Weights are random packed bytes, so every bit pattern a block can hold is exercised; the
 reference is ``dequantize`` (checked bit-exact against gguf-py in tests/formats) then a float64
-dot. A few Pallas kernels also run in the Pallas interpreter to check their unpacking logic
-on the CPU (the GPU runs them all: tests/gpu/check_kernels.py).
+dot. The Pallas kernels also run in the Pallas interpreter to check their decoders on the CPU (the
+GPU runs them compiled: tests/gpu/check_kernels.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
+import pallas_kernels
 from jaxquant import ops
 from jaxquant.errors import JaxquantError
 from jaxquant.formats import Format, get_format
@@ -84,21 +85,35 @@ def test_shape_errors():
 
 
 def test_pallas_forced_without_kernel():
-    import pallas_kernels
-
-    fmt = next(f for f in BLOCKED if pallas_kernels.lookup(f, "gemv") is None)
+    fmt = next(f for f in BLOCKED if pallas_kernels.lookup(f, "qmm") is None)
     w = random_qtensor(fmt, 8, 256, jax.random.key(0))
     with pytest.raises(JaxquantError, match="no Pallas kernel"):
         ops.qdot(jnp.ones((1, 256)), w, backend="pallas")
 
 
-@pytest.mark.parametrize("fmt,m", [("Q4_0", 2), ("Q4_0", 16), ("Q4_K", 1)])
+KERNEL_CASES = [(fmt, 1) for fmt in sorted(pallas_kernels.DECODERS)] + [("Q4_0", 16), ("Q6_K", 3), ("Q4_K", 300)]
+
+
+@pytest.mark.parametrize("fmt,m", KERNEL_CASES)
 def test_kernels_in_interpreter(fmt, m):
-    """Unpacking and tiling logic of the Pallas kernels (gemv for m <= 8, gemm above)."""
-    w = random_qtensor(fmt, 16, 1024, jax.random.key(m))
-    x = jax.random.normal(jax.random.key(9), (m, 1024), jnp.float32).astype(jnp.bfloat16)
+    """Every decoder and the tile/activation permutation of the Pallas kernels, run by the Pallas
+    interpreter (the PTX lines have jnp twins): ``qmm`` for M <= 256, dequantize + dot above."""
+    w = random_qtensor(fmt, 64, 512, jax.random.key(m))
+    x = jax.random.normal(jax.random.key(9), (m, 512), jnp.float32).astype(jnp.bfloat16)
+    assert pallas_kernels.select(w, m).op == ("qmm" if m <= pallas_kernels.QMM_MAX_M else "dequant")
     y = ops.qdot(x, w, backend="interpret")
     assert _rel(y.astype(jnp.float32), _ref(x.astype(jnp.float32), w)) < 2e-3
+
+
+def test_kernel_activations_beyond_float16_range():
+    """Rows past float16's range are scaled by a power of two before the float16 MMA, not
+    overflowed; NaN stays NaN."""
+    w = random_qtensor("Q8_0", 64, 256, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (3, 256), jnp.float32) * jnp.array([[1e6], [1.0], [3e-3]])
+    y = np.asarray(ops.qdot(x, w, backend="interpret"))
+    assert np.isfinite(y).all() and _rel(y, _ref(x, w)) < 2e-3
+    y = np.asarray(ops.qdot(x.at[1, 5].set(jnp.nan), w, backend="interpret"))
+    assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
 
 
 NON_GGUF = ["AFQ4_G64", "AFQ3_G32", "HQQ4_G64", "HQQ2_G32_AX0", "NF4", "FP4_DQ", "INT8", "FP8_E4M3", "FP8_E5M2_CH",

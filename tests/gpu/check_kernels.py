@@ -27,7 +27,7 @@ TOL = 2e-3
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--formats", default=",".join(sorted(pk.SPECS)))
+    ap.add_argument("--formats", default=",".join(sorted(pk.DECODERS)))
     ap.add_argument("--shapes", default="2048x640,10240x2560,2560x10240")
     ap.add_argument("--m", default="1,3,16,128,2048")
     args = ap.parse_args()
