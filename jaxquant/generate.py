@@ -237,7 +237,7 @@ def _prepare(model: Model, prompts: Sequence[Sequence[int]], max_tokens: int, sa
     for row, p in zip(padded, prompts):
         row[:len(p)] = p
     limits = np.minimum(max_tokens, max_len - lengths)
-    state = _init_state(model.cfg, len(prompts), max_len, _bucket(max_tokens), model.dtype)
+    state = _init_state(model.cfg, len(prompts), max_len, _bucket(max_tokens), model.compute_dtype)
     run = functools.partial(_run, model.params, state, padded, lengths, limits, stop_ids, jax.random.key(seed),
                             sampling.values, np.int32(-1 if channel is None else channel), cfg=model.cfg,
                             spec=sampling.spec, stream=channel is not None)

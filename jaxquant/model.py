@@ -7,6 +7,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -41,20 +42,36 @@ FALLBACK_CHAT_TEMPLATES = {"gemma2": GEMMA_CHAT_TEMPLATE, "gemma3": GEMMA_CHAT_T
 @dataclasses.dataclass(frozen=True)
 class Model:
     """A loaded model: ``params`` (a pytree whose weights are arrays or QTensors), the static
-    ``cfg``, the ``tokenizer`` (None for a model driven by token ids only), and ``dtype``, the
-    dtype of plain weights and of the KV cache."""
+    ``cfg``, the ``tokenizer`` (None for a model driven by token ids only), ``dtype``, the dtype of
+    plain weights, and ``compute_dtype``, that of matmul inputs and the KV cache (None:
+    ``default_dtype()``)."""
 
     params: models.Params
     cfg: ModelConfig
     tokenizer: Tokenizer | None
     dtype: np.dtype = np.dtype(np.float32)
     path: Path | None = None
+    compute_dtype: np.dtype | None = None
+
+    def __post_init__(self):
+        cd = self.compute_dtype
+        object.__setattr__(self, "compute_dtype", default_dtype() if cd is None else jnp.dtype(cd))
 
 
-def load(path: str | os.PathLike | None = None, *, dtype=jnp.float32, isq=None, imatrix=None) -> Model:
+def default_dtype() -> np.dtype:
+    """bfloat16 on GPU (products still accumulate in float32); float32 elsewhere, where the
+    parity tests against llama.cpp run."""
+    return jnp.dtype(jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
+
+
+def load(path: str | os.PathLike | None = None, *, dtype=None, compute_dtype=None, fuse=None, isq=None,
+         imatrix=None) -> Model:
     """Load a GGUF file or a Hugging Face checkpoint directory (None: the embedded Gemma-3-270M).
 
-    Quantized tensors stay packed QTensors in their file format; plain matrices become ``dtype``.
+    Quantized tensors stay packed QTensors in their file format; plain matrices become ``dtype``;
+    activations entering matmuls and the KV cache are ``compute_dtype`` (both default to
+    ``default_dtype()``: bfloat16 on GPU, float32 elsewhere). ``fuse`` (default: on GPU) stacks q/k/v
+    and gate/up into one matmul each where their formats match (``models.fuse_projections``).
     ``isq``: quantize at load by a policy (a ``jaxquant.isq.Policy``, a llama.cpp mix such as
     ``"Q4_K_M"`` or a policy YAML), one tensor at a time, with ``imatrix`` (a file or ``Imatrix``).
     A Gemma model without a chat template gets Gemma's official one.
@@ -67,8 +84,11 @@ def load(path: str | os.PathLike | None = None, *, dtype=jnp.float32, isq=None, 
 
         source = quantized_source(source, isq, imatrix)
         loading = progress(source)
+    dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
     with loading:
         params = models.load_params(source, cfg, dtype)
+    if fuse if fuse is not None else jax.default_backend() == "gpu":
+        params = models.fuse_projections(params)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATES.get(cfg.arch)
-    return Model(params, cfg, tokenizer, jnp.dtype(dtype), Path(source.path))
+    return Model(params, cfg, tokenizer, dtype, Path(source.path), compute_dtype)

@@ -106,7 +106,7 @@ def save_base(model: Model, path: str | os.PathLike, text: str | None = None, *,
         f.write(MAGIC + np.array([n_ctx, n_vocab, len(chunks)], np.int32).tobytes() + original.tobytes())
         for part, n in iter_batches(chunks, batch):
             q, header, nll = (np.asarray(a)[:n] for a in _base_chunk(
-                model.params, jnp.asarray(part), jnp.asarray(scored_targets(part)), model.cfg, model.dtype))
+                model.params, jnp.asarray(part), jnp.asarray(scored_targets(part)), model.cfg, model.compute_dtype))
             rows = np.zeros(q.shape[:2] + (nv,), np.uint16)
             rows[..., :4] = header.astype(np.float32).view(np.uint16)
             rows[..., 4:4 + n_vocab] = q
@@ -252,7 +252,7 @@ def kl_divergence(model: Model, base: str | os.PathLike | BaseLogProbs, *, n_chu
             if m < batch:
                 rows = np.concatenate([rows, np.repeat(rows[-1:], batch - m, 0)])
             out = _kld_chunk(model.params, jnp.asarray(part), jnp.asarray(scored_targets(part)), jnp.asarray(rows),
-                             model.cfg, model.dtype)
+                             model.cfg, model.compute_dtype)
             for k, v in out.items():
                 parts.setdefault(k, []).append(np.asarray(v)[:m].ravel())
             warm = warm or (time.perf_counter(), m)

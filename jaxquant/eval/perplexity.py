@@ -29,12 +29,12 @@ from jaxquant.model import Model
 DEFAULT_CTX = 512
 
 
-def load_model(path: str | os.PathLike | None = None, policy=None, imatrix=None, dtype=jnp.float32) -> Model:
+def load_model(path: str | os.PathLike | None = None, policy=None, imatrix=None) -> Model:
     """``jaxquant.load`` with ``policy`` (a Policy, a mix name such as ``"Q4_0"`` or a YAML file;
     None: the model as stored) applied at load, one tensor at a time."""
     import jaxquant
 
-    return jaxquant.load(path, dtype=dtype, isq=policy, imatrix=imatrix)
+    return jaxquant.load(path, isq=policy, imatrix=imatrix)
 
 
 def tokenize(model: Model, text: str) -> list[int]:
@@ -91,7 +91,7 @@ def _chunk_nll(params, chunks, targets, cfg, dtype):
 def chunk_nll(model: Model, chunks: np.ndarray) -> np.ndarray:
     """float64 NLL [B, n_ctx - 1 - n_ctx/2] of the scored tokens of chunks [B, n_ctx]."""
     rel, s = _chunk_nll(model.params, jnp.asarray(chunks), jnp.asarray(scored_targets(chunks)), model.cfg,
-                        model.dtype)
+                        model.compute_dtype)
     return -(np.asarray(rel, np.float64) - np.log(np.asarray(s, np.float64)))
 
 

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 from jaxquant.config import ModelConfig
 from jaxquant.errors import JaxquantError
 from jaxquant.models import base, gemma, llama, phi3
-from jaxquant.models.base import KVCache, Layer, Params, init_cache
+from jaxquant.models.base import KVCache, Layer, Params, fuse_projections, init_cache
 
-__all__ = ["forward", "hidden_states", "logits", "init_cache", "load_params", "Params", "Layer", "KVCache",
-           "FAMILIES"]
+__all__ = ["forward", "hidden_states", "logits", "init_cache", "load_params", "fuse_projections", "Params", "Layer",
+           "KVCache", "FAMILIES"]
 
 # llama.cpp architecture name -> the module defining its decoder layer (``block``, ``REQUIRED``).
 FAMILIES: dict[str, ModuleType] = {"llama": llama, "qwen2": llama, "qwen3": llama, "phi3": phi3,
@@ -46,7 +46,7 @@ def load_params(source, cfg: ModelConfig | None = None, dtype=jnp.float32) -> Pa
 
 def hidden_states(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache,
                   cfg: ModelConfig) -> tuple[jax.Array, KVCache]:
-    """The final-normed hidden states [B, T, E] (float32) and the updated cache; ``logits`` of
+    """The final-normed hidden states [B, T, E] (in the cache's dtype) and the updated cache; ``logits`` of
     a subset of them (e.g. each prompt's last token) avoids the full [B, T, vocab] product."""
     family = _family(cfg)
     if tokens.ndim != 2 or tokens.shape != positions.shape:

@@ -2,8 +2,10 @@
 attention over a preallocated KV cache (GQA, sliding window, softcap), gated FFN, and the decoder
 loop that a family drives with its own ``block``.
 
-Conventions: activations and the residual stream are float32; every weight matmul is
-``ops.qdot`` (any weight may be a QTensor); tensor names and value conventions are GGUF's
+Conventions: the residual stream, norms and softmax are float32; matmul inputs and the KV cache
+are in the compute dtype, which is the KV cache's dtype (float32 on CPU, where the llama.cpp parity
+tests run; bfloat16 by default on GPU), every product accumulating in float32. Every weight matmul
+is ``ops.qdot`` (any weight may be a QTensor); tensor names and value conventions are GGUF's
 (``Layer`` fields are the GGUF names with ``.weight`` dropped and ``.bias`` -> ``_bias``).
 """
 
@@ -43,7 +45,8 @@ class Layer:
     attn_q: Weight | None = None
     attn_k: Weight | None = None
     attn_v: Weight | None = None
-    attn_qkv: Weight | None = None  # Phi-3: q, k, v rows stacked
+    attn_qkv: Weight | None = None  # Phi-3, and fuse_projections: q, k, v rows stacked
+    attn_qkv_bias: jax.Array | None = None
     attn_q_bias: jax.Array | None = None
     attn_k_bias: jax.Array | None = None
     attn_v_bias: jax.Array | None = None
@@ -54,7 +57,7 @@ class Layer:
     post_attention_norm: jax.Array | None = None
     ffn_norm: jax.Array | None = None
     ffn_gate: Weight | None = None
-    ffn_up: Weight | None = None  # Phi-3: gate rows then up rows
+    ffn_up: Weight | None = None  # Phi-3, and fuse_projections (ffn_gate None): gate rows then up rows
     ffn_down: Weight | None = None
     post_ffw_norm: jax.Array | None = None
 
@@ -133,12 +136,51 @@ def load_params(source, cfg: ModelConfig, required: tuple[str, ...], dtype=jnp.f
     return Params(layers=[Layer(**layer) for layer in layers], **top)
 
 
+def _stackable(ws: list) -> bool:
+    """Weights whose rows can be stacked into one matrix with the same meaning per row: plain
+    arrays of one dtype, or QTensors of one row-wise format (no per-tensor fields) and width."""
+    if all(isinstance(w, QTensor) for w in ws):
+        f = ws[0].format
+        return (len({(w.fmt, w.shape[1], w.dtype) for w in ws}) == 1 and f.scope == "row"
+                and all(fld.layout == "rows" for fld in f.fields))
+    return all(isinstance(w, jax.Array) for w in ws) and len({(w.dtype, w.shape[1]) for w in ws}) == 1
+
+
+def _stack_rows(ws: list) -> Weight:
+    if isinstance(ws[0], QTensor):
+        arrays = {k: jnp.concatenate([w.arrays[k] for w in ws]) for k in ws[0].arrays}
+        return QTensor(arrays, ws[0].fmt, (sum(w.shape[0] for w in ws), ws[0].shape[1]), ws[0].dtype)
+    return jnp.concatenate(ws)
+
+
+def fuse_projections(params: Params) -> Params:
+    """q, k, v stacked into ``attn_qkv`` and gate, up into ``ffn_up`` (gate rows first), as Phi-3
+    stores them, wherever the formats allow: one matmul kernel instead of three and two per layer
+    at decode. Each output row is computed exactly as before."""
+    layers = []
+    for layer in params.layers:
+        new = {}
+        qkv = [layer.attn_q, layer.attn_k, layer.attn_v]
+        biases = [layer.attn_q_bias, layer.attn_k_bias, layer.attn_v_bias]
+        if all(w is not None for w in qkv) and _stackable(qkv) and (all(b is None for b in biases)
+                                                                    or all(b is not None for b in biases)):
+            new.update(attn_qkv=_stack_rows(qkv), attn_q=None, attn_k=None, attn_v=None,
+                       attn_qkv_bias=None if biases[0] is None else jnp.concatenate(biases),
+                       attn_q_bias=None, attn_k_bias=None, attn_v_bias=None)
+        gate_up = [layer.ffn_gate, layer.ffn_up]
+        if all(w is not None for w in gate_up) and _stackable(gate_up):
+            new.update(ffn_up=_stack_rows(gate_up), ffn_gate=None)
+        layers.append(dataclasses.replace(layer, **new))
+    return dataclasses.replace(params, layers=layers)
+
+
 # ---------------------------------------------------------------------------------------------
 # Elementwise pieces
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
-    """x / rms(x) * w over the last axis (Gemma's 1 + w is already folded into w)."""
+    """x / rms(x) * w over the last axis, in float32 (Gemma's 1 + w is already folded into w)."""
+    x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
@@ -212,12 +254,17 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, neox: bool) ->
 @dataclasses.dataclass(frozen=True)
 class LayerCtx:
     """What a layer needs besides its tensors: config, positions [B, T] (< 0: padding), its rope
-    frequencies and sliding window (None: global attention)."""
+    frequencies, sliding window (None: global attention) and the compute dtype of matmul inputs."""
 
     cfg: ModelConfig
     positions: jax.Array
     inv_freq: jax.Array
     window: int | None
+    dtype: jnp.dtype = jnp.dtype(jnp.float32)
+
+    def norm(self, x: jax.Array, w: jax.Array) -> jax.Array:
+        """RMS norm of the residual stream (float32) as the next matmul's input (compute dtype)."""
+        return rms_norm(x, w, self.cfg.norm_eps).astype(self.dtype)
 
 
 def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv: KV, ctx: LayerCtx) -> tuple[jax.Array, KV]:
@@ -233,7 +280,7 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv: KV, ctx: LayerC
     cache_k = cache_k.at[rows, slot].set(k.astype(cache_k.dtype), mode="drop")
     cache_v = cache_v.at[rows, slot].set(v.astype(cache_v.dtype), mode="drop")
 
-    qg = q.reshape(b, t, n_kv, n_heads // n_kv, d)  # query head h uses kv head h // group
+    qg = q.reshape(b, t, n_kv, n_heads // n_kv, d).astype(cache_k.dtype)  # query head h uses kv head h // group
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, cache_k, preferred_element_type=jnp.float32, precision=HIGHEST)
     scores = scores * (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5  # 0: head_dim, as the config says
     if cfg.attn_softcap:
@@ -245,8 +292,9 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv: KV, ctx: LayerC
     # A finite fill keeps padding rows (nothing visible) free of NaN.
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, cache_v, preferred_element_type=jnp.float32, precision=HIGHEST)
-    return out.reshape(b, t, n_heads * d), (cache_k, cache_v)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(cache_v.dtype), cache_v, preferred_element_type=jnp.float32,
+                     precision=HIGHEST)
+    return out.reshape(b, t, n_heads * d).astype(cache_v.dtype), (cache_k, cache_v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,18 +312,19 @@ def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 def hidden_states(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, cfg: ModelConfig,
                   block: Block) -> tuple[jax.Array, KVCache]:
-    """Embed, run every layer's ``block``, final norm: [B, T, E] float32, updated cache."""
+    """Embed, run every layer's ``block``, final norm: [B, T, E] in the compute dtype (the cache's),
+    updated cache."""
     x = embed(params, tokens, cfg)
     ks, vs = [], []
     for i, layer in enumerate(params.layers):
         inv_freq = jnp.asarray(rope_inv_freq(cfg, i))
         if params.rope_freqs is not None:
             inv_freq = inv_freq / params.rope_freqs
-        ctx = LayerCtx(cfg, positions, inv_freq, cfg.sliding_window if cfg.is_swa(i) else None)
+        ctx = LayerCtx(cfg, positions, inv_freq, cfg.sliding_window if cfg.is_swa(i) else None, cache.k[i].dtype)
         x, (k, v) = block(layer, x, (cache.k[i], cache.v[i]), ctx)
         ks.append(k)
         vs.append(v)
-    return rms_norm(x, params.output_norm, cfg.norm_eps), KVCache(ks, vs)
+    return rms_norm(x, params.output_norm, cfg.norm_eps).astype(cache.k[0].dtype), KVCache(ks, vs)
 
 
 def logits(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:

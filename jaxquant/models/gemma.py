@@ -17,7 +17,7 @@ REQUIRED = llama.REQUIRED + ("post_attention_norm", "post_ffw_norm")
 def block(layer: Layer, x: jax.Array, kv: KV, ctx: LayerCtx) -> tuple[jax.Array, KV]:
     """One decoder layer on the residual stream x [B, T, E]."""
     eps = ctx.cfg.norm_eps
-    a, kv = llama.attention(layer, rms_norm(x, layer.attn_norm, eps), kv, ctx)
+    a, kv = llama.attention(layer, ctx.norm(x, layer.attn_norm), kv, ctx)
     h = x + rms_norm(a, layer.post_attention_norm, eps)
-    f = llama.ffn(layer, rms_norm(h, layer.ffn_norm, eps), ctx.cfg)
+    f = llama.ffn(layer, ctx.norm(h, layer.ffn_norm), ctx.cfg)
     return h + rms_norm(f, layer.post_ffw_norm, eps), kv

@@ -8,27 +8,37 @@ permuted on load as llama.cpp's converter does, so its rope pairs adjacent dims 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from jaxquant.config import ModelConfig
-from jaxquant.models.base import KV, Layer, LayerCtx, glu, heads, linear, qk_norm, rms_norm, self_attention
+from jaxquant.models.base import KV, Layer, LayerCtx, glu, heads, linear, qk_norm, self_attention
 
 REQUIRED = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 
 
 def qkv(layer: Layer, x: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [B, T, E] -> q [B, T, H, D], k, v [B, T, KV, D]; biases where present (Qwen2), q/k norm
-    when the config has it (Qwen3, Gemma 3)."""
-    q = heads(linear(x, layer.attn_q, layer.attn_q_bias), cfg.n_heads)
-    k = heads(linear(x, layer.attn_k, layer.attn_k_bias), cfg.n_kv_heads)
-    v = heads(linear(x, layer.attn_v, layer.attn_v_bias), cfg.n_kv_heads)
+    when the config has it (Qwen3, Gemma 3). q, k, v may be one stacked matrix (``attn_qkv``)."""
+    if layer.attn_qkv is not None:
+        nq, nkv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        q, k, v = jnp.split(linear(x, layer.attn_qkv, layer.attn_qkv_bias), [nq, nq + nkv], axis=-1)
+    else:
+        q, k, v = (linear(x, w, b) for w, b in ((layer.attn_q, layer.attn_q_bias), (layer.attn_k, layer.attn_k_bias),
+                                                 (layer.attn_v, layer.attn_v_bias)))
+    q, k, v = heads(q, cfg.n_heads), heads(k, cfg.n_kv_heads), heads(v, cfg.n_kv_heads)
     if cfg.qk_norm:
         q, k = qk_norm(q, k, layer, cfg)
     return q, k, v
 
 
 def ffn(layer: Layer, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Gated FFN [B, T, E] -> [B, T, E]: down(act(gate(x)) * up(x))."""
-    return linear(glu(linear(x, layer.ffn_gate), linear(x, layer.ffn_up), cfg), layer.ffn_down)
+    """Gated FFN [B, T, E] -> [B, T, E]: down(act(gate(x)) * up(x)); without ``ffn_gate``,
+    ``ffn_up`` holds the gate rows, then the up rows."""
+    if layer.ffn_gate is None:
+        gate, up = jnp.split(linear(x, layer.ffn_up), 2, axis=-1)
+    else:
+        gate, up = linear(x, layer.ffn_gate), linear(x, layer.ffn_up)
+    return linear(glu(gate, up, cfg), layer.ffn_down)
 
 
 def attention(layer: Layer, x: jax.Array, kv: KV, ctx: LayerCtx, qkv=qkv) -> tuple[jax.Array, KV]:
@@ -40,7 +50,6 @@ def attention(layer: Layer, x: jax.Array, kv: KV, ctx: LayerCtx, qkv=qkv) -> tup
 
 def block(layer: Layer, x: jax.Array, kv: KV, ctx: LayerCtx, qkv=qkv, ffn=ffn) -> tuple[jax.Array, KV]:
     """One decoder layer on the residual stream x [B, T, E]."""
-    eps = ctx.cfg.norm_eps
-    a, kv = attention(layer, rms_norm(x, layer.attn_norm, eps), kv, ctx, qkv)
+    a, kv = attention(layer, ctx.norm(x, layer.attn_norm), kv, ctx, qkv)
     h = x + a
-    return h + ffn(layer, rms_norm(h, layer.ffn_norm, eps), ctx.cfg), kv
+    return h + ffn(layer, ctx.norm(h, layer.ffn_norm), ctx.cfg), kv

@@ -139,7 +139,9 @@ def test_base_file_vs_perplexity_cpp_and_self_kld(model, tmp_path):
     assert ppl == pytest.approx(pp.perplexity(model, text, n_ctx=64, n_chunks=2, show_progress=False).ppl, rel=1e-4)
     res = K.kl_divergence(model, path, show_progress=False)
     s = res.stats
-    assert s["count"] == 62 and s["same_top_p"] == 1.0 and 0 <= s["kld_mean"] < 1e-5 and abs(s["ppl_ratio"] - 1) < 1e-4
+    # the base file stores log-probs rounded to 16 bits, so a model against its own base scores a
+    # KLD of zero up to that rounding, of either sign
+    assert s["count"] == 62 and s["same_top_p"] == 1.0 and abs(s["kld_mean"]) < 1e-5 and abs(s["ppl_ratio"] - 1) < 1e-4
 
 
 def test_cli_and_bad_file(model, tmp_path, capsys):

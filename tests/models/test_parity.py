@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers
 
-from jaxquant import QTensor, dequantize, models, quantize
+from jaxquant import QTensor, dequantize, models, ops, quantize
 from jaxquant.io import open_model
 from jaxquant.models import base
 from jaxquant.qtensor import take_rows
@@ -87,13 +87,14 @@ def _reference(model, tokens: np.ndarray) -> list[np.ndarray]:
         return [model(torch.tensor(row[None, :n + DECODE])).logits[0].numpy() for row, n in zip(tokens, LENGTHS)]
 
 
-def _run(params, cfg, tokens: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _run(params, cfg, tokens: np.ndarray, dtype=jnp.float32) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Prefill (rows right-padded, padding at position -1) then DECODE steps, each row at its own
-    position. Returns per row: prefill logits of its prompt, and the decode logits."""
+    position, computing in ``dtype`` (the cache's). Returns per row: prefill logits of its prompt,
+    and the decode logits."""
     fwd = jax.jit(models.forward, static_argnames="cfg", donate_argnames="cache")
     b = len(LENGTHS)
     lengths = np.array(LENGTHS)
-    cache = models.init_cache(cfg, b, PREFILL + DECODE, jnp.float32)
+    cache = models.init_cache(cfg, b, PREFILL + DECODE, dtype)
     pos = np.where(np.arange(PREFILL) < lengths[:, None], np.arange(PREFILL), -1).astype(np.int32)
     prefill, cache = fwd(params, jnp.asarray(tokens[:, :PREFILL]), jnp.asarray(pos), cache, cfg=cfg)
     steps = []
@@ -128,6 +129,47 @@ def test_parity(case: str, tmp_root: str):
     if "sliding_window" in CASES[case][1]:
         assert cfg.sliding_window == WINDOW and any(cfg.swa_layers)
     _check(models.load_params(source, cfg), cfg, model, case)
+
+
+@pytest.mark.parametrize("case", ["llama", "gemma3"])
+def test_bfloat16_compute(case: str, tmp_root: str):
+    """The GPU default: matmul inputs and the KV cache in bfloat16 (plain weights too), products
+    accumulated in float32, residual stream and norms in float32. Logits stay within bfloat16
+    rounding of transformers' float32 ones, and every matmul really gets bfloat16 inputs."""
+    model, path = _model(case, tmp_root)
+    source = open_model(path)
+    cfg = source.config
+    params = models.load_params(source, cfg, jnp.bfloat16)
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (len(LENGTHS), PREFILL + DECODE)).astype(np.int32)
+    refs = _reference(model, tokens)
+    seen = set()
+    with ops.tap(lambda x, w: seen.add((x.dtype.name, w.dtype.name))):
+        prefill, decode = _run(params, cfg, tokens, jnp.bfloat16)
+    assert seen == {("bfloat16", "bfloat16")}
+    for row, (n, ref) in enumerate(zip(LENGTHS, refs)):
+        assert _rel(prefill[row], ref[:n]) < 5e-2 and _rel(decode[row], ref[n:]) < 5e-2
+
+
+@pytest.mark.parametrize("case,fmt", [("llama-bias", None), ("qwen2", "Q8_0"), ("gemma3", "Q4_0")])
+def test_fused_projections(case: str, fmt, tmp_root: str):
+    """q/k/v and gate/up stacked into one matmul each (the GPU default) compute the same logits,
+    for plain weights and for QTensors (stacked row-wise, still packed); biases are stacked too."""
+    _, path = _model(case, tmp_root)
+    source = open_model(path)
+    cfg = source.config
+    params = models.load_params(source, cfg)
+    if fmt is not None:
+        params = jax.tree.map(lambda a: quantize(a, fmt) if a.ndim == 2 else a, params)
+    fused = models.fuse_projections(params)
+    layer = fused.layers[0]
+    assert layer.attn_q is None and layer.ffn_gate is None and layer.attn_qkv.shape[0] == (
+        cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+    assert (layer.attn_qkv_bias is not None) == (params.layers[0].attn_q_bias is not None)
+    assert isinstance(layer.ffn_up, QTensor) == (fmt is not None)
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (len(LENGTHS), PREFILL + DECODE)).astype(np.int32)
+    for a, b in zip(_run(params, cfg, tokens), _run(fused, cfg, tokens)):
+        for x, y in zip(a, b):
+            assert _rel(y, x) < 1e-5
 
 
 def test_rope_freqs_tensor(tmp_root: str):
