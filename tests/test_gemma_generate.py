@@ -15,6 +15,7 @@ prompt, the near ties included, must decode the same.
 
 from __future__ import annotations
 
+import llama_oracle
 import numpy as np
 import pytest
 
@@ -47,43 +48,12 @@ def ours(model, prompts) -> list[list[int]]:
     return jq.generate_tokens(model, prompts, max_tokens=N_TOKENS)
 
 
-def _llama_cpp_greedy(path: str, prompts: list[list[int]], eog: frozenset[int], **options) -> list[list[int]]:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(path, n_threads=2, n_threads_batch=2, n_ctx=256, verbose=False, **options)
-    out = []
-    for ids in prompts:
-        llm.reset()
-        llm.eval(ids)
-        tokens = []
-        for _ in range(N_TOKENS):
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))  # the last token's
-            token = int(np.argmax(logits))
-            if token in eog:
-                break
-            tokens.append(token)
-            llm.eval([token])
-        out.append(tokens)
-    return out
-
-
-def _divergences(model: jq.Model, texts: list[str], ours: list[list[int]], ref: list[list[int]]) -> list[str]:
-    out = []
-    decode = model.tokenizer.decode
-    for text, a, b in zip(texts, ours, ref):
-        if a != b:
-            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            out.append(f"{text!r} diverges at token {at} (after {decode(a[:at])!r}): jaxquant {a[at:at + 3]} "
-                       f"{decode(a[at:at + 3])!r}, llama.cpp {b[at:at + 3]} {decode(b[at:at + 3])!r}")
-    return out
-
-
 @pytest.mark.oracle
 @pytest.mark.slow
 def test_greedy_tokens_equal_llama_cpp(gemma_path, model, prompts, ours):
     n = len(PROMPTS)
-    ref = _llama_cpp_greedy(gemma_path, prompts[:n], model.tokenizer.eog_ids)
-    diverged = _divergences(model, [t for t, _ in PROMPTS], ours[:n], ref)
+    ref = llama_oracle.greedy(gemma_path, prompts[:n], model.tokenizer.eog_ids, N_TOKENS)
+    diverged = llama_oracle.divergences(model.tokenizer, [t for t, _ in PROMPTS], ours[:n], ref)
     assert len(diverged) <= 1, "\n".join(diverged)
     assert all(len(r) == N_TOKENS for r in ref)  # the prompts produce text, not an early stop
 
@@ -101,6 +71,6 @@ def test_greedy_tokens_equal_llama_cpp_on_float32_weights(gemma_path, model, pro
                for n in src.tensor_names}
     path = tmp_path / "gemma-f32.gguf"
     write_gguf(path, {**src.metadata, "general.file_type": 0}, tensors, src.value_types)
-    ref = _llama_cpp_greedy(str(path), prompts, model.tokenizer.eog_ids, type_k=0, type_v=0)  # f32 KV cache
-    diverged = _divergences(model, [t for t, _ in PROMPTS + NEAR_TIES], ours, ref)
+    ref = llama_oracle.greedy(str(path), prompts, model.tokenizer.eog_ids, N_TOKENS, type_k=0, type_v=0)  # f32 KV
+    diverged = llama_oracle.divergences(model.tokenizer, [t for t, _ in PROMPTS + NEAR_TIES], ours, ref)
     assert not diverged, "\n".join(diverged)
