@@ -63,3 +63,9 @@ def qwen25_coder_path(cache: str | os.PathLike | None = None) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+if __name__ == "__main__":  # python tests/real_models.py smollm2|qwen25: print the file's path
+    import sys
+
+    print({"smollm2": smollm2_path, "qwen25": qwen25_coder_path}[sys.argv[1]]())
