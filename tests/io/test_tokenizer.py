@@ -250,6 +250,12 @@ def test_bpe_matches_llama_cpp(bpe, pre):
     assert n_merges > 1000
     tok, llm = from_gguf(open_model(ggufs[pre]).metadata), llama_vocab(ggufs[pre])
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (llm.token_bos(), llm.token_eos(), llm.n_vocab())
+    assert_bpe_matches_llama_cpp(tok, llm)
+
+
+def assert_bpe_matches_llama_cpp(tok, llm: llama_cpp.Llama) -> None:
+    """Ids of the varied texts (special tokens parsed or not) and of the short texts, and their decoding,
+    equal llama.cpp's."""
     for seed in SEEDS:
         text = varied_text(seed)
         for special in (False, True):
@@ -337,18 +343,7 @@ def test_real_bpe_matches_llama_cpp(real_bpe):
     assert (tok.bos_id, tok.eos_id, tok.vocab_size, tok.add_bos) == \
         (llm.token_bos(), llm.token_eos(), llm.n_vocab(), llama_cpp.llama_vocab_get_add_bos(vocab))
     assert tok.eog_ids == {i for i in range(tok.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, i)}
-    for seed in SEEDS:
-        text = varied_text(seed)
-        for special in (False, True):
-            ours = tok.encode(text, parse_special=special)
-            ref = llm.tokenize(text.encode(), add_bos=True, special=special)
-            assert ours == ref, f"seed {seed}, parse_special {special}: {first_difference(ours, ref)}"
-        for skip_special in (True, False):
-            assert tok.decode(ours, skip_special=skip_special) == llama_detokenize(llm, ours, not skip_special)
-    for text in SHORT_TEXTS:
-        for special in (False, True):
-            assert tok.encode(text, add_bos=False, parse_special=special) == \
-                llm.tokenize(text.encode(), add_bos=False, special=special), (text, special)
+    assert_bpe_matches_llama_cpp(tok, llm)
 
 
 @pytest.mark.slow
