@@ -45,6 +45,9 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
 
+    def __post_init__(self):
+        _check_number("rope scaling factor", self.factor, positive=True)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -91,6 +94,12 @@ class ModelConfig:
         if bad or self.n_heads % self.n_kv_heads:
             raise FileFormatError(f"invalid model config: {bad or dims} (sizes must be positive, n_heads a "
                                   "multiple of n_kv_heads)")
+        for name, positive in (("norm_eps", False), ("rope_theta", True), ("rope_theta_local", True),
+                               ("query_pre_attn_scalar", False), ("embed_scale", True)):
+            _check_number(f"model config {name}", getattr(self, name), positive)
+        for name in ("attn_softcap", "final_softcap"):
+            if getattr(self, name) is not None:
+                _check_number(f"model config {name}", getattr(self, name), positive=True)
         if self.swa_layers and len(self.swa_layers) != self.n_layers:
             raise FileFormatError(f"sliding-window pattern has {len(self.swa_layers)} entries for "
                                   f"{self.n_layers} layers")
@@ -114,7 +123,7 @@ class ModelConfig:
             "attn_qkv.weight": (q + 2 * kv, h), "attn_output.weight": (h, q), "attn_output.bias": (h,),
             "attn_q_norm.weight": (self.head_dim,), "attn_k_norm.weight": (self.head_dim,),
             "ffn_gate.weight": (self.ffn_dim, h), "ffn_up.weight": ((2 if phi3 else 1) * self.ffn_dim, h),
-            "ffn_down.weight": (h, self.ffn_dim),
+            "ffn_down.weight": (h, self.ffn_dim), "rope_freqs.weight": ((self.rope_dim or self.head_dim) // 2,),
         }
         key = name.split(".", 2)[2] if name.startswith("blk.") else name
         if key.endswith("norm.weight") and key not in shapes:
@@ -129,22 +138,29 @@ class ModelConfig:
         arch = m.get("general.architecture", str)
         _check_arch(arch, "GGUF general.architecture")  # before the keys, which depend on it
         p = f"{arch}."
-        hidden, n_layers = m.get(p + "embedding_length", int), m.get(p + "block_count", int)
+        hidden, n_layers = m.size(p + "embedding_length"), m.size(p + "block_count")
         n_heads = m.per_layer(p + "attention.head_count", n_layers)
         n_kv = m.per_layer(p + "attention.head_count_kv", n_layers, n_heads)
-        head_dim = m.get(p + "attention.key_length", int, hidden // max(n_heads, 1))
-        vocab = m.get(p + "vocab_size", int, None)
-        if vocab is None:
-            vocab = len(m.get("tokenizer.ggml.tokens", list))
+        head_dim = m.size(p + "attention.key_length", hidden // n_heads)
+        vocab = m.size(p + "vocab_size", None)
+        n_tokens = len(m.get("tokenizer.ggml.tokens", list, [])) or None
+        if vocab is not None and n_tokens is not None and vocab < n_tokens:
+            raise FileFormatError(f"{m.where}: key {p + 'vocab_size'!r} is {vocab}, but tokenizer.ggml.tokens holds "
+                                  f"{n_tokens} tokens, whose ids would run past the embedding rows (a corrupt or "
+                                  "mis-converted file)")
+        if vocab is None and n_tokens is None:
+            raise FileFormatError(f"{m.where}: no vocabulary size: neither {p + 'vocab_size'!r} nor a non-empty "
+                                  "'tokenizer.ggml.tokens'")
+        vocab = vocab or n_tokens
         scaling = None
         kind = m.get(p + "rope.scaling.type", str, "none")
-        factor = m.get(p + "rope.scaling.factor", float, 0.0)
+        factor = m.number(p + "rope.scaling.factor", 0.0)
         if kind == "linear" and factor not in (0.0, 1.0):
             scaling = RopeScaling("linear", _f32(factor))
         elif kind not in ("none", "linear"):
             raise JaxquantError(f"rope scaling {kind!r} is not supported (supported: linear, and llama3 through "
                                 "the rope_freqs.weight tensor)")
-        rope_theta = m.get(p + "rope.freq_base", float, 10000.0)
+        rope_theta = m.number(p + "rope.freq_base", 10000.0, positive=True)
         window, swa = None, ()
         if arch in _SWA_PATTERN:
             window = m.get(p + "attention.sliding_window", int, _GEMMA2_WINDOW if arch == "gemma2" else 0) or None
@@ -158,13 +174,13 @@ class ModelConfig:
         return cls(
             arch=arch, vocab_size=vocab, hidden_size=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
             head_dim=head_dim, ffn_dim=m.per_layer(p + "feed_forward_length", n_layers),
-            norm_eps=_f32(m.get(p + "attention.layer_norm_rms_epsilon", float)),
+            norm_eps=_f32(m.number(p + "attention.layer_norm_rms_epsilon")),
             rope_theta=_f32(rope_theta),
-            rope_theta_local=_f32(m.get(p + "rope.freq_base_swa", float, local_default)),
+            rope_theta_local=_f32(m.number(p + "rope.freq_base_swa", local_default, positive=True)),
             rope_dim=m.get(p + "rope.dimension_count", int, head_dim), rope_neox=arch in _NEOX_ARCHS,
             rope_scaling=scaling, sliding_window=window, swa_layers=swa,
-            attn_softcap=_opt_f32(m.get(p + "attn_logit_softcapping", float, softcap_defaults[0])),
-            final_softcap=_opt_f32(m.get(p + "final_logit_softcapping", float, softcap_defaults[1])),
+            attn_softcap=_opt_f32(m.number(p + "attn_logit_softcapping", softcap_defaults[0])),
+            final_softcap=_opt_f32(m.number(p + "final_logit_softcapping", softcap_defaults[1])),
             query_pre_attn_scalar=_attention_scalar(arch, n_layers, hidden, n_heads, head_dim),
             embed_scale=_embed_scale(arch, hidden), qk_norm=arch in ("qwen3", "gemma3"),
             activation="gelu_tanh" if arch.startswith("gemma") else "silu",
@@ -184,12 +200,13 @@ class ModelConfig:
             raise JaxquantError(f"unsupported HF model_type {model_type!r}; supported: "
                                 f"{', '.join(sorted(HF_MODEL_TYPES))}")
         c = _Keys(config, "config.json")
-        hidden, n_layers = c.get("hidden_size", int), c.get("num_hidden_layers", int)
-        n_heads = c.get("num_attention_heads", int)
-        n_kv = c.get("num_key_value_heads", int, n_heads)
-        head_dim = c.get("head_dim", int, hidden // max(n_heads, 1))
+        hidden, n_layers = c.size("hidden_size"), c.size("num_hidden_layers")
+        n_heads = c.size("num_attention_heads")
+        n_kv = c.size("num_key_value_heads", n_heads)
+        head_dim = c.size("head_dim", hidden // n_heads)
         rope = _hf_rope(config)
-        rope_theta = rope.get("rope_theta", 10000.0)
+        r = _Keys(rope, "config.json rope parameters")
+        rope_theta = r.number("rope_theta", 10000.0, positive=True)
         window, swa = None, ()
         layer_types = config.get("layer_types")
         if arch in _SWA_PATTERN:
@@ -200,20 +217,21 @@ class ModelConfig:
         elif c.get("sliding_window", int, None) and config.get("use_sliding_window", True):
             window = c.get("sliding_window", int)  # Mistral, Phi-3: every layer
             swa = _swa_layers(layer_types or 0, n_layers)
-        local = rope.get("rope_local_base_freq", c.get("rope_local_base_freq", float, 10000.0))
+        local = r.number("rope_local_base_freq", c.number("rope_local_base_freq", 10000.0, positive=True),
+                         positive=True)
         eos = config.get("eos_token_id")
         eos_ids = tuple(int(e) for e in eos) if isinstance(eos, list) else () if eos is None else (int(eos),)
         default_tie = arch.startswith("gemma")
         return cls(
-            arch=arch, vocab_size=c.get("vocab_size", int), hidden_size=hidden, n_layers=n_layers,
-            n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, ffn_dim=c.get("intermediate_size", int),
-            norm_eps=_f32(c.get("rms_norm_eps", float)), rope_theta=_f32(rope_theta),
+            arch=arch, vocab_size=c.size("vocab_size"), hidden_size=hidden, n_layers=n_layers,
+            n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, ffn_dim=c.size("intermediate_size"),
+            norm_eps=_f32(c.number("rms_norm_eps")), rope_theta=_f32(rope_theta),
             rope_theta_local=_f32(local if arch == "gemma3" else rope_theta),
             rope_dim=int(head_dim * rope.get("partial_rotary_factor", 1.0)), rope_neox=arch in _NEOX_ARCHS,
             rope_scaling=_hf_rope_scaling(rope), sliding_window=window, swa_layers=swa,
-            attn_softcap=_opt_f32(c.get("attn_logit_softcapping", float, None)),
-            final_softcap=_opt_f32(c.get("final_logit_softcapping", float, None)),
-            query_pre_attn_scalar=float(c.get("query_pre_attn_scalar", float, head_dim)),
+            attn_softcap=_opt_f32(c.number("attn_logit_softcapping", None)),
+            final_softcap=_opt_f32(c.number("final_logit_softcapping", None)),
+            query_pre_attn_scalar=float(c.number("query_pre_attn_scalar", head_dim, positive=True)),
             embed_scale=_embed_scale(arch, hidden), qk_norm=arch in ("qwen3", "gemma3"),
             activation="gelu_tanh" if arch.startswith("gemma") else "silu",
             tie_embeddings=c.get("tie_word_embeddings", bool, default_tie),
@@ -243,15 +261,39 @@ class _Keys:
             raise FileFormatError(f"{self.where}: key {key!r} is {value!r}, expected {names}")
         return value
 
+    def number(self, key: str, default=_MISSING, *, positive: bool = False) -> float | None:
+        """A real value that must be finite and >= 0 (> 0 with ``positive``); None only as the default."""
+        value = self.get(key, float, default)
+        if value is not None:
+            _check_number(f"{self.where}: key {key!r}", value, positive)
+        return value
+
+    def size(self, key: str, default=_MISSING) -> int | None:
+        """A count or dimension that must be a positive integer; None only as the default."""
+        value = self.get(key, int, default)
+        return self._positive(key, value) if self.values.get(key) is not None else value  # a default is not checked
+
+    def _positive(self, key: str, value: int) -> int:
+        if value <= 0:
+            raise FileFormatError(f"{self.where}: key {key!r} is {value}; it must be a positive integer")
+        return value
+
     def per_layer(self, key: str, n_layers: int, default=_MISSING) -> int:
-        """A count that GGUF may store per layer (an array); jaxquant needs it uniform."""
+        """A count that GGUF may store per layer (an array); jaxquant needs it uniform and positive."""
         value = self.get(key, (int, list), default)
         if isinstance(value, list):
             if len(set(value)) != 1 or not isinstance(value[0], int):
                 raise JaxquantError(f"{self.where}: key {key!r} varies per layer ({value[:8]}...), which is "
                                     "not supported")
             value = value[0]
-        return value
+        return self._positive(key, value)
+
+
+def _check_number(what: str, value: float, positive: bool) -> None:
+    """Refuse a NaN, infinite or negative (or, with ``positive``, zero) value: eps, rope bases, scales."""
+    if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise FileFormatError(f"{what} is {value!r}; it must be a finite number {'> 0' if positive else '>= 0'} "
+                              "(a corrupt or mis-converted config)")
 
 
 def _check_arch(arch: str, where: str) -> None:

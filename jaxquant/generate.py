@@ -114,8 +114,8 @@ def _sample(logits: jax.Array, key: jax.Array, values: jax.Array, spec: tuple[bo
 # The device loop
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["cache", "tokens", "count", "done", "step"],
-                   meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["cache", "tokens", "count", "done", "nan", "step"], meta_fields=[])
 @dataclasses.dataclass
 class _State:
     """What the loop carries; donated from call to call."""
@@ -123,13 +123,14 @@ class _State:
     cache: models.KVCache
     tokens: jax.Array  # [B, N] int32: the tokens generated so far, -1 after each row's count
     count: jax.Array  # [B] int32: tokens generated per row (a stop token included)
-    done: jax.Array  # [B] bool: the row has stopped (stop token or its limit)
+    done: jax.Array  # [B] bool: the row has stopped (stop token, its limit, or NaN logits)
+    nan: jax.Array  # [B] bool: the row stopped on NaN logits (a broken model): the host raises
     step: jax.Array  # [] int32: model calls so far (0: the prompts are not prefilled yet)
 
 
 def _init_state(cfg: ModelConfig, batch: int, max_len: int, max_new: int, dtype) -> _State:
     return _State(models.init_cache(cfg, batch, max_len, dtype), jnp.full((batch, max_new), -1, jnp.int32),
-                  jnp.zeros(batch, jnp.int32), jnp.zeros(batch, bool), jnp.zeros((), jnp.int32))
+                  jnp.zeros(batch, jnp.int32), jnp.zeros(batch, bool), jnp.zeros(batch, bool), jnp.zeros((), jnp.int32))
 
 
 # Streaming: the loop hands every step's tokens to the host through a callback, to the queue of
@@ -138,10 +139,10 @@ _CHANNELS: dict[int, queue.SimpleQueue] = {}
 _channel_ids = itertools.count()
 
 
-def _emit(channel: np.ndarray, token: np.ndarray, live: np.ndarray) -> None:
+def _emit(channel: np.ndarray, token: np.ndarray, live: np.ndarray, nan: np.ndarray) -> None:
     events = _CHANNELS.get(int(channel))
     if events is not None:  # None: the consumer has stopped listening; the loop runs to its end
-        events.put((np.asarray(token), np.asarray(live)))
+        events.put((np.asarray(token), np.asarray(live), np.asarray(nan)))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "stream"), donate_argnames=("state",))
@@ -155,13 +156,14 @@ def _run(params: models.Params, state: _State, prompts: jax.Array, lengths: jax.
     def record(state: _State, cache: models.KVCache, logits: jax.Array) -> _State:
         token = _sample(logits, jax.random.fold_in(key, state.step), values, spec)
         live = ~state.done
+        nan = live & jnp.isnan(logits).any(axis=-1)  # its token is meaningless: the row stops, the host raises
         if stream:
-            jax.debug.callback(_emit, channel, token, live, ordered=True)
-        slot = jnp.where(live, state.count, state.tokens.shape[1])  # finished rows write nothing
+            jax.debug.callback(_emit, channel, token, live, nan, ordered=True)
+        slot = jnp.where(live & ~nan, state.count, state.tokens.shape[1])  # finished rows write nothing
         tokens = state.tokens.at[rows, slot].set(token, mode="drop")
-        count = state.count + live
-        stopped = jnp.any(token[:, None] == stop_ids, axis=-1) | (count >= limits)
-        return _State(cache, tokens, count, state.done | (live & stopped), state.step + 1)
+        count = state.count + (live & ~nan)
+        stopped = jnp.any(token[:, None] == stop_ids, axis=-1) | (count >= limits) | nan
+        return _State(cache, tokens, count, state.done | (live & stopped), state.nan | nan, state.step + 1)
 
     def prefill(state: _State) -> _State:
         t = jnp.arange(prompts.shape[1])
@@ -256,7 +258,9 @@ def generate_tokens(model: Model, prompts: Sequence[Sequence[int]], *, max_token
     sampling = Sampling(temperature, top_k, top_p, min_p)
     run, stop_ids = _prepare(model, prompts, max_tokens, sampling, seed, stop, channel=None)
     state = run()
-    tokens, count = jax.device_get((state.tokens, state.count))
+    tokens, count, nan = jax.device_get((state.tokens, state.count, state.nan))
+    if nan.any():
+        raise _nan_error(np.flatnonzero(nan).tolist(), count[nan].tolist())
     return [[int(t) for t in row[:n] if t not in stop_ids] for row, n in zip(tokens, count)]
 
 
@@ -281,10 +285,18 @@ def _stream_events(run: functools.partial, stop_ids: np.ndarray, channel: int) -
         while (event := events.get()) is not None:
             if isinstance(event, BaseException):
                 raise event
-            token, live = event
+            token, live, nan = event
+            if nan.any():
+                raise _nan_error(np.flatnonzero(nan).tolist())
             yield [[int(t)] if alive and t not in stop_ids else [] for t, alive in zip(token, live)]
     finally:
         del _CHANNELS[channel]
+
+
+def _nan_error(rows: list[int], counts: list[int] | None = None) -> JaxquantError:
+    at = f" after {counts} new tokens" if counts is not None else ""
+    return JaxquantError(f"the model's logits are NaN for prompt(s) {rows}{at}: its weights or config hold NaN/Inf "
+                         "or overflow (check the file, e.g. with jaxquant inspect, or load it with dtype float32)")
 
 
 def _run_to_end(run: functools.partial, events: queue.SimpleQueue) -> None:

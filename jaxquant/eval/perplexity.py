@@ -161,6 +161,10 @@ def perplexity(model: Model, text: str | None = None, *, tokens: Sequence[int] |
     with bar:
         for part, n in iter_batches(chunks, batch):
             values = chunk_nll(model, part)[:n]
+            if not np.isfinite(values).all():
+                bad = len(nll) + int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])
+                raise JaxquantError(f"perplexity: chunk {bad} has NaN/Inf log-likelihoods (the model's logits are "
+                                    "not finite): its weights or config hold NaN/Inf or overflow")
             warm = warm or (time.perf_counter(), n)
             for row in values:
                 nll.append(row)

@@ -62,6 +62,7 @@ class Tokenizer(abc.ABC):
     add_bos: bool  # whether encode() prepends BOS by default
     add_eos: bool
     chat_template: str | None
+    fim_eog_ids: frozenset[int] = frozenset()  # FIM tokens that end generation (GGUF vocabularies)
 
     @property
     @abc.abstractmethod
@@ -92,9 +93,10 @@ class Tokenizer(abc.ABC):
 
     @functools.cached_property
     def eog_ids(self) -> frozenset[int]:
-        """End-of-generation tokens: EOS and the special tokens that llama.cpp ends generation on by
-        their text (``<end_of_turn>``, ``<|eot_id|>``, ``<|im_end|>``, ...) where the vocabulary has them."""
-        found = {self.eos_id} - {None}
+        """End-of-generation tokens: EOS, the special tokens that llama.cpp ends generation on by
+        their text (``<end_of_turn>``, ``<|eot_id|>``, ``<|im_end|>``, ...) where the vocabulary has them,
+        and a GGUF vocabulary's FIM pad / repo / file-separator tokens."""
+        found = ({self.eos_id} - {None}) | self.fim_eog_ids
         for text in _EOG_NAMES:
             ids = self.encode(text, add_bos=False, parse_special=True)
             if len(ids) == 1 and self.token_text(ids[0]) == text:
@@ -236,11 +238,16 @@ class GGUFTokenizer(Tokenizer):
     def _mark_special_tokens(self, metadata: Mapping[str, Any]) -> None:
         """The attribute fixes llama.cpp's loader applies by token text and model name."""
         ids, attrs = self.token_to_id, self.attrs
+        fim = {}  # name -> id, from its key or found by text
         for name, candidates in _FIM_NAMES.items():
-            if self._special_id(metadata, name, None) is None:
+            fim[name] = self._special_id(metadata, name, None)
+            if fim[name] is None:
                 found = sorted(ids[c] for c in candidates if c in ids)
                 if found:
                     attrs[found[0]] |= CONTROL
+                    fim[name] = found[0]
+        # llama.cpp also ends generation on the FIM pad, repo and file-separator tokens.
+        self.fim_eog_ids = frozenset(fim[n] for n in ("fim_pad", "fim_rep", "fim_sep") if fim[n] is not None)
         for text in _EOG_NAMES & ids.keys():
             attrs[ids[text]] |= CONTROL
         for text in _ALWAYS_USER_DEFINED:

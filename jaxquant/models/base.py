@@ -119,6 +119,8 @@ def load_params(source, cfg: ModelConfig, required: tuple[str, ...], dtype=jnp.f
     if missing:
         raise FileFormatError(f"{where}: {cfg.arch} model lacks tensor(s) {', '.join(missing[:8])}"
                               + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    for name in plan:
+        _check_shape(where, name, tuple(source.info(name).shape), cfg)
 
     def load(name: str):
         x = source.load(name)
@@ -134,6 +136,20 @@ def load_params(source, cfg: ModelConfig, required: tuple[str, ...], dtype=jnp.f
     for name, (i, field) in plan.items():
         (top if i is None else layers[i])[field] = load(name)
     return Params(layers=[Layer(**layer) for layer in layers], **top)
+
+
+def _check_shape(where, name: str, shape: tuple[int, ...], cfg: ModelConfig) -> None:
+    """Refuse a tensor whose shape does not fit the config (before anything is loaded)."""
+    want = cfg.tensor_shape(name)
+    if want is None or shape == want:
+        return
+    if name == "token_embd.weight" and len(shape) == 2 and shape[0] < cfg.vocab_size:
+        raise FileFormatError(f"{where}: tensor {name!r} has {shape[0]} rows, fewer than the {cfg.vocab_size} tokens "
+                              "of the vocabulary (a truncated embedding, or a vocabulary that does not belong to it)")
+    raise FileFormatError(f"{where}: tensor {name!r} has shape {shape}, but the config implies {want} (hidden "
+                          f"{cfg.hidden_size}, {cfg.n_heads} heads / {cfg.n_kv_heads} KV heads of {cfg.head_dim}, "
+                          f"FFN {cfg.ffn_dim}, vocabulary {cfg.vocab_size}): the metadata does not describe these "
+                          "tensors")
 
 
 def _stackable(ws: list) -> bool:

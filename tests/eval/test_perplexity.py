@@ -5,38 +5,26 @@ from karpathy/char-rnn's tinyshakespeare)."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 from pathlib import Path
 
+import jax.numpy as jnp
 import llama_cpp
 import numpy as np
 import pytest
-from jaxquant.eval.synthetic import english_text
+from llama_oracle import compare_perplexity
+from tiny_model import TINY, tiny_model
 
 import jaxquant
 from jaxquant import cli
-from jaxquant.eval import perplexity as pp
 from jaxquant.errors import JaxquantError
+from jaxquant.eval import perplexity as pp
+from jaxquant.eval.synthetic import english_text
 
 N_CTX = 512
 FAST_CHUNKS = 3
 TEXT = (Path(__file__).resolve().parents[1] / "data" / "shakespeare.txt").read_text(encoding="utf-8")
-
-
-def llama_cpp_nll(llm: llama_cpp.Llama, chunks: np.ndarray) -> np.ndarray:
-    """llama-perplexity's per-token NLL (log_softmax in perplexity.cpp: float max, expf, double
-    sum) on llama.cpp's logits for each chunk run from an empty cache."""
-    first = chunks.shape[1] // 2
-    out = []
-    for chunk in chunks:
-        llm.reset()
-        llm.eval(chunk.tolist())
-        logits = np.array(llm.scores[first:chunks.shape[1] - 1], np.float32)
-        m = logits.max(-1)
-        sum_exp = np.exp(logits - m[:, None]).astype(np.float64).sum(-1)
-        tok = chunk[first + 1:]
-        out.append(-((logits[np.arange(len(tok)), tok] - m).astype(np.float64) - np.log(sum_exp)))
-    return np.concatenate(out)
 
 
 @pytest.fixture(scope="module")
@@ -50,28 +38,15 @@ def llm(model):
                            verbose=False)
 
 
-def _compare(model, llm, text: str, n_chunks: int | None) -> pp.PerplexityResult:
-    tokens = pp.tokenize(model, text)
-    assert tokens == llm.tokenize(text.encode(), add_bos=True, special=False)
-    ours = pp.perplexity(model, text, n_ctx=N_CTX, n_chunks=n_chunks, batch=4, show_progress=False)
-    chunks = pp.make_chunks(tokens, N_CTX, n_chunks, model.tokenizer.bos_id)
-    ppl, err = pp.ppl_and_error(llama_cpp_nll(llm, chunks))
-    print(f"\n{len(tokens)} tokens, {ours.n_chunks} chunks: jaxquant PPL {ours.ppl:.4f} +/- {ours.error:.5f}, "
-          f"llama.cpp {ppl:.4f} +/- {err:.5f} ({ours.ppl / ppl - 1:+.4%}); {ours.tokens_per_s:.0f} tokens/s")
-    assert ours.count == len(chunks) * (N_CTX // 2 - 1)
-    assert abs(ours.ppl / ppl - 1) < 0.005 and abs(ours.error / err - 1) < 0.05
-    return ours
-
-
 @pytest.mark.slow  # the 30k-token test below covers it; kept for a quick check with -m slow -k fast
 def test_perplexity_vs_llama_cpp_fast(model, llm):
-    _compare(model, llm, TEXT, FAST_CHUNKS)
+    compare_perplexity(model, llm, TEXT, N_CTX, FAST_CHUNKS)
 
 
 @pytest.mark.slow
 def test_perplexity_vs_llama_cpp_30k_tokens(model, llm):
     """The shipped Q4_K_M file on the whole text (62 chunks of 512)."""
-    res = _compare(model, llm, TEXT, None)
+    res, _, _ = compare_perplexity(model, llm, TEXT, N_CTX, None)
     assert res.n_tokens >= 30000 and res.n_chunks == 62
 
 
@@ -101,7 +76,7 @@ def test_perplexity_vs_llama_cpp_quantized_by_llama_cpp(mix, float_gguf, tmp_pat
     other = jaxquant.load(path)
     assert {t for t in (other.params.layers[0].attn_q.fmt, other.params.layers[5].ffn_down.fmt)} == {mix}
     llm = llama_cpp.Llama(path, n_ctx=N_CTX, n_batch=N_CTX, logits_all=True, n_threads=2, verbose=False)
-    res = _compare(other, llm, TEXT, None)
+    res, _, _ = compare_perplexity(other, llm, TEXT, N_CTX, None)
     assert res.n_chunks == 62
 
 
@@ -115,6 +90,20 @@ def test_chunks_and_formula():
     nll = np.array([1.0, 2.0, 3.0])
     ppl, err = pp.ppl_and_error(nll)
     assert ppl == pytest.approx(np.exp(2)) and err == pytest.approx(np.sqrt((14 / 3 - 4) / 2) * np.exp(2))
+
+
+def test_nan_logits_raise():
+    """A broken model (NaN in the embedding row of token 7) raises at the chunk that meets it, instead
+    of reporting a NaN or empty perplexity."""
+    tiny = tiny_model()
+    embd = tiny.params.token_embd  # kept as the output matrix, so that only sequences holding 7 meet the NaN
+    broken = jaxquant.Model(dataclasses.replace(tiny.params, token_embd=embd.at[7].set(jnp.nan), output=embd), TINY,
+                            None)
+    tokens = list(range(100, 148))
+    assert np.isfinite(pp.perplexity(broken, tokens=tokens, n_ctx=16, show_progress=False).ppl)
+    tokens[40] = 7  # in the third chunk of 16
+    with pytest.raises(JaxquantError, match="chunk 2 has NaN/Inf log-likelihoods"):
+        pp.perplexity(broken, tokens=tokens, n_ctx=16, show_progress=False)
 
 
 def test_cli_json(tmp_path, capsys):

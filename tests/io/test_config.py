@@ -1,16 +1,21 @@
 """ModelConfig from GGUF metadata and from HF config.json: agrees with llama.cpp's reading of the
-Gemma GGUF and with the published HF config of the same model; errors name what is wrong."""
+Gemma GGUF and with the published HF config of the same model; errors name what is wrong, and a model
+whose config cannot be right (values, block count, tensor shapes) is refused at load."""
 
 from __future__ import annotations
 
 import math
 
+import gguf_samples as gs
 import llama_model
+import numpy as np
 import pytest
 
+import jaxquant as jq
 from jaxquant.config import SUPPORTED_ARCHS, ModelConfig, RopeScaling
 from jaxquant.errors import FileFormatError, JaxquantError
-from jaxquant.io import open_model
+from jaxquant.io import open_model, write_gguf
+from jaxquant.models import FAMILIES
 
 # google/gemma-3-270m config.json (text model), as published
 GEMMA3_270M_HF = {
@@ -94,7 +99,68 @@ def test_errors_name_the_problem():
         ModelConfig.from_hf({"model_type": "gpt2"})
     with pytest.raises(JaxquantError, match="rope scaling 'yarn' is not supported"):
         ModelConfig.from_hf({**GEMMA3_270M_HF, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
-    with pytest.raises(FileFormatError, match="sizes must be positive"):
+    with pytest.raises(FileFormatError, match="key .num_attention_heads. is 0; it must be a positive integer"):
         ModelConfig.from_hf({**GEMMA3_270M_HF, "num_attention_heads": 0})
     with pytest.raises(FileFormatError, match="18 layers"):
         ModelConfig.from_hf({**GEMMA3_270M_HF, "layer_types": ["full_attention"] * 3})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rms_norm_eps": float("nan")}, "key 'rms_norm_eps' is nan; it must be a finite number >= 0"),
+    ({"rms_norm_eps": -1e-6}, "key 'rms_norm_eps' is -1e-06; it must be a finite number >= 0"),
+    ({"rope_theta": -1.0}, "key 'rope_theta' is -1.0; it must be a finite number > 0"),
+    ({"rope_theta": None, "rope_parameters": {"rope_type": "default", "rope_theta": float("inf")}},
+     "config.json rope parameters: key 'rope_theta' is inf"),
+    ({"rope_local_base_freq": float("nan")}, "key 'rope_local_base_freq' is nan"),
+    ({"final_logit_softcapping": -30.0}, "key 'final_logit_softcapping' is -30.0"),
+    ({"vocab_size": 0}, "key 'vocab_size' is 0; it must be a positive integer")])
+def test_bad_hf_values_name_the_key(change, message):
+    with pytest.raises(FileFormatError, match=message.replace("(", r"\(")):
+        ModelConfig.from_hf({k: v for k, v in {**GEMMA3_270M_HF, **change}.items() if v is not None})
+
+
+def _tiny_llama(path, metadata=None, shapes=None) -> str:
+    """A complete one-layer llama GGUF: the metadata and 32-token vocabulary of gguf_samples, random F32
+    tensors of the shapes its config implies (tied embeddings); ``metadata`` and ``shapes`` override."""
+    meta = {k: v for k, (v, _, _) in gs.METADATA.items() if not k.startswith("test.")}
+    cfg = ModelConfig.from_gguf(meta, ["token_embd.weight"])
+    names = ["token_embd.weight", "output_norm.weight"] + [f"blk.0.{f}.weight" for f in FAMILIES["llama"].REQUIRED]
+    rng = np.random.default_rng(0)
+    shapes = {n: cfg.tensor_shape(n) for n in names} | (shapes or {})
+    write_gguf(path, meta | (metadata or {}), {n: rng.standard_normal(shapes[n]).astype(np.float32) for n in names})
+    return str(path)
+
+
+def test_tiny_llama_loads(tmp_path):
+    model = jq.load(_tiny_llama(tmp_path / "ok.gguf"))
+    assert (model.cfg.arch, model.cfg.vocab_size, model.cfg.n_layers, model.cfg.tie_embeddings) == ("llama", 32, 1, True)
+
+
+@pytest.mark.parametrize("metadata, shapes, message", [
+    ({"llama.attention.layer_norm_rms_epsilon": float("nan")}, None,
+     "key 'llama.attention.layer_norm_rms_epsilon' is nan; it must be a finite number >= 0"),
+    ({"llama.attention.layer_norm_rms_epsilon": -0.25}, None,
+     "key 'llama.attention.layer_norm_rms_epsilon' is -0.25; it must be a finite number >= 0"),
+    ({"llama.rope.freq_base": float("nan")}, None, "key 'llama.rope.freq_base' is nan; it must be a finite number > 0"),
+    ({"llama.rope.freq_base": -500000.0}, None, "key 'llama.rope.freq_base' is -500000.0"),
+    ({"llama.rope.freq_base": 0.0}, None, "key 'llama.rope.freq_base' is 0.0"),
+    ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": -4.0}, None,
+     "key 'llama.rope.scaling.factor' is -4.0"),
+    ({"llama.block_count": 0}, None, "key 'llama.block_count' is 0; it must be a positive integer"),
+    ({"llama.attention.head_count": 0}, None, "key 'llama.attention.head_count' is 0"),
+    ({"llama.block_count": 3}, None, "llama model lacks tensor.s. blk.1.attn_norm.weight"),  # blocks 1, 2: no tensors
+    ({"llama.vocab_size": 20}, None, "key 'llama.vocab_size' is 20, but tokenizer.ggml.tokens holds 32 tokens"),
+    (None, {"token_embd.weight": (20, 64)}, "tensor 'token_embd.weight' has 20 rows, fewer than the 32 tokens"),
+    (None, {"blk.0.attn_q.weight": (48, 64)},
+     r"tensor 'blk.0.attn_q.weight' has shape \(48, 64\), but the config implies \(64, 64\)"),
+    (None, {"blk.0.ffn_down.weight": (64, 96)}, r"tensor 'blk.0.ffn_down.weight' has shape \(64, 96\)"),
+    (None, {"output_norm.weight": (32,)}, r"tensor 'output_norm.weight' has shape \(32,\)"),
+    ({"llama.embedding_length": 48}, None,
+     r"tensor 'token_embd.weight' has shape \(32, 64\), but the config implies \(32, 48\)")])
+def test_a_config_that_cannot_be_right_is_refused_at_load(tmp_path, metadata, shapes, message):
+    """jq.load of the tiny model with one value, block count or tensor shape made wrong: a JaxquantError
+    naming the file and the key or tensor, before any tensor is loaded."""
+    path = _tiny_llama(tmp_path / "bad.gguf", metadata, shapes)
+    with pytest.raises(JaxquantError, match=message) as e:
+        jq.load(path)
+    assert str(e.value).startswith(path)

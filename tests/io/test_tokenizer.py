@@ -2,7 +2,8 @@
 the ``tokenizers`` library for tokenizer.json, llama.cpp / llama-cpp-python for chat templates.
 
 SentencePiece: the real Gemma-3-270M GGUF. BPE: a byte-level BPE trained here with ``tokenizers``,
-written both as tokenizer.json and as vocab-only GGUFs with each supported pre-tokenizer.
+written both as tokenizer.json and as vocab-only GGUFs with each supported pre-tokenizer, and the real
+SmolLM2 and Qwen2.5-Coder GGUFs (slow).
 """
 
 from __future__ import annotations
@@ -249,6 +250,12 @@ def test_bpe_matches_llama_cpp(bpe, pre):
     assert n_merges > 1000
     tok, llm = from_gguf(open_model(ggufs[pre]).metadata), llama_vocab(ggufs[pre])
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (llm.token_bos(), llm.token_eos(), llm.n_vocab())
+    assert_bpe_matches_llama_cpp(tok, llm)
+
+
+def assert_bpe_matches_llama_cpp(tok, llm: llama_cpp.Llama) -> None:
+    """Ids of the varied texts (special tokens parsed or not) and of the short texts, and their decoding,
+    equal llama.cpp's."""
     for seed in SEEDS:
         text = varied_text(seed)
         for special in (False, True):
@@ -312,6 +319,58 @@ def test_from_hf_matches_transformers(bpe):
         for add in (True, False):
             assert tok.apply_chat_template(CONVERSATION, add_generation_prompt=add) == \
                 ref.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=add)
+
+
+# ---------------------------------------------------------------------------------------------- real BPE models
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
+
+
+@pytest.fixture(scope="module", params=["smollm2", "qwen25"])
+def real_bpe(request):
+    """SmolLM2 (``smollm`` pre-tokenizer, ChatML template) and Qwen2.5-Coder (``qwen2``, a template with
+    tools), as jaxquant reads their GGUF files and as llama.cpp does."""
+    path = request.getfixturevalue(f"{request.param}_path")
+    return open_model(path).tokenizer, llama_vocab(path)
+
+
+@pytest.mark.slow
+def test_real_bpe_matches_llama_cpp(real_bpe):
+    tok, llm = real_bpe
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size, tok.add_bos) == \
+        (llm.token_bos(), llm.token_eos(), llm.n_vocab(), llama_cpp.llama_vocab_get_add_bos(vocab))
+    assert tok.eog_ids == {i for i in range(tok.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+    assert_bpe_matches_llama_cpp(tok, llm)
+
+
+@pytest.mark.slow
+def test_real_bpe_chat_template(real_bpe):
+    """The file's own template as llama.cpp renders it (its built-in ChatML, which it detects from the
+    template, given a system message) and as transformers renders it (also with no system message, when
+    the templates add their default one, and with tools)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok, llm = real_bpe
+    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer(models.BPE()), chat_template=tok.chat_template,
+                                 eos_token=tok.token_text(tok.eos_id), bos_token=tok.token_text(tok.bos_id))
+    for add in (True, False):
+        ours = tok.apply_chat_template(CONVERSATION, add_generation_prompt=add)
+        msgs = (llama_cpp.llama_chat_message * len(CONVERSATION))(
+            *[llama_cpp.llama_chat_message(m["role"].encode(), m["content"].encode()) for m in CONVERSATION])
+        buf = ctypes.create_string_buffer(4096)
+        n = llama_cpp.llama_chat_apply_template(tok.chat_template.encode(), msgs, len(msgs), add, buf, len(buf))
+        assert ours == buf.raw[:n].decode()
+        assert tok.encode(ours, add_bos=False, parse_special=True) == \
+            llm.tokenize(ours.encode(), add_bos=False, special=True)
+        for conversation in (CONVERSATION, CONVERSATION[1:]):
+            assert tok.apply_chat_template(conversation, add_generation_prompt=add) == \
+                hf.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add)
+    assert ours.startswith("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\n")
+    assert tok.apply_chat_template(CONVERSATION[1:2], tools=TOOLS) == \
+        hf.apply_chat_template(CONVERSATION[1:2], tools=TOOLS, tokenize=False, add_generation_prompt=True)
 
 
 # ---------------------------------------------------------------------------------------------- errors

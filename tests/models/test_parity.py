@@ -39,6 +39,7 @@ CASES = {
                                                                           "rope_theta": 500.0})),
     "mistral": (transformers.MistralConfig, dict(sliding_window=WINDOW)),
     "qwen2": (transformers.Qwen2Config, dict(tie_word_embeddings=True)),
+    "qwen2-output": (transformers.Qwen2Config, {}),  # a separate output matrix, as Qwen2.5-Coder's GGUF has
     "qwen3": (transformers.Qwen3Config, {}),
     "phi3": (transformers.Phi3Config, dict(sliding_window=WINDOW, partial_rotary_factor=0.5)),
     "gemma2": (transformers.Gemma2Config, dict(sliding_window=WINDOW, attn_logit_softcapping=2.0,
