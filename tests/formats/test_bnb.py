@@ -37,7 +37,11 @@ def test_4bit_matches_bitsandbytes(quant_type, double, k):
         assert np.array_equal(_bits(q.arrays["offset"]), _bits(state.offset.numpy()))
     else:
         assert np.array_equal(_bits(q.arrays["absmax"]), _bits(state.absmax.numpy()))
-    assert np.array_equal(_bits(q.dequantize()), _bits(bnbf.dequantize_4bit(packed, state).numpy()))
+    ours, ref = np.asarray(q.dequantize()), bnbf.dequantize_4bit(packed, state).numpy()
+    # bitsandbytes' backends disagree on the sign of FP4's zero code (its native CPU kernel gives
+    # -0.0, its torch fallback +0.0): every other value bit for bit, zeros by value
+    nz = ref != 0
+    assert np.array_equal(ours, ref) and np.array_equal(_bits(ours[nz]), _bits(ref[nz]))
 
 
 def test_int8_matches_bitsandbytes():
