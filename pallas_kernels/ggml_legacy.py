@@ -28,13 +28,15 @@ def per_block(ld: Loader, name: str, bb: int, units: int) -> jax.Array:
 def _nibble_pairs(ld: Loader, bb: int, high_bits: bool) -> list[jax.Array]:
     """``1024 + q`` for the 4 nibble pairs of every word (``q`` 5 bits with ``qh``)."""
     w = ld("qs").reshape(-1, 4, bb)  # 4 words per block, bb / 4 blocks per slot
+    if high_bits:  # the block's qh, shifted once per word t so that bit 4t + j lands at bit j
+        qh = ld("qh").reshape(-1, 4, bb // 4, 1)
+        qh = jnp.broadcast_to(qh, (qh.shape[0], 4, bb // 4, 4)).reshape(w.shape)
+        qh = qh >> (U32(4) * (jnp.arange(bb, dtype=U32) % U32(4)))
     out = []
     for p in range(4):
         t = (w >> U32(4 * p)) & U32(0x000F000F) | U32(MAGIC2)
-        if high_bits:  # bits el and el + 2 of the block's qh (el = this pair's first element) -> 4, 20
-            qh = jnp.broadcast_to(ld("qh").reshape(-1, 4, bb // 4, 1), (w.shape[0], 4, bb // 4, 4)).reshape(w.shape)
-            el = 4 * (jnp.arange(bb, dtype=U32) % U32(4)) + U32(p // 2 + 16 * (p % 2))
-            y = (qh >> el) & U32(5)
+        if high_bits:  # bits el, el + 2 of qh (this pair's elements) -> 4, 20
+            y = (qh >> U32(p // 2 + 16 * (p % 2))) & U32(5)
             t = t | (y * U32(0x40010)) & U32(0x00100010)
         out.append(t)
     return out
