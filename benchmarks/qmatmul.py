@@ -9,6 +9,8 @@ each result is checked against dequantize + f32 dot.
 
     python benchmarks/qmatmul.py [--formats Q4_0,Q4_K] [--shapes 4096x14336,14336x4096] [--m 1,16,2048]
     python benchmarks/qmatmul.py --sweep --formats Q4_0 --shapes 4096x14336 --m 1   # tiling sweep
+    XLA_FLAGS=--xla_gpu_autotune_level=0 timeout 300 ncu --clock-control none -k regex:qmm -c 2 --set full \
+        python benchmarks/qmatmul.py --once --formats Q4_K --shapes 4096x14336 --m 1    # hardware counters
 """
 
 from __future__ import annotations
@@ -106,6 +108,23 @@ def sweep_configs(fmt: str, k: int, n: int, m: int):
         yield str(cfg), (lambda x, w, cfg=cfg: qmm.qmm(x, w, dec, config=cfg))
 
 
+def once(args) -> None:
+    """Each format, shape and M through qdot three times on one weight: little else for a profiler
+    to wade through (no baseline, no autotuned library dots)."""
+    from pallas_kernels.testing import random_qtensor
+
+    for shape in args.shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        for fmt in args.formats.split(","):
+            w = random_qtensor(fmt, n, k, jax.random.key(1))
+            for m in (int(v) for v in args.m.split(",")):
+                x = jax.random.normal(jax.random.key(2), (m, k), jnp.float32).astype(jnp.bfloat16)
+                f = jax.jit(ops.qdot)
+                for _ in range(3):
+                    jax.block_until_ready(f(x, w))
+                print(f"{fmt} {shape} M={m}: ran", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--formats", default=",".join(FORMATS))
@@ -115,7 +134,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--sweep", action="store_true", help="time tiling variants instead of the defaults")
     ap.add_argument("--json", help="write all rows to this file")
+    ap.add_argument("--once", action="store_true", help="run each kernel a few times, untimed (for ncu)")
     args = ap.parse_args()
+    if args.once:
+        once(args)
+        return
     print(jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
     rows = []
     for shape in args.shapes.split(","):
