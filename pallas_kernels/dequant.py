@@ -25,7 +25,11 @@ BLOCK_N = 64
 
 def _kernel(*refs, dec: Decoder, names: tuple[str, ...], bb: int, interpret: bool):
     fields = dict(zip(names, refs[:-1]))
-    refs[-1][...] = fragment_tile(dec.decode(step_loader(fields, 0, 1), bb, interpret))
+    tiles = [fragment_tile(pairs) for pairs in dec.decode(step_loader(fields, 0, 1), bb, interpret)]
+    col = 0
+    for t in tiles:
+        refs[-1][:, pl.ds(col, t.shape[1])] = t
+        col += t.shape[1]
 
 
 @functools.partial(jax.jit, static_argnames=("dec", "interpret"))

@@ -1,7 +1,7 @@
 """Kernel decoders of llama.cpp's 32-element formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0.
 
-A step of ``bb`` blocks gives each lane slot ``bb / 4`` whole blocks; a unit is one uint32 word of
-``qs``. Nibble formats: pair ``p`` of a word holds the nibbles at bits ``4p`` and ``16 + 4p`` (bytes
+A part is 4 blocks, lane slot ``c`` decoding block ``c``; a unit is one uint32 word of ``qs``.
+Nibble formats: pair ``p`` of a word holds the nibbles at bits ``4p`` and ``16 + 4p`` (bytes
 ``p // 2`` and ``p // 2 + 2``; low nibble -> element ``byte``, high -> ``byte + 16``), turned into
 ``1024 + q`` by one mask-and-or (``halfpack``). Q8_0: pair ``p`` holds bytes ``p`` and ``p + 2``.
 """
@@ -16,22 +16,21 @@ from pallas_kernels.halfpack import MAGIC2, U32, dup, f16_bits, splat, sub_fma, 
 from pallas_kernels.tile import Decoder, Loader
 
 QK = 32
+PART = 4  # blocks a part
 
 
-def per_block(ld: Loader, name: str, bb: int, units: int) -> jax.Array:
-    """A per-block float16 field as packed pairs broadcast over each block's ``units`` words:
-    ``[BN, 4, bb / 4 * units]``."""
-    v = splat(ld(name)).reshape(-1, 4, bb // 4, 1)
-    return jnp.broadcast_to(v, (v.shape[0], 4, bb // 4, units)).reshape(v.shape[0], 4, bb // 4 * units)
+def per_block(ld: Loader, name: str, part: int, units: int) -> jax.Array:
+    """Part ``part``'s per-block float16 field as packed pairs over each block's ``units``:
+    ``[BN, 4, units]`` (slot = block)."""
+    v = splat(ld(name, PART * part, 1, PART))[:, :, None]
+    return jnp.broadcast_to(v, (*v.shape[:2], units))
 
 
-def _nibble_pairs(ld: Loader, bb: int, high_bits: bool) -> list[jax.Array]:
+def _nibble_pairs(ld: Loader, part: int, high_bits: bool) -> list[jax.Array]:
     """``1024 + q`` for the 4 nibble pairs of every word (``q`` 5 bits with ``qh``)."""
-    w = ld("qs").reshape(-1, 4, bb)  # 4 words per block, bb / 4 blocks per slot
+    w = ld("qs", 4 * PART * part, 1, 4 * PART).reshape(-1, 4, 4)  # slot c: the 4 words of block c
     if high_bits:  # the block's qh, shifted once per word t so that bit 4t + j lands at bit j
-        qh = ld("qh").reshape(-1, 4, bb // 4, 1)
-        qh = jnp.broadcast_to(qh, (qh.shape[0], 4, bb // 4, 4)).reshape(w.shape)
-        qh = qh >> (U32(4) * (jnp.arange(bb, dtype=U32) % U32(4)))
+        qh = ld("qh", PART * part, 1, PART)[:, :, None] >> (U32(4) * jnp.arange(4, dtype=U32))
     out = []
     for p in range(4):
         t = (w >> U32(4 * p)) & U32(0x000F000F) | U32(MAGIC2)
@@ -42,48 +41,53 @@ def _nibble_pairs(ld: Loader, bb: int, high_bits: bool) -> list[jax.Array]:
     return out
 
 
+def _parts(bb: int) -> range:
+    return range(bb // PART)
+
+
 def _nibble_elems(bb: int) -> np.ndarray:
-    c, u, p, e = np.meshgrid(np.arange(4), np.arange(bb), np.arange(4), np.arange(2), indexing="ij")
-    block, word = c * (bb // 4) + u // 4, u % 4
-    byte = 4 * word + p // 2 + 2 * e
-    return QK * block + byte + 16 * (p % 2)
+    q, c, t, p, e = np.meshgrid(*(np.arange(n) for n in (bb // PART, 4, 4, 4, 2)), indexing="ij")
+    return QK * (PART * q + c) + 4 * t + p // 2 + 2 * e + 16 * (p % 2)
 
 
-def _q4_0(ld: Loader, bb: int, interpret: bool) -> list[jax.Array]:
-    d = per_block(ld, "d", bb, 4)
-    return [sub_mul(t, dup(f16_bits(1032)), d, interpret) for t in _nibble_pairs(ld, bb, False)]
-
-
-def _q5_0(ld: Loader, bb: int, interpret: bool) -> list[jax.Array]:
-    d = per_block(ld, "d", bb, 4)
-    return [sub_mul(t, dup(f16_bits(1040)), d, interpret) for t in _nibble_pairs(ld, bb, True)]
-
-
-def _with_min(high_bits: bool):
-    def decode(ld: Loader, bb: int, interpret: bool) -> list[jax.Array]:
-        d, m = per_block(ld, "d", bb, 4), per_block(ld, "m", bb, 4)
-        return [sub_fma(t, dup(f16_bits(1024)), d, m, interpret) for t in _nibble_pairs(ld, bb, high_bits)]
+def _symmetric(offset: int, high_bits: bool):
+    """``(q - offset) * d``: Q4_0 (8), Q5_0 (16)."""
+    def decode(ld: Loader, bb: int, interpret: bool) -> list[list[jax.Array]]:
+        c = dup(f16_bits(1024 + offset))
+        return [[sub_mul(t, c, per_block(ld, "d", q, 4), interpret) for t in _nibble_pairs(ld, q, high_bits)]
+                for q in _parts(bb)]
     return decode
 
 
-def _q8_0(ld: Loader, bb: int, interpret: bool) -> list[jax.Array]:
-    w = ld("qs").reshape(-1, 4, 2 * bb)  # 8 words per block
-    d = per_block(ld, "d", bb, 8)
-    # int8 b -> 1024 + (b + 128): the sign bit flipped inside the mask-and-or
-    return [sub_mul((w >> U32(8 * p)) & U32(0x00FF00FF) ^ U32(MAGIC2 | 0x00800080), dup(f16_bits(1152)), d, interpret)
-            for p in range(2)]
+def _with_min(high_bits: bool):
+    """``q * d + m``: Q4_1, Q5_1."""
+    def decode(ld: Loader, bb: int, interpret: bool) -> list[list[jax.Array]]:
+        one = dup(f16_bits(1024))
+        return [[sub_fma(t, one, per_block(ld, "d", q, 4), per_block(ld, "m", q, 4), interpret)
+                 for t in _nibble_pairs(ld, q, high_bits)] for q in _parts(bb)]
+    return decode
+
+
+def _q8_0(ld: Loader, bb: int, interpret: bool) -> list[list[jax.Array]]:
+    out = []
+    for q in _parts(bb):
+        w = ld("qs", 8 * PART * q, 1, 8 * PART).reshape(-1, 4, 8)  # slot c: the 8 words of block c
+        d = per_block(ld, "d", q, 8)
+        # int8 b -> 1024 + (b + 128): the sign bit flipped inside the mask-and-or
+        out.append([sub_mul((w >> U32(8 * p)) & U32(0x00FF00FF) ^ U32(MAGIC2 | 0x00800080), dup(f16_bits(1152)), d,
+                            interpret) for p in range(2)])
+    return out
 
 
 def _q8_0_elems(bb: int) -> np.ndarray:
-    c, u, p, e = np.meshgrid(np.arange(4), np.arange(2 * bb), np.arange(2), np.arange(2), indexing="ij")
-    block, word = c * (bb // 4) + u // 8, u % 8
-    return QK * block + 4 * word + p + 2 * e
+    q, c, t, p, e = np.meshgrid(*(np.arange(n) for n in (bb // PART, 4, 8, 2, 2)), indexing="ij")
+    return QK * (PART * q + c) + 4 * t + p + 2 * e
 
 
 DECODERS = (
-    Decoder("Q4_0", QK, _q4_0, _nibble_elems, ("qs",), min_blocks=4),
-    Decoder("Q4_1", QK, _with_min(False), _nibble_elems, ("qs",), min_blocks=4),
-    Decoder("Q5_0", QK, _q5_0, _nibble_elems, ("qs", "qh"), min_blocks=4),
-    Decoder("Q5_1", QK, _with_min(True), _nibble_elems, ("qs", "qh"), min_blocks=4),
-    Decoder("Q8_0", QK, _q8_0, _q8_0_elems, ("qs",), min_blocks=4),
+    Decoder("Q4_0", QK, _symmetric(8, False), _nibble_elems, ("qs",), min_blocks=PART),
+    Decoder("Q4_1", QK, _with_min(False), _nibble_elems, ("qs",), min_blocks=PART),
+    Decoder("Q5_0", QK, _symmetric(16, True), _nibble_elems, ("qs", "qh"), min_blocks=PART),
+    Decoder("Q5_1", QK, _with_min(True), _nibble_elems, ("qs", "qh"), min_blocks=PART),
+    Decoder("Q8_0", QK, _q8_0, _q8_0_elems, ("qs",), min_blocks=PART),
 )

@@ -73,9 +73,14 @@ def _kernel(*refs, dec: Decoder, names: tuple[str, ...], cfg: QmmConfig, steps: 
     bk = cfg.block_b * dec.block_size
 
     def step(i, acc):
-        w = fragment_tile(dec.decode(step_loader(fields, i, steps), cfg.block_b, interpret))
-        x = x_ref[:, pl.ds(pl.multiple_of(i * bk, bk) if steps > 1 else 0, bk)]
-        return acc + lax.dot_general(w, x, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        start = pl.multiple_of(i * bk, bk) if steps > 1 else 0
+        col = 0
+        for pairs in dec.decode(step_loader(fields, i, steps), cfg.block_b, interpret):
+            w = fragment_tile(pairs)
+            x = x_ref[:, pl.ds(start + col, w.shape[1])]
+            acc = acc + lax.dot_general(w, x, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            col += w.shape[1]
+        return acc
 
     acc = jnp.zeros((cfg.block_n, cfg.block_m), jnp.float32)
     acc = lax.fori_loop(0, steps, step, acc) if steps > 1 else step(0, acc)

@@ -7,10 +7,11 @@ activations are permuted the same way once (``activation_perm``). So each lane s
 quarter of the step's packed words, contiguous in memory, and every pair of float16 values it makes
 lands in one fragment register: no shuffles, no shared-memory round trip for the weights.
 
-A format's ``Decoder`` returns, for one step, ``pairs`` uint32 tensors ``[BN, 4, U]`` (packed half2,
-``halfpack``): axis 1 is the lane slot, ``U`` the units of a slot, ``P`` a power of two.
-``elems[c, u, p, e]`` says which weight of the step (0 .. BK-1, in the format's element order)
-half ``e`` of pair ``p`` of unit ``u`` holds.
+A format's ``Decoder`` returns, for one step, its weights in parts of 128 (one tile and one MMA
+each, so that only one part's fragment is live in registers): per part ``P`` uint32 tensors
+``[BN, 4, U]`` of packed half2 pairs (``halfpack``): axis 1 is the lane slot, ``U`` the units of a
+slot, ``P`` a power of two. ``elems[part, c, u, p, e]`` says which weight of the step (0 .. BK-1, in
+the format's element order) half ``e`` of pair ``p`` of unit ``u`` holds.
 """
 
 from __future__ import annotations
@@ -36,14 +37,15 @@ Loader = Callable[..., jax.Array]
 class Decoder:
     """A block format's kernel view.
 
-    ``decode(ld, bb, interpret)`` -> list of ``P`` packed-pair tensors ``[BN, 4, U]`` for a step of
-    ``bb`` blocks; ``elems(bb)`` -> int array ``[4, U, P, 2]`` of the weights they hold; ``words``
-    names the byte fields read as little-endian uint32 words; ``min_blocks`` is the smallest step.
+    ``decode(ld, bb, interpret)`` -> per part of 128 weights, ``P`` packed-pair tensors
+    ``[BN, 4, U]``, for a step of ``bb`` blocks; ``elems(bb)`` -> int array ``[parts, 4, U, P, 2]``
+    of the weights they hold; ``words`` names the byte fields read as little-endian uint32 words;
+    ``min_blocks`` is the smallest step.
     """
 
     fmt: str
     block_size: int
-    decode: Callable[[Loader, int, bool], list[jax.Array]]
+    decode: Callable[[Loader, int, bool], list[list[jax.Array]]]
     elems: Callable[[int], np.ndarray]
     words: tuple[str, ...] = ()
     min_blocks: int = 1
@@ -87,10 +89,10 @@ def fragment_tile(pairs: list[jax.Array]) -> jax.Array:
 def activation_perm(dec: Decoder, bb: int) -> np.ndarray:
     """``perm[col]``: the weight (index within the step's ``bb * block_size``) at tile column
     ``col``; the activations are gathered with it once, outside the kernel."""
-    el = dec.elems(bb)  # [4, U, P, 2]
-    _, u, p, _ = el.shape
-    c, uu, pp, e = np.meshgrid(np.arange(4), np.arange(u), np.arange(p), np.arange(2), indexing="ij")
-    col = 8 * (uu * p + pp) + 2 * c + e
+    el = dec.elems(bb)  # [parts, 4, U, P, 2]
+    parts, _, u, p, _ = el.shape
+    q, c, uu, pp, e = np.meshgrid(*(np.arange(n) for n in (parts, 4, u, p, 2)), indexing="ij")
+    col = 8 * u * p * q + 8 * (uu * p + pp) + 2 * c + e  # parts one after the other
     perm = np.full(bb * dec.block_size, -1, np.int64)
     perm[col.ravel()] = el.ravel()
     if sorted(perm.tolist()) != list(range(bb * dec.block_size)):
