@@ -9,8 +9,9 @@ unpacked per (row, block), then applied to a pair of weights at once in packed h
 - Q6_K: part ``h`` is the ``h``-th 128 weights (ql bytes ``64h..``, qh bytes ``32h..``); slot ``c``
   has ql bytes ``64h + 16c ..``, i.e. quarter ``c // 2`` of the half, bytes ``16 (c % 2) ..``.
 - Q2_K/Q3_K: part ``h`` is ``qs`` bytes ``32h..`` (four 2-bit codes a byte); slot ``c`` has 8 bytes.
-Per-slot values are chosen with ``where`` on the slot index, not spread by reshaping a broadcast:
-that keeps Triton's layout the MMA fragment's (else it stages the whole tile in shared memory).
+Per-slot values (scales, qh words) come from the slot index, by variable shifts or ``where``, not
+by stacking or reshaping a broadcast: that keeps Triton's layout the MMA fragment's (else it
+redistributes them, or the whole tile, through shared memory).
 """
 
 from __future__ import annotations
@@ -25,10 +26,6 @@ from pallas_kernels.tile import Decoder, Loader
 QK_K = 256
 F32 = jnp.float32
 ONE = dup(f16_bits(1024))
-
-
-def _byte(w: jax.Array, k: int) -> jax.Array:
-    return (w >> U32(8 * k)) & U32(0xFF)
 
 
 def _slot() -> jax.Array:
