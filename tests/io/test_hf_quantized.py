@@ -447,8 +447,10 @@ def test_bnb_dequantize_equals_bitsandbytes(bnb_checkpoint):
         permuted = ".attn_q." in name or ".attn_k." in name
         assert q.fmt == (fmt.removesuffix("_DQ") if permuted else fmt), (name, q.fmt)
         assert src.info(name).shape == q.shape and src.info(name).nbytes == q.nbytes
-        np.testing.assert_array_equal(np.asarray(DEQUANTIZE(q)).view(np.uint32),
-                                      _reference(name, ref, src.config).view(np.uint32))
+        ours, want = np.asarray(DEQUANTIZE(q)), _reference(name, ref, src.config)
+        # zeros by value: bitsandbytes' backends disagree on the sign of FP4's zero code (tests/formats/test_bnb.py)
+        np.testing.assert_array_equal(ours, want)
+        np.testing.assert_array_equal(ours[want != 0].view(np.uint32), want[want != 0].view(np.uint32))
 
 
 @pytest.mark.slow
