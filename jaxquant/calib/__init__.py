@@ -1,0 +1,1 @@
+"""Calibration-based quantization: GPTQ, AWQ, a size-budget auto policy and learned scales (DWQ)."""
