@@ -23,8 +23,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxquant.calib.layerwise import STAGES, LayerRun, forward, inputs
 from jaxquant.calib.targets import Target
 from jaxquant.errors import JaxquantError
+from jaxquant.models.base import Layer
 from jaxquant.qtensor import QTensor
 
 HIGHEST = lax.Precision.HIGHEST
@@ -125,3 +127,26 @@ def quantize(w: jax.Array, h: jax.Array, target: Target, **kw) -> tuple[QTensor,
 
 
 jax.tree_util.register_dataclass(GPTQResult, data_fields=["codes", "params", "values", "perm"], meta_fields=[])
+
+
+@functools.partial(jax.jit, static_argnames=("run", "targets", "block", "percdamp", "act_order"))
+def calibrate_layer(run: LayerRun, layer: Layer, x: jax.Array, freqs: jax.Array, targets: tuple[tuple[str, Target], ...],
+                    block: int = 128, percdamp: float = 0.01, act_order: bool = False
+                    ) -> tuple[dict[str, QTensor], dict[str, jax.Array], jax.Array]:
+    """GPTQ of one float layer fed ``x [N, T, E]``, stage by stage (``layerwise.STAGES``): each
+    stage's Hessians come from the layer with the earlier stages already quantized. Returns the
+    QTensors of the ``targets`` fields, whether each came out finite (a Hessian that is not positive
+    definite even after damping gives NaN), and the quantized layer's output (the next layer's input)."""
+    tmap, out, ok = dict(targets), {}, {}
+    for stage in STAGES:
+        fields = tuple(f for f in stage if f in tmap)
+        if not fields:
+            continue
+        hs = inputs(run, layer, x, freqs, fields, lambda xin: hessian(xin.astype(jnp.float32)))
+        for f in fields:
+            res = gptq(getattr(layer, f), hs[f] * (2 / x.shape[0]), tmap[f], block=block, percdamp=percdamp,
+                       act_order=act_order)
+            out[f] = tmap[f].pack(res.codes, res.params, res.perm)
+            ok[f] = jnp.all(jnp.isfinite(res.values))
+            layer = dataclasses.replace(layer, **{f: out[f].dequantize(jnp.float32)})
+    return out, ok, forward(run, layer, x, freqs)
