@@ -34,10 +34,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.errors import FormatError
-from jaxquant.formats import get_format
-from jaxquant.formats import ggml_k, ggml_k_sym, ggml_legacy
+from jaxquant.formats import get_format, ggml_k, ggml_k_sym, ggml_legacy
 from jaxquant.formats.gptq import gptq_format
-from jaxquant.formats.packing import pack_bits, unpack_bits
+from jaxquant.formats.packing import pack_bits
 from jaxquant.qtensor import QTensor
 
 F32 = jnp.float32
