@@ -118,7 +118,7 @@ def layer_targets(plan: Plan, layer: models.Layer, index: int, calib: Calibratio
     format calibration cannot round into."""
     out = []
     for f in layerwise.MATRICES:
-        name = f"blk.{index}.{f}.weight"
+        name = layerwise.tensor_name(index, f)
         if getattr(layer, f) is None or name not in plan.types:
             continue
         fmt = plan[name].format
@@ -176,12 +176,12 @@ def calibrate(source, policy: Policy | str, text: str, calib: Calibration | None
             if bad:
                 raise JaxquantError(f"GPTQ of blk.{i}.{bad[0]}.weight: the damped Hessian is not positive definite "
                                     f"(NaN); raise percdamp (now {calib.percdamp}) or calibrate on more text")
-            tensors.update({f"blk.{i}.{f}.weight": q for f, q in out.items()})
+            tensors.update({layerwise.tensor_name(i, f): q for f, q in out.items()})
         else:
             from jaxquant.calib import awq
 
             updates, x = awq.calibrate_layer(run, layer, x, freqs, targets, calib)
-            tensors.update({f"blk.{i}.{f}.weight": v for f, v in updates.items()})
+            tensors.update({layerwise.tensor_name(i, f): v for f, v in updates.items()})
         if log is not None:
             jax.block_until_ready(x)
             log(f"layer {i}: {time.perf_counter() - start:.1f} s")
@@ -197,8 +197,8 @@ def _rtn_layer(run, layer, x, freqs, targets, tensors, i, feed_quantized: bool) 
     quantized = layer
     for f, t in targets:
         w = getattr(layer, f)
-        q = t.pack(*t.rtn(w)) if isinstance(t, IntTarget) else quantize(w, t.fmt, name=f"blk.{i}.{f}.weight")
+        q = t.pack(*t.rtn(w)) if isinstance(t, IntTarget) else quantize(w, t.fmt, name=layerwise.tensor_name(i, f))
         if isinstance(t, IntTarget):
-            tensors[f"blk.{i}.{f}.weight"] = q
+            tensors[layerwise.tensor_name(i, f)] = q
         quantized = dataclasses.replace(quantized, **{f: q.dequantize(jnp.float32)})
     return jax.jit(layerwise.forward, static_argnums=0)(run, quantized if feed_quantized else layer, x, freqs)

@@ -26,6 +26,7 @@ from jax import lax
 from jaxquant.calib.layerwise import STAGES, LayerRun, forward, inputs
 from jaxquant.calib.targets import Target
 from jaxquant.errors import JaxquantError
+from jaxquant.formats.numerics import div
 from jaxquant.models.base import Layer
 from jaxquant.qtensor import QTensor
 
@@ -62,7 +63,7 @@ def inverse_factor(h: jax.Array, percdamp: float, act_order: bool) -> tuple[jax.
     if act_order:
         perm = jnp.argsort(-jnp.diagonal(h), stable=True)
         h = h[perm][:, perm]
-    h = h.at[idx, idx].add(percdamp * jnp.mean(jnp.diagonal(h)))
+    h = h.at[idx, idx].add(percdamp * div(jnp.sum(jnp.diagonal(h)), k))
     lower = jnp.linalg.cholesky(h)
     hinv = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(k, dtype=h.dtype))
     return jnp.linalg.cholesky(hinv).T, dead, perm
@@ -100,7 +101,7 @@ def gptq(w: jax.Array, h: jax.Array, target: Target, *, block: int = 128, percda
             p, params = lax.cond(c % g == 0, refit, lambda p, params: (p, params), p, params)
             x = lax.dynamic_index_in_dim(w1, i, 1, keepdims=False)
             code, q = target.round(x, p, c % g)
-            err = (x - q) / u1[i, i]
+            err = div(x - q, u1[i, i])
             w1 = w1 - err[:, None] * u1[i][None, :]  # u1 is upper triangular: columns < i stay
             return (w1, e1.at[:, i].set(err), codes.at[:, c].set(code), values.at[:, c].set(q), p, params)
 

@@ -29,6 +29,11 @@ STAGES = (("attn_q", "attn_k", "attn_v", "attn_qkv"), ("attn_output",), ("ffn_ga
 MATRICES = tuple(f for stage in STAGES for f in stage)
 
 
+def tensor_name(index: int, field: str) -> str:
+    """The GGUF name of ``Layer`` field ``field`` of layer ``index`` (``attn_v_bias`` -> ``blk.i.attn_v.bias``)."""
+    return f"blk.{index}.{field.removesuffix('_bias')}.{'bias' if field.endswith('_bias') else 'weight'}"
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerRun:
     """Static facts of layer ``index`` of a ``cfg`` model; hashable, so jitted functions take it

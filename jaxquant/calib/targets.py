@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jaxquant.errors import FormatError
 from jaxquant.formats import get_format, ggml_k, ggml_k_sym, ggml_legacy
 from jaxquant.formats.gptq import gptq_format
+from jaxquant.formats.numerics import div
 from jaxquant.formats.packing import pack_bits
 from jaxquant.qtensor import QTensor
 
@@ -149,7 +150,7 @@ def codes_of(q: QTensor) -> jax.Array:
     a, b = view.scale_offset(q.arrays)
     w = q.format.dequantize_rows({k: v for k, v in q.arrays.items() if k != "perm"}).reshape(a.shape)
     nz = a != 0
-    return jnp.where(nz, jnp.clip(jnp.round((w - b) / jnp.where(nz, a, 1)), view.lo, view.hi), view.lo).astype(
+    return jnp.where(nz, jnp.clip(jnp.round(div(w - b, jnp.where(nz, a, 1))), view.lo, view.hi), view.lo).astype(
         jnp.int32)
 
 
@@ -229,21 +230,21 @@ class IntTarget(Target):
         maxq = self.maxq
         if self.style == "awq":
             mx, mn = wg.max(1), wg.min(1)
-            scale = jnp.maximum(mx - mn, 1e-5) / maxq
-            return scale, jnp.clip(-jnp.round(mn / scale), 0, maxq)
+            scale = div(jnp.maximum(mx - mn, 1e-5), maxq)
+            return scale, jnp.clip(-jnp.round(div(mn, scale)), 0, maxq)
         xmin, xmax = jnp.minimum(wg.min(1), 0), jnp.maximum(wg.max(1), 0)
         if self.sym:
             xmax = jnp.maximum(jnp.abs(xmin), xmax)
             xmin = jnp.where(xmin < 0, -xmax, xmin)
         both = (xmin == 0) & (xmax == 0)
         xmin, xmax = jnp.where(both, -1, xmin), jnp.where(both, 1, xmax)
-        scale = (xmax - xmin) / maxq
-        zero = jnp.full_like(scale, (maxq + 1) / 2) if self.sym else jnp.round(-xmin / scale)
+        scale = div(xmax - xmin, maxq)
+        zero = jnp.full_like(scale, (maxq + 1) / 2) if self.sym else jnp.round(div(-xmin, scale))
         return scale, zero
 
     def round(self, x, p, j):
         scale, zero = p
-        q = jnp.clip(jnp.round(x / scale) + zero, 0, self.maxq)
+        q = jnp.clip(jnp.round(div(x, scale)) + zero, 0, self.maxq)
         return q.astype(jnp.int32), scale * (q - zero)
 
     def pack(self, codes, params, perm=None):
@@ -279,7 +280,7 @@ class FormatTarget(Target):
         _, a, b = p
         aj, bj = a[:, j], b[:, j]
         nz = aj != 0
-        q = jnp.where(nz, jnp.clip(jnp.round((x - bj) / jnp.where(nz, aj, 1)), view.lo, view.hi), view.lo)
+        q = jnp.where(nz, jnp.clip(jnp.round(div(x - bj, jnp.where(nz, aj, 1))), view.lo, view.hi), view.lo)
         return q.astype(jnp.int32), aj * q + bj
 
     def pack(self, codes, params, perm=None):
