@@ -1,1 +1,6 @@
-"""Calibration-based quantization: GPTQ, AWQ, a size-budget auto policy and learned scales (DWQ)."""
+"""Calibration-based quantization: GPTQ and AWQ (``calibrate``), a size-budget auto policy
+(``budget``) and learned scales (``dwq``). See ``calibrate`` for the flow."""
+
+from jaxquant.calib.calibrate import CalibratedSource, Calibration, calibrate, load_calibrated
+
+__all__ = ["Calibration", "CalibratedSource", "calibrate", "load_calibrated"]

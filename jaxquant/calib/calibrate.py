@@ -30,12 +30,13 @@ from jaxquant.io.source import Tensor, TensorInfo
 from jaxquant.isq.policy import Layers, Plan, Policy, load_policy
 from jaxquant.qtensor import QTensor
 
-METHODS = ("gptq", "awq")
+METHODS = ("rtn", "gptq", "awq")
 
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
-    """How to calibrate. Data: ``n_chunks`` chunks of ``n_ctx`` tokens of the text (BOS first, as
+    """How to calibrate: ``method`` "gptq", "awq" or "rtn" (round-to-nearest of every matrix by its
+    target, GPTQ formats included, on the same float plan: the baseline). Data: ``n_chunks`` chunks of ``n_ctx`` tokens of the text (BOS first, as
     llama-perplexity cuts them), ``batch`` chunks per step inside a layer's jitted call. ``layers``:
     calibrate only these (a ``Layers`` spec such as ``"first 4"``; the others get round-to-nearest).
 
@@ -145,21 +146,29 @@ def calibration_chunks(source, text: str, calib: Calibration) -> np.ndarray:
     return make_chunks(tokens, calib.n_ctx, calib.n_chunks, tok.bos_id if tok.add_bos else None)
 
 
-def calibrate(source, policy: Policy | str, text: str, calib: Calibration | None = None,
+def calibrate(source, policy: Policy | str, text: str | np.ndarray | None, calib: Calibration | None = None,
               show_progress: bool | None = None, log=None) -> CalibratedSource:
-    """Calibrate ``source`` (an opened model) for ``policy`` on ``text`` (see the module doc)."""
+    """Calibrate ``source`` (an opened model) for ``policy`` on ``text`` (or on token chunks
+    ``int [N, T]`` as they are; None for "rtn") (see the module doc)."""
     from tqdm.auto import tqdm
 
-    from jaxquant.calib import gptq
+    from jaxquant.calib import awq, gptq
 
     calib = calib or Calibration()
     plan = float_plan(source, policy)
     cfg = source.config
     params = models.load_params(source, cfg)
-    chunks = calibration_chunks(source, text, calib)
+    tensors: dict[str, Tensor] = {}
+    if calib.method == "rtn":  # no activations: GPTQ formats rounded here, the others by ISQ
+        for i in range(cfg.n_layers):
+            layer = layerwise.float_layer(params.layers[i])
+            for f, t in layer_targets(plan, layer, i, calib):
+                if isinstance(t, IntTarget):
+                    tensors[layerwise.tensor_name(i, f)] = t.pack(*t.rtn(getattr(layer, f)))
+        return CalibratedSource(source, tensors)
+    chunks = calibration_chunks(source, text, calib) if isinstance(text, str) else np.asarray(text, np.int32)
     chosen = calib.layers.indices(cfg.n_layers) if calib.layers is not None else set(range(cfg.n_layers))
     x = layerwise.embed(params, chunks, cfg)
-    tensors: dict[str, Tensor] = {}
     start = time.perf_counter()
     for i in tqdm(range(cfg.n_layers), desc=calib.method, unit="layer",
                   disable=None if show_progress is None else not show_progress):
@@ -174,18 +183,25 @@ def calibrate(source, policy: Policy | str, text: str, calib: Calibration | None
                                               calib.act_order)
             bad = [f for f, v in ok.items() if not bool(v)]
             if bad:
-                raise JaxquantError(f"GPTQ of blk.{i}.{bad[0]}.weight: the damped Hessian is not positive definite "
-                                    f"(NaN); raise percdamp (now {calib.percdamp}) or calibrate on more text")
+                raise JaxquantError(f"GPTQ of {layerwise.tensor_name(i, bad[0])}: the damped Hessian is not positive "
+                                    f"definite (NaN); raise percdamp (now {calib.percdamp}) or calibrate on more text")
             tensors.update({layerwise.tensor_name(i, f): q for f, q in out.items()})
         else:
-            from jaxquant.calib import awq
-
             updates, x = awq.calibrate_layer(run, layer, x, freqs, targets, calib)
             tensors.update({layerwise.tensor_name(i, f): v for f, v in updates.items()})
         if log is not None:
             jax.block_until_ready(x)
             log(f"layer {i}: {time.perf_counter() - start:.1f} s")
     return CalibratedSource(source, tensors)
+
+
+def load_calibrated(path, policy: Policy | str, text: str | np.ndarray, calib: Calibration | None = None,
+                    show_progress: bool | None = None):
+    """``jaxquant.load`` of model ``path`` calibrated for ``policy`` on ``text`` (a ``Model``)."""
+    import jaxquant
+    from jaxquant.io import open_model
+
+    return jaxquant.load(calibrate(open_model(path), policy, text, calib, show_progress), isq=policy)
 
 
 def _rtn_layer(run, layer, x, freqs, targets, tensors, i, feed_quantized: bool) -> jax.Array:

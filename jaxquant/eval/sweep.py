@@ -32,7 +32,7 @@ from jaxquant.eval.synthetic import english_text
 from jaxquant.io import DEFAULT_MODEL, open_model
 from jaxquant.isq.policy import Policy, load_policy
 
-CONFIG_KEYS = ("name", "model", "text", "ctx", "chunks", "batch", "base", "variants", "grid", "out")
+CONFIG_KEYS = ("name", "model", "text", "calib_text", "ctx", "chunks", "batch", "base", "variants", "grid", "out")
 COLUMNS = ("variant", "policy", "bytes", "bpw", "ppl", "ppl_error", "ppl_ratio", "kld_mean", "kld_error",
            "kld_p99", "same_top_p", "p_diff_rms", "tokens_per_s", "compiles", "seconds")
 
@@ -57,6 +57,7 @@ def compile_count() -> int:
 class Variant:
     name: str
     policy: Any  # None (the model as stored), a mix name, a YAML path or a Policy
+    calib: Any = None  # a jaxquant.calib.Calibration: calibrated on the config's calib_text first
 
 
 @dataclasses.dataclass
@@ -70,6 +71,7 @@ class SweepConfig:
     base: Any
     variants: list[Variant]
     out: Path
+    calib_text: str | None = None
 
 
 def _slug(name: str) -> str:
@@ -110,13 +112,17 @@ def read_config(path: str | os.PathLike, out: str | os.PathLike | None = None) -
     if bad:
         raise JaxquantError(f"{path}: unknown key {bad[0]!r}; valid: {', '.join(CONFIG_KEYS)}")
     rel = lambda p: str(p if Path(p).is_absolute() else path.parent / p)  # noqa: E731
-    text = d.get("text") or {}
-    if "file" in text:
-        text = Path(rel(text["file"])).read_text(encoding="utf-8")
-    elif "words" in text:
-        text = english_text(int(text["words"]), int(text.get("seed", 0)))
-    else:
-        raise JaxquantError(f"{path}: text: give 'file: PATH' or 'words: N' (a synthetic English text)")
+
+    def read_text(spec: Any, key: str) -> str:
+        if isinstance(spec, dict) and "file" in spec:  # optionally a [start:end] slice of its characters
+            return Path(rel(spec["file"])).read_text(encoding="utf-8")[spec.get("start", 0):spec.get("end")]
+        if isinstance(spec, dict) and "words" in spec:
+            return english_text(int(spec["words"]), int(spec.get("seed", 0)))
+        raise JaxquantError(f"{path}: {key}: give 'file: PATH' (and 'start', 'end') or 'words: N' (a synthetic "
+                            "English text)")
+
+    text = read_text(d.get("text"), "text")
+    calib_text = read_text(d["calib_text"], "calib_text") if "calib_text" in d else None
     variants = []
     for i, v in enumerate(d.get("variants") or []):
         if not isinstance(v, dict) or "name" not in v:
@@ -126,7 +132,14 @@ def read_config(path: str | os.PathLike, out: str | os.PathLike | None = None) -
             policy = Policy.from_dict({"name": v["name"], **policy}, f"{path}: variant {v['name']}")
         elif isinstance(policy, str) and policy.endswith((".yaml", ".yml")):
             policy = rel(policy)
-        variants.append(Variant(str(v["name"]), policy))
+        calib = v.get("calib")
+        if calib is not None:
+            from jaxquant.calib import Calibration
+
+            if calib_text is None and calib.get("method") != "rtn":
+                raise JaxquantError(f"{path}: variant {v['name']}: calibration needs the config's 'calib_text'")
+            calib = Calibration.from_dict(calib, f"{path}: variant {v['name']}: calib")
+        variants.append(Variant(str(v["name"]), policy, calib))
     if "grid" in d:
         variants += _grid(d["grid"], str(path))
     names = [v.name for v in variants]
@@ -136,7 +149,7 @@ def read_config(path: str | os.PathLike, out: str | os.PathLike | None = None) -
     model = model if model == DEFAULT_MODEL else rel(model)
     out = Path(out) if out else Path(rel(d.get("out", f"results/{d.get('name', path.stem)}")))
     return SweepConfig(d.get("name", path.stem), model, text, int(d.get("ctx", 512)), d.get("chunks"),
-                       int(d.get("batch", 1)), d.get("base"), variants, out)
+                       int(d.get("batch", 1)), d.get("base"), variants, out, calib_text)
 
 
 def _describe(policy) -> str:
@@ -172,7 +185,13 @@ def run_sweep(cfg: SweepConfig, show_progress: bool | None = None, log=print) ->
             log(f"[{v.name}] done before, skipped")
             continue
         start, compiles = time.perf_counter(), compile_count()
-        res = K.kl_divergence(load_model(cfg.model, v.policy), base, batch=cfg.batch, show_progress=show_progress)
+        if v.calib is None:
+            model = load_model(cfg.model, v.policy)
+        else:
+            from jaxquant.calib import load_calibrated
+
+            model = load_calibrated(cfg.model, v.policy, cfg.calib_text, v.calib, show_progress)
+        res = K.kl_divergence(model, base, batch=cfg.batch, show_progress=show_progress)
         nbytes, bpw = _size(cfg.model, v.policy)
         s = res.stats
         row = {"variant": v.name, "policy": _describe(v.policy), "bytes": nbytes, "bpw": bpw, "ppl": s["ppl"],
