@@ -3,4 +3,4 @@
 
 from jaxquant.calib.calibrate import CalibratedSource, Calibration, calibrate, load_calibrated
 
-__all__ = ["Calibration", "CalibratedSource", "calibrate", "load_calibrated"]
+__all__ = ["CalibratedSource", "Calibration", "calibrate", "load_calibrated"]
