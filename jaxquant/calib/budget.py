@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxquant import models
 from jaxquant.calib.calibrate import CalibratedSource, Calibration, calibration_chunks
+from jaxquant.calib.layerwise import get_path, matrix_paths, with_matrices
 from jaxquant.errors import JaxquantError, PolicyError
 from jaxquant.formats import get_format, quantize
 from jaxquant.isq.policy import Policy, Rule
@@ -81,39 +82,10 @@ def _kl_grad(weights: dict, params: models.Params, teacher: models.Params, chunk
     target = jax.lax.stop_gradient(logp(teacher))
 
     def loss(w):
-        student = _with_weights(params, w)
+        student = with_matrices(params, w)
         return jnp.mean(jnp.sum(jnp.exp(target) * (target - logp(student)), -1))
 
     return jax.grad(loss)(weights)
-
-
-def _paths(params: models.Params) -> dict[str, tuple]:
-    """GGUF tensor name -> pytree path of each matrix in ``params``."""
-    out = {"token_embd.weight": ("token_embd",)}
-    if params.output is not None:
-        out["output.weight"] = ("output",)
-    for i, layer in enumerate(params.layers):
-        for f in dataclasses.fields(layer):
-            v = getattr(layer, f.name)
-            if v is not None and getattr(v, "ndim", 0) == 2:
-                out[f"blk.{i}.{f.name}.weight"] = ("layers", i, f.name)
-    return out
-
-
-def _get(params, path):
-    for p in path:
-        params = params[p] if isinstance(p, int) else getattr(params, p)
-    return params
-
-
-def _with_weights(params: models.Params, weights: dict) -> models.Params:
-    """``params`` with the matrices named in ``weights`` (tensor name -> array) replaced."""
-    paths = _paths(params)
-    layers = [dataclasses.replace(layer, **{paths[n][2]: w for n, w in weights.items()
-                                            if len(paths[n]) == 3 and paths[n][1] == i})
-              for i, layer in enumerate(params.layers)]
-    top = {paths[n][0]: w for n, w in weights.items() if len(paths[n]) == 1}
-    return dataclasses.replace(params, layers=layers, **top)
 
 
 _dequantize = jax.jit(lambda q: q.dequantize(jnp.float32))
@@ -136,7 +108,7 @@ def sensitivity(source, text: str, formats: Sequence[str] = LADDER, calib: Calib
     quantizable = [c for c in plan.choices if c.requantize]
     cfg = source.config
     teacher = models.load_params(float_source, cfg)
-    paths = _paths(teacher)
+    paths = matrix_paths(teacher)
     cands, low = {}, {}
     for c in quantizable:
         cands[c.name] = candidates_for(c.shape, formats)
@@ -144,7 +116,7 @@ def sensitivity(source, text: str, formats: Sequence[str] = LADDER, calib: Calib
             raise PolicyError(f"tensor {c.name!r} {list(c.shape)}: none of the formats {', '.join(formats)} fits its "
                               "rows; add one with a smaller block")
     for c in tqdm(quantizable, desc="low formats", disable=None if show_progress is None else not show_progress):
-        low[c.name] = _rtn(_get(teacher, paths[c.name]), cands[c.name][0], c.name)
+        low[c.name] = _rtn(get_path(teacher, paths[c.name]), cands[c.name][0], c.name)
     chunks = calibration_chunks(source, text, calib)
     grads = jax.tree.map(jnp.zeros_like, low)
     b = max(1, min(calib.batch, len(chunks)))
@@ -155,7 +127,7 @@ def sensitivity(source, text: str, formats: Sequence[str] = LADDER, calib: Calib
     n_steps = len(chunks) // b
     delta, nbytes = {}, {}
     for c in tqdm(quantizable, desc="candidates", disable=None if show_progress is None else not show_progress):
-        w, g = _get(teacher, paths[c.name]), grads[c.name] / n_steps
+        w, g = get_path(teacher, paths[c.name]), grads[c.name] / n_steps
         delta[c.name] = tuple(0.0 if f == cands[c.name][0] else float(jnp.vdot(g, _rtn(w, f, c.name) - low[c.name]))
                               for f in cands[c.name])
         nbytes[c.name] = tuple(get_format(f).nbytes(c.shape) for f in cands[c.name])

@@ -112,7 +112,8 @@ def gptq(w: jax.Array, h: jax.Array, target: Target, *, block: int = 128, percda
         return w, codes, values, p, params
 
     full = k // block
-    state = lax.fori_loop(0, full, lambda b, s: run_block(b * block, block, s), state)
+    if full:
+        state = lax.fori_loop(0, full, lambda b, s: run_block(b * block, block, s), state)
     if k % block:
         state = run_block(full * block, k % block, state)
     _, codes, values, _, params = state

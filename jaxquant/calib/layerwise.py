@@ -114,6 +114,36 @@ def inputs(run: LayerRun, layer: base.Layer, x: jax.Array, freqs: jax.Array, fie
     return total
 
 
+def matrix_paths(params: models.Params) -> dict[str, tuple]:
+    """GGUF tensor name -> path in ``params`` of each matrix (token embeddings, output, layers')."""
+    out = {"token_embd.weight": ("token_embd",)}
+    if params.output is not None:
+        out["output.weight"] = ("output",)
+    for i, layer in enumerate(params.layers):
+        for f in dataclasses.fields(layer):
+            v = getattr(layer, f.name)
+            if v is not None and getattr(v, "ndim", 0) == 2:
+                out[tensor_name(i, f.name)] = ("layers", i, f.name)
+    return out
+
+
+def get_path(params: models.Params, path: tuple):
+    """The leaf at ``path`` (from ``matrix_paths``)."""
+    for p in path:
+        params = params[p] if isinstance(p, int) else getattr(params, p)
+    return params
+
+
+def with_matrices(params: models.Params, matrices: dict) -> models.Params:
+    """``params`` with the matrices named in ``matrices`` (GGUF name -> array or QTensor) replaced."""
+    paths = matrix_paths(params)
+    layers = [dataclasses.replace(layer, **{paths[n][2]: w for n, w in matrices.items()
+                                            if len(paths[n]) == 3 and paths[n][1] == i})
+              for i, layer in enumerate(params.layers)]
+    top = {paths[n][0]: w for n, w in matrices.items() if len(paths[n]) == 1}
+    return dataclasses.replace(params, layers=layers, **top)
+
+
 def float_layer(layer: base.Layer) -> base.Layer:
     """The layer with every QTensor dequantized to float32 (the float model calibration starts from)."""
     return jax.tree.map(lambda v: v.dequantize(jnp.float32) if isinstance(v, QTensor) else v, layer,
