@@ -14,7 +14,7 @@ import pytest
 
 import jaxquant as jq
 from jaxquant import models
-from jaxquant.calib import Calibration, CalibratedSource, calibrate
+from jaxquant.calib import CalibratedSource, Calibration, calibrate
 from jaxquant.calib.dwq import DWQ
 from jaxquant.calib.pipeline import prepare
 from jaxquant.cli import main as cli
