@@ -195,15 +195,6 @@ def calibrate(source, policy: Policy | str, text: str | np.ndarray | None, calib
     return CalibratedSource(source, tensors)
 
 
-def load_calibrated(path, policy: Policy | str, text: str | np.ndarray, calib: Calibration | None = None,
-                    show_progress: bool | None = None):
-    """``jaxquant.load`` of model ``path`` calibrated for ``policy`` on ``text`` (a ``Model``)."""
-    import jaxquant
-    from jaxquant.io import open_model
-
-    return jaxquant.load(calibrate(open_model(path), policy, text, calib, show_progress), isq=policy)
-
-
 def _rtn_layer(run, layer, x, freqs, targets, tensors, i, feed_quantized: bool) -> jax.Array:
     """A layer left out of calibration: round-to-nearest by each target's format (GPTQ formats
     here, the others by ISQ later); the quantized layer feeds the next one for GPTQ, the float one

@@ -58,6 +58,7 @@ class Variant:
     name: str
     policy: Any  # None (the model as stored), a mix name, a YAML path or a Policy
     calib: Any = None  # a jaxquant.calib.Calibration: calibrated on the config's calib_text first
+    dwq: Any = None  # a jaxquant.calib.dwq.DWQ: then the scales learned on calib_text
 
 
 @dataclasses.dataclass
@@ -132,14 +133,16 @@ def read_config(path: str | os.PathLike, out: str | os.PathLike | None = None) -
             policy = Policy.from_dict({"name": v["name"], **policy}, f"{path}: variant {v['name']}")
         elif isinstance(policy, str) and policy.endswith((".yaml", ".yml")):
             policy = rel(policy)
-        calib = v.get("calib")
-        if calib is not None:
+        calib, dwq = v.get("calib"), v.get("dwq")
+        if calib is not None or dwq is not None:
             from jaxquant.calib import Calibration
+            from jaxquant.calib.dwq import DWQ
 
-            if calib_text is None and calib.get("method") != "rtn":
+            if calib_text is None and (dwq is not None or calib.get("method") != "rtn"):
                 raise JaxquantError(f"{path}: variant {v['name']}: calibration needs the config's 'calib_text'")
-            calib = Calibration.from_dict(calib, f"{path}: variant {v['name']}: calib")
-        variants.append(Variant(str(v["name"]), policy, calib))
+            calib = Calibration.from_dict(calib or {"method": "rtn"}, f"{path}: variant {v['name']}: calib")
+            dwq = DWQ(**dwq) if dwq is not None else None
+        variants.append(Variant(str(v["name"]), policy, calib, dwq))
     if "grid" in d:
         variants += _grid(d["grid"], str(path))
     names = [v.name for v in variants]
@@ -188,9 +191,10 @@ def run_sweep(cfg: SweepConfig, show_progress: bool | None = None, log=print) ->
         if v.calib is None:
             model = load_model(cfg.model, v.policy)
         else:
-            from jaxquant.calib import load_calibrated
+            from jaxquant.calib.pipeline import prepare
 
-            model = load_calibrated(cfg.model, v.policy, cfg.calib_text, v.calib, show_progress)
+            model = load_model(prepare(open_model(cfg.model), v.policy, cfg.calib_text, v.calib, v.dwq, show_progress),
+                               v.policy)
         res = K.kl_divergence(model, base, batch=cfg.batch, show_progress=show_progress)
         nbytes, bpw = _size(cfg.model, v.policy)
         s = res.stats
