@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from jaxquant.errors import FormatError
 from jaxquant.formats import get_format, ggml_k, ggml_k_sym, ggml_legacy
-from jaxquant.formats.gptq import gptq_format
+from jaxquant.formats.gptq import gptq_format, minmax_params
 from jaxquant.formats.numerics import div
 from jaxquant.formats.packing import pack_bits
 from jaxquant.qtensor import QTensor
@@ -227,20 +227,11 @@ class IntTarget(Target):
     def fit(self, wg):
         """AutoGPTQ ``Quantizer.find_params(perchannel=True, weight=True)`` (no MSE search) or AutoAWQ's
         ``pseudo_quantize_tensor`` parameters: (scale, zero) per row, in ``wg``'s dtype."""
-        maxq = self.maxq
         if self.style == "awq":
             mx, mn = wg.max(1), wg.min(1)
-            scale = div(jnp.maximum(mx - mn, 1e-5), maxq)
-            return scale, jnp.clip(-jnp.round(div(mn, scale)), 0, maxq)
-        xmin, xmax = jnp.minimum(wg.min(1), 0), jnp.maximum(wg.max(1), 0)
-        if self.sym:
-            xmax = jnp.maximum(jnp.abs(xmin), xmax)
-            xmin = jnp.where(xmin < 0, -xmax, xmin)
-        both = (xmin == 0) & (xmax == 0)
-        xmin, xmax = jnp.where(both, -1, xmin), jnp.where(both, 1, xmax)
-        scale = div(xmax - xmin, maxq)
-        zero = jnp.full_like(scale, (maxq + 1) / 2) if self.sym else jnp.round(div(-xmin, scale))
-        return scale, zero
+            scale = div(jnp.maximum(mx - mn, 1e-5), self.maxq)
+            return scale, jnp.clip(-jnp.round(div(mn, scale)), 0, self.maxq)
+        return minmax_params(wg, self.bits, self.sym)
 
     def round(self, x, p, j):
         scale, zero = p

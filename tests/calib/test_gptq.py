@@ -6,7 +6,8 @@ sides compute in float64. Its Hessian comes from ``add_batch`` on the activation
 ``hessian`` on the same ones. Compared: integer codes (recovered from AutoGPTQ's dequantized weight
 and its scale and zero), scales and zeros, act-order permutation. Codes could differ only where a
 value lies within rounding error of a tie (a flip), after which a row's later columns diverge; the
-flip rate is reported and none occurs in these cases.
+flip rate is reported and none occurs in these cases. Round-to-nearest into the GPTQ formats
+(``jq.quantize``) is AutoGPTQ's ``Quantizer`` per group.
 
 GPTQ into llama.cpp formats (``FormatTarget``) has no reference implementation; there the packed
 bytes are checked by gguf-py's ``dequantize`` (it must give GPTQ's values) and the output error on
@@ -28,6 +29,7 @@ from reference_modules import submodule
 import jaxquant as jq
 from jaxquant.calib import gptq
 from jaxquant.calib.targets import IntTarget, target_for
+from jaxquant.formats.packing import unpack_bits
 
 AUTO_GPTQ = submodule("auto_gptq", "quantization.gptq")
 
@@ -118,3 +120,27 @@ def test_gptq_into_gguf_formats(fmt):
     rtn = np.asarray(jq.quantize(w, fmt).dequantize())
     print(f"{fmt}: output error GPTQ / RTN {output_error(ref) / output_error(rtn):.3f}")
     assert output_error(ref) < 0.8 * output_error(rtn)
+
+
+AUTO_GPTQ_QUANTIZER = submodule("auto_gptq", "quantization.quantizer")
+
+
+@pytest.mark.parametrize("bits,group", [(4, 128), (3, 32)])
+def test_gptq_format_rtn_equals_autogptq_quantizer(bits, group):
+    """``jq.quantize(w, "GPTQ{b}_G{g}")``: AutoGPTQ's ``Quantizer`` (find_params, quantize) per group,
+    float32; scales stored in float16 as AutoGPTQ's packer stores them."""
+    w = np.random.default_rng(bits).standard_normal((64, 256)).astype(np.float32)
+    w[3, :group] = 0  # an all-zero group: AutoGPTQ's range -1..1
+    q = jq.quantize(w, f"GPTQ{bits}_G{group}")
+    quantizer = AUTO_GPTQ_QUANTIZER.Quantizer()
+    quantizer.configure(bits, perchannel=True, sym=False, mse=False)
+    ref_codes, ref_scale = [], []
+    for g in range(256 // group):
+        part = torch.tensor(w[:, g * group:(g + 1) * group])
+        quantizer.find_params(part, weight=True)
+        ref_codes.append(torch.clamp(torch.round(part / quantizer.scale) + quantizer.zero, 0, (1 << bits) - 1))
+        ref_scale.append(quantizer.scale[:, 0].numpy())
+    ref = torch.cat(ref_codes, 1).numpy()
+    codes = np.asarray(unpack_bits(q.arrays["qs"], bits)).reshape(q.shape)
+    np.testing.assert_array_equal(codes, ref)
+    np.testing.assert_array_equal(np.asarray(q.arrays["scale"]), np.stack(ref_scale, 1).astype(np.float16))
