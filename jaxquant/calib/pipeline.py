@@ -26,8 +26,8 @@ def auto_policy(source, text: str, *, target_bpw: float | None = None, target_si
     bpw = 8 * nbytes / sens.n_weights
     name = f"auto {target_bpw} bpw" if target_bpw is not None else f"auto {target_size}"
     policy = budget.auto_policy(choice, name)
-    summary = (f"{name}: {nbytes} bytes ({nbytes / 2**20:.2f} MiB), {bpw:.4f} bits per weight, predicted KL change "
-               f"{predicted:+.5f} from the cheapest formats")
+    summary = (f"{name}: {nbytes} bytes ({nbytes / 2**20:.2f} MiB), {bpw:.4f} bits per weight, predicted KL "
+               f"divergence {predicted:.5f}")
     log(summary)
     if save is not None:
         budget.save_policy(policy, save, f"{summary}\nmade by jaxquant.calib.budget from {Path(str(source.path)).name}")

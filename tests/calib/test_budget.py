@@ -23,10 +23,10 @@ def random_sensitivity(rng, n_tensors: int, n_formats: int) -> budget.Sensitivit
         name = f"blk.{t}.ffn_down.weight"
         size = int(rng.integers(1, 20)) * 1000
         b = np.sort(rng.choice(np.arange(2, 17), n_formats, replace=False)) * size // 8
-        gains = np.sort(rng.exponential(size=n_formats))[::-1]  # more bytes, less predicted error
+        errors = np.sort(rng.exponential(size=n_formats))[::-1]  # more bytes, less predicted error
         cands[name] = tuple(f"F{j}" for j in range(n_formats))
         nbytes[name] = tuple(int(x) for x in b)
-        delta[name] = tuple(float(g - gains[0]) for g in gains)
+        delta[name] = tuple(float(e) for e in errors)
     return budget.Sensitivity(cands, nbytes, delta, fixed_bytes=500, n_weights=0)
 
 
@@ -63,7 +63,7 @@ def test_auto_policy_yaml_round_trips(tmp_path):
     choice = {"blk.0.attn_q.weight": "Q4_K", "blk.0.ffn_down.weight": "Q6_K", "token_embd.weight": "Q8_0",
               "blk.1.attn_q.weight": "Q4_K"}
     policy = budget.auto_policy(choice, name="auto 4.5 bpw")
-    path = budget.save_policy(policy, tmp_path / "auto.yaml", comment="predicted KL change -0.1")
+    path = budget.save_policy(policy, tmp_path / "auto.yaml", comment="predicted KL divergence 0.1")
     back = Policy.from_yaml(path)
     assert back == policy
     assert back.default == "Q4_K" and {r.name: r.format for r in back.rules} == {
