@@ -28,7 +28,7 @@ def test_gemma_calibration_beats_round_to_nearest(gemma_path, tmp_path, method):
     K.save_base(jq.load(CalibratedSource(source, {})), base, TEXT[55000:], n_ctx=128, n_chunks=6, batch=3)
     results = {}
     for name, calib in (("rtn", Calibration(method="rtn")),
-                        (method, Calibration(method=method, n_ctx=128, n_chunks=8, batch=4))):
+                        (method, Calibration(method=method, n_ctx=128, n_chunks=16, batch=4))):
         model = jq.load(calibrate(source, POLICY, TEXT[:55000], calib), isq=POLICY)
         results[name] = K.kl_divergence(model, base, batch=3).stats
     print({k: (round(s["kld_mean"], 5), round(s["ppl"], 3)) for k, s in results.items()})
