@@ -225,7 +225,19 @@ def _quantize_arguments(p: argparse.ArgumentParser) -> None:
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--type", metavar="MIX", help="a llama.cpp mix: " + ", ".join(_presets()))
     how.add_argument("--policy", metavar="YAML", help="an ISQ policy file (or a name in configs/policies)")
+    how.add_argument("--target-bpw", type=float, metavar="BPW", help="choose each tensor's format from measured "
+                     "sensitivities for this many bits per weight (needs --calib-file); the policy goes to --save-policy")
+    how.add_argument("--target-size", metavar="SIZE", help="as --target-bpw, for a size such as 3GB or 200MiB")
     p.add_argument("--pure", action="store_true", help="every tensor the mix's default type (llama-quantize --pure)")
+    p.add_argument("--formats", metavar="LIST", help="candidate formats of --target-bpw/--target-size, comma-separated "
+                                                     "(default: llama.cpp's Q2_K ... Q8_0)")
+    p.add_argument("--save-policy", metavar="YAML", help="where the chosen policy goes (default: DST.policy.yaml)")
+    p.add_argument("--calib", choices=("gptq", "awq"), help="calibrate the block matrices by GPTQ or AWQ first")
+    p.add_argument("--calib-file", metavar="TEXT", help="calibration text of --calib, --dwq and --target-bpw")
+    p.add_argument("--calib-ctx", type=int, default=512, help="tokens per calibration chunk (default 512)")
+    p.add_argument("--calib-chunks", type=int, default=128, help="calibration chunks (default 128)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ in order of decreasing activation (GPTQ formats)")
+    p.add_argument("--dwq", type=int, default=0, metavar="STEPS", help="learn the scales for this many steps (DWQ)")
     p.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama-imatrix or jaxquant imatrix file)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (each tensor's format and why) and stop")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -260,9 +272,30 @@ def quantize(args: argparse.Namespace) -> int:
     from jaxquant.isq.apply import imatrix_metadata, save_quantized_checkpoint, write_quantized_gguf
     from jaxquant.isq.imatrix import read_imatrix
 
-    policy = load_policy(args.type or args.policy, pure=args.pure)  # bad names fail before opening anything
+    auto = args.target_bpw is not None or args.target_size is not None
+    policy = None if auto else load_policy(args.type or args.policy, pure=args.pure)  # bad names fail early
     imatrix = read_imatrix(args.imatrix) if args.imatrix else None
+    text = None
+    if auto or args.calib or args.dwq:
+        if not args.calib_file:
+            raise JaxquantError("--target-bpw, --target-size, --calib and --dwq need calibration text: --calib-file")
+        text = _read_text(args.calib_file)
     source = open_model(args.src)
+    if auto or args.calib or args.dwq:
+        from jaxquant.calib import Calibration
+        from jaxquant.calib.budget import LADDER
+        from jaxquant.calib.dwq import DWQ
+        from jaxquant.calib.pipeline import auto_policy, prepare
+
+        if auto:
+            policy = auto_policy(source, text, target_bpw=args.target_bpw, target_size=args.target_size,
+                                 formats=args.formats.split(",") if args.formats else LADDER,
+                                 save=args.save_policy or f"{args.dst.rstrip('/')}.policy.yaml",
+                                 log=lambda m: print(m, file=sys.stderr))
+        if (args.calib or args.dwq) and not args.dry_run:
+            calib = Calibration(args.calib, n_ctx=args.calib_ctx, n_chunks=args.calib_chunks,
+                                act_order=args.act_order) if args.calib else None
+            source = prepare(source, policy, text, calib, DWQ(steps=args.dwq) if args.dwq else None)
     if args.dry_run:
         policy.explain(source, has_imatrix=imatrix is not None)
         return 0

@@ -66,7 +66,8 @@ def default_dtype() -> np.dtype:
 
 def load(path: str | os.PathLike | None = None, *, dtype=None, compute_dtype=None, fuse=None, isq=None,
          imatrix=None) -> Model:
-    """Load a GGUF file or a Hugging Face checkpoint directory (None: the embedded Gemma-3-270M).
+    """Load a GGUF file or a Hugging Face checkpoint directory (None: the embedded Gemma-3-270M), or
+    an opened model source (``jaxquant.io.open_model``, ``jaxquant.calib.calibrate``).
 
     Quantized tensors stay packed QTensors in their file format; plain matrices become ``dtype``;
     activations entering matmuls and the KV cache are ``compute_dtype`` (both default to
@@ -76,7 +77,7 @@ def load(path: str | os.PathLike | None = None, *, dtype=None, compute_dtype=Non
     ``"Q4_K_M"`` or a policy YAML), one tensor at a time, with ``imatrix`` (a file or ``Imatrix``).
     A Gemma model without a chat template gets Gemma's official one.
     """
-    source = open_model(DEFAULT_MODEL if path is None else path)
+    source = path if hasattr(path, "tensor_names") else open_model(DEFAULT_MODEL if path is None else path)
     cfg, tokenizer = source.config, source.tokenizer
     loading = contextlib.nullcontext()
     if isq is not None:

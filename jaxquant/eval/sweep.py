@@ -32,7 +32,7 @@ from jaxquant.eval.synthetic import english_text
 from jaxquant.io import DEFAULT_MODEL, open_model
 from jaxquant.isq.policy import Policy, load_policy
 
-CONFIG_KEYS = ("name", "model", "text", "ctx", "chunks", "batch", "base", "variants", "grid", "out")
+CONFIG_KEYS = ("name", "model", "text", "calib_text", "ctx", "chunks", "batch", "base", "variants", "grid", "out")
 COLUMNS = ("variant", "policy", "bytes", "bpw", "ppl", "ppl_error", "ppl_ratio", "kld_mean", "kld_error",
            "kld_p99", "same_top_p", "p_diff_rms", "tokens_per_s", "compiles", "seconds")
 
@@ -57,6 +57,8 @@ def compile_count() -> int:
 class Variant:
     name: str
     policy: Any  # None (the model as stored), a mix name, a YAML path or a Policy
+    calib: Any = None  # a jaxquant.calib.Calibration: calibrated on the config's calib_text first
+    dwq: Any = None  # a jaxquant.calib.dwq.DWQ: then the scales learned on calib_text
 
 
 @dataclasses.dataclass
@@ -70,6 +72,7 @@ class SweepConfig:
     base: Any
     variants: list[Variant]
     out: Path
+    calib_text: str | None = None
 
 
 def _slug(name: str) -> str:
@@ -110,13 +113,17 @@ def read_config(path: str | os.PathLike, out: str | os.PathLike | None = None) -
     if bad:
         raise JaxquantError(f"{path}: unknown key {bad[0]!r}; valid: {', '.join(CONFIG_KEYS)}")
     rel = lambda p: str(p if Path(p).is_absolute() else path.parent / p)  # noqa: E731
-    text = d.get("text") or {}
-    if "file" in text:
-        text = Path(rel(text["file"])).read_text(encoding="utf-8")
-    elif "words" in text:
-        text = english_text(int(text["words"]), int(text.get("seed", 0)))
-    else:
-        raise JaxquantError(f"{path}: text: give 'file: PATH' or 'words: N' (a synthetic English text)")
+
+    def read_text(spec: Any, key: str) -> str:
+        if isinstance(spec, dict) and "file" in spec:  # optionally a [start:end] slice of its characters
+            return Path(rel(spec["file"])).read_text(encoding="utf-8")[spec.get("start", 0):spec.get("end")]
+        if isinstance(spec, dict) and "words" in spec:
+            return english_text(int(spec["words"]), int(spec.get("seed", 0)))
+        raise JaxquantError(f"{path}: {key}: give 'file: PATH' (and 'start', 'end') or 'words: N' (a synthetic "
+                            "English text)")
+
+    text = read_text(d.get("text"), "text")
+    calib_text = read_text(d["calib_text"], "calib_text") if "calib_text" in d else None
     variants = []
     for i, v in enumerate(d.get("variants") or []):
         if not isinstance(v, dict) or "name" not in v:
@@ -126,7 +133,16 @@ def read_config(path: str | os.PathLike, out: str | os.PathLike | None = None) -
             policy = Policy.from_dict({"name": v["name"], **policy}, f"{path}: variant {v['name']}")
         elif isinstance(policy, str) and policy.endswith((".yaml", ".yml")):
             policy = rel(policy)
-        variants.append(Variant(str(v["name"]), policy))
+        calib, dwq = v.get("calib"), v.get("dwq")
+        if calib is not None or dwq is not None:
+            from jaxquant.calib import Calibration
+            from jaxquant.calib.dwq import DWQ
+
+            if calib_text is None and (dwq is not None or calib.get("method") != "rtn"):
+                raise JaxquantError(f"{path}: variant {v['name']}: calibration needs the config's 'calib_text'")
+            calib = Calibration.from_dict(calib or {"method": "rtn"}, f"{path}: variant {v['name']}: calib")
+            dwq = DWQ(**dwq) if dwq is not None else None
+        variants.append(Variant(str(v["name"]), policy, calib, dwq))
     if "grid" in d:
         variants += _grid(d["grid"], str(path))
     names = [v.name for v in variants]
@@ -136,7 +152,7 @@ def read_config(path: str | os.PathLike, out: str | os.PathLike | None = None) -
     model = model if model == DEFAULT_MODEL else rel(model)
     out = Path(out) if out else Path(rel(d.get("out", f"results/{d.get('name', path.stem)}")))
     return SweepConfig(d.get("name", path.stem), model, text, int(d.get("ctx", 512)), d.get("chunks"),
-                       int(d.get("batch", 1)), d.get("base"), variants, out)
+                       int(d.get("batch", 1)), d.get("base"), variants, out, calib_text)
 
 
 def _describe(policy) -> str:
@@ -172,7 +188,14 @@ def run_sweep(cfg: SweepConfig, show_progress: bool | None = None, log=print) ->
             log(f"[{v.name}] done before, skipped")
             continue
         start, compiles = time.perf_counter(), compile_count()
-        res = K.kl_divergence(load_model(cfg.model, v.policy), base, batch=cfg.batch, show_progress=show_progress)
+        if v.calib is None:
+            model = load_model(cfg.model, v.policy)
+        else:
+            from jaxquant.calib.pipeline import prepare
+
+            model = load_model(prepare(open_model(cfg.model), v.policy, cfg.calib_text, v.calib, v.dwq, show_progress),
+                               v.policy)
+        res = K.kl_divergence(model, base, batch=cfg.batch, show_progress=show_progress)
         nbytes, bpw = _size(cfg.model, v.policy)
         s = res.stats
         row = {"variant": v.name, "policy": _describe(v.policy), "bytes": nbytes, "bpw": bpw, "ppl": s["ppl"],

@@ -13,7 +13,8 @@ Compute layout of a weight of shape ``(N, K)`` (N outputs, K inputs):
 GPTQ's ``qweight [K*b/32, N]`` is ``qs`` transposed, so a plain GPTQ tensor loads by a transpose;
 AWQ (packed along N, nibble order 0 2 4 6 1 3 5 7), act-order tensors and GPTQ v1 zeros (stored
 minus one) are unpacked and repacked once at load. All conversions are lossless. ``dequantize`` is
-what the reference libraries compute in fp16: ``fp16(s * (q - z))``.
+what the reference libraries compute in fp16: ``fp16(s * (q - z))``. The quantizer is AutoGPTQ's
+round-to-nearest (``minmax_params``); ``jaxquant.calib`` makes GPTQ and AWQ tensors of these formats.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.errors import FormatError
+from jaxquant.formats.numerics import div
 from jaxquant.formats.packing import pack_bits, unpack_bits
 from jaxquant.formats.registry import Field, Format, get_format, register
 from jaxquant.qtensor import QTensor
@@ -48,8 +50,33 @@ def gptq_format(bits: int, group: int) -> Format:
     except FormatError:
         fields = (Field("qs", "uint32", group * bits // 32), Field("scale", "float16"), Field("zero", "uint8"),
                   Field("perm", "int32", layout="tensor"))
-        return register(Format(name, group, fields, functools.partial(_dequantize, bits=bits), None, "gptq",
-                               gguf=False))
+        return register(Format(name, group, fields, functools.partial(_dequantize, bits=bits),
+                               functools.partial(_quantize, bits=bits, group=group), "gptq", gguf=False))
+
+
+def minmax_params(wg: jax.Array, bits: int, sym: bool = False) -> tuple[jax.Array, jax.Array]:
+    """AutoGPTQ's ``Quantizer.find_params(perchannel=True, weight=True)`` (no MSE search) over the
+    last axis: (scale, zero) in ``wg``'s dtype. The range always includes 0; ``sym``: centered zero."""
+    maxq = (1 << bits) - 1
+    xmin, xmax = jnp.minimum(wg.min(-1), 0), jnp.maximum(wg.max(-1), 0)
+    if sym:
+        xmax = jnp.maximum(jnp.abs(xmin), xmax)
+        xmin = jnp.where(xmin < 0, -xmax, xmin)
+    both = (xmin == 0) & (xmax == 0)
+    xmin, xmax = jnp.where(both, -1, xmin), jnp.where(both, 1, xmax)
+    scale = div(xmax - xmin, maxq)
+    return scale, (jnp.full_like(scale, (maxq + 1) / 2) if sym else jnp.round(div(-xmin, scale)))
+
+
+def _quantize(x: jax.Array, qw: jax.Array | None, bits: int, group: int) -> dict[str, jax.Array]:
+    """Round-to-nearest as AutoGPTQ's quantizer (asymmetric): ``clamp(round(x / s) + z, 0, 2^b - 1)``
+    per group with the float32 scale, stored in float16 as its packers store it."""
+    del qw  # no importance weights in AutoGPTQ's quantizer
+    xg = x.reshape(x.shape[0], -1, group)
+    scale, zero = minmax_params(xg, bits)
+    q = jnp.clip(jnp.round(div(xg, scale[..., None])) + zero[..., None], 0, (1 << bits) - 1)
+    return {"qs": pack_bits(q.astype(jnp.uint32), bits), "scale": scale.astype(jnp.float16),
+            "zero": zero.astype(jnp.uint8)}
 
 
 def _dequantize(a: dict[str, jax.Array], bits: int) -> jax.Array:

@@ -81,6 +81,7 @@ def div(a, b) -> jax.Array:
     scalar into a multiplication by its rounded reciprocal; a divisor that depends on ``a`` (the
     NaN numerator itself where ``a`` is NaN, which C's quotient would be anyway) cannot be. The
     quotient is pinned too: XLA also merges chained divisions (``1/(c/s)`` -> ``s/c``, ``(a/b)/c``
-    -> ``a/(b*c)``)."""
-    a, b = jnp.broadcast_arrays(jnp.asarray(a, F32), jnp.asarray(b, F32))
+    -> ``a/(b*c)``). In float32, or float64 where an operand is (calibration's float64 tests)."""
+    dt = jnp.float64 if jnp.float64 in (getattr(a, "dtype", None), getattr(b, "dtype", None)) else F32
+    a, b = jnp.broadcast_arrays(jnp.asarray(a, dt), jnp.asarray(b, dt))
     return rnd(a / jnp.where(a != a, a, b))

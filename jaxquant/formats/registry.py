@@ -9,9 +9,9 @@ checkpoints, but have no GGUF bytes (``from_bytes``/``to_bytes`` and ``write_ggu
 ``FormatError``). Such a format picks one of two scopes:
 
 - ``scope="row"`` (the default, as every GGUF format): ``quantize_rows`` sees any chunk of rows
-  and returns ``(R, K // block_size, count)`` arrays, one per field. A format that only loads (no
-  quantizer) may also declare ``layout="tensor"`` fields: arrays of the whole tensor outside its
-  blocks, which a QTensor may lack. One such field has a meaning of its own: ``perm`` (int32
+  and returns ``(R, K // block_size, count)`` arrays, one per field. A non-GGUF format may also
+  declare ``layout="tensor"`` fields: arrays of the whole tensor outside its blocks, which a
+  QTensor may lack (its quantizer never makes them). One such field has a meaning of its own: ``perm`` (int32
   ``[K]``, GPTQ's act order) says that stored column j holds input column ``perm[j]``;
   ``dequantize`` returns the input order and ``qdot`` multiplies ``x[..., perm]`` by the stored
   columns.
@@ -83,13 +83,12 @@ class Format:
     def __post_init__(self):
         if self.scope not in ("row", "tensor") or (self.gguf and self.scope != "row"):
             raise FormatError(f"{self.name}: scope {self.scope!r}; GGUF formats are 'row', others 'row' or 'tensor'")
-        row_ok = ("rows",) if self.gguf or self.quantize_rows is not None else ("rows", "tensor")
+        row_ok = ("rows",) if self.gguf else ("rows", "tensor")
         bad = [f.name for f in self.fields if f.layout not in ("rows", "tensor", "mixed")
                or (self.scope == "row" and f.layout not in row_ok)]
         if bad:
             raise FormatError(f"{self.name}: field {bad[0]!r} has a bad layout (row-scope fields are 'rows', or "
-                              "'tensor' in non-GGUF formats without a quantizer; tensor-scope fields 'rows', "
-                              "'tensor' or 'mixed')")
+                              "'tensor' in non-GGUF formats; tensor-scope fields 'rows', 'tensor' or 'mixed')")
 
     @property
     def type_size(self) -> int:
@@ -315,7 +314,7 @@ def quantize(x, fmt: str | Format | PlainFormat, weights=None, *, name: str | No
             _check_finite(np.asarray(x, np.float32), fmt, _where(name), "weight", bad)
     nb = k // fmt.block_size
     arrays = {f.name: arrays[f.name].reshape(*shape[:-1], nb, *((f.count,) if f.count > 1 else ()))
-              for f in fmt.fields}
+              for f in fmt.fields if f.layout == "rows"}
     return QTensor(arrays, fmt.name, shape, dtype)
 
 

@@ -3,9 +3,9 @@
 Checkpoints are packed here by the libraries' own code: AutoGPTQ's ``QuantLinear.pack``
 (qlinear_cuda, the act-order-aware layer; it writes v1 zeros) and AutoAWQ's
 ``WQLinear_GEMM.from_linear``. Both packages' ``__init__`` import APIs that transformers 5 no longer
-has, so only their pure-torch layer modules are imported (``_module``). The references' dequantized
-weights are AutoGPTQ's torch forward of the identity matrix (its CPU path: ``scales[g_idx] *
-(w - zeros[g_idx])`` in fp16) and AutoAWQ's ``dequantize_gemm``. GPTQ v2 zeros (no minus one) are
+has, so only their pure-torch layer modules are imported (``reference_modules.submodule``). The
+references' dequantized weights are AutoGPTQ's torch forward of the identity matrix (its CPU path:
+``scales[g_idx] * (w - zeros[g_idx])`` in fp16) and AutoAWQ's ``dequantize_gemm``. GPTQ v2 zeros (no minus one) are
 AutoGPTQ's packing of zero + 1, which its pack stores as zero (GPTQModel's v1 -> v2 conversion adds
 one to each packed zero). MLX checkpoints hold ``mx.quantize``'s tensors under mlx-lm's names and
 config; the reference is ``mx.dequantize``. bitsandbytes checkpoints are written by transformers'
@@ -17,12 +17,8 @@ transformers are slow tests (one model forward each), sharing the checkpoints th
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import re
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from reference_modules import submodule
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import save_file as save_torch
 
@@ -55,24 +52,10 @@ TOKENIZER = ('{"version": "1.0", "truncation": null, "padding": null, "added_tok
              '{"type": "WordLevel", "vocab": {"<unk>": 0, "hello": 1, "world": 2}, "unk_token": "<unk>"}}')
 
 
-def _module(package: str, name: str):
-    """``package.name`` imported without running the package's ``__init__`` (it needs old transformers)."""
-    stub = sys.modules.get(package)
-    root = stub.__path__[0] if stub is not None else importlib.util.find_spec(package).submodule_search_locations[0]
-    parts = name.split(".")
-    for i in range(len(parts)):
-        pkg = ".".join([package, *parts[:i]])
-        if pkg not in sys.modules:
-            stub = types.ModuleType(pkg)
-            stub.__path__ = [f"{root}/{'/'.join(parts[:i])}".rstrip("/")]
-            sys.modules[pkg] = stub
-    return importlib.import_module(f"{package}.{name}")
-
-
 DEQUANTIZE = jax.jit(QTensor.dequantize)
-AUTO_GPTQ = _module("auto_gptq", "nn_modules.qlinear.qlinear_cuda")
-AWQ_GEMM = _module("awq", "modules.linear.gemm")
-AWQ_PACKING = _module("awq", "utils.packing_utils")
+AUTO_GPTQ = submodule("auto_gptq", "nn_modules.qlinear.qlinear_cuda")
+AWQ_GEMM = submodule("awq", "modules.linear.gemm")
+AWQ_PACKING = submodule("awq", "utils.packing_utils")
 
 
 def _codes(rng, n: int, k: int, bits: int, group: int, act: bool, sym: bool, zero_min: int):
