@@ -1,9 +1,11 @@
-"""llama.cpp lattice (grid) formats, dequantize only: IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S.
+"""llama.cpp lattice (grid) formats: IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S.
 
 Each group of 8 (IQ1/IQ2) or 4 (IQ3) weights is an index into a fixed grid of byte vectors from
 ggml-common.h (shipped as data/iq_grids.npz, written by data/make_iq_grids.py); signs come
 from ``ksigns_iq2xs`` (7 bits + parity) or a plain sign bit per weight. The dequantizers follow
-``dequantize_row_*`` of ggml-quants.c operation for operation.
+``dequantize_row_*`` of ggml-quants.c operation for operation. The quantizers are llama.cpp's
+grid searches, compiled on the host (ggml_iq_search.py) and called from jitted code through
+``jax.pure_callback``; IQ1_S, IQ2_XXS and IQ2_XS need importance weights, as in llama.cpp.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant.errors import QuantizeInputError
+from jaxquant.formats import ggml_iq_search
 from jaxquant.formats.numerics import F32, mul
 from jaxquant.formats.registry import Field, Format, register
 
@@ -152,8 +156,27 @@ def _iq1_m_dequantize(a: dict[str, jax.Array]) -> jax.Array:
     return _flat(_iq1_values(jnp.repeat(dl, 2, axis=-1).reshape(qh.shape), idx, (qh & 8) != 0), 3)
 
 
+def _quantizer(name: str, fields: tuple[Field, ...]):
+    """``quantize_rows`` of a lattice format: llama.cpp's search on the host, one call per chunk."""
+    def quantize_rows(x: jax.Array, qw: jax.Array | None) -> dict[str, jax.Array]:
+        if qw is None and name in ggml_iq_search.REQUIRES_IMATRIX:
+            raise QuantizeInputError(
+                f"{name} needs importance weights: llama.cpp refuses to quantize it without an imatrix "
+                "(ggml_quantize_requires_imatrix); pass weights= (jaxquant imatrix makes them)")
+        r, nb = x.shape[0], x.shape[1] // QK_K
+        shapes = {f.name: jax.ShapeDtypeStruct((r, nb, f.count) if f.count > 1 else (r, nb), f.dtype)
+                  for f in fields}
+
+        def host(x, *qw):
+            out = ggml_iq_search.quantize(name, np.asarray(x), np.asarray(qw[0]) if qw else None)
+            return {k: v.reshape(shapes[k].shape) for k, v in out.items()}
+
+        return jax.pure_callback(host, shapes, x, *(() if qw is None else (qw,)))
+    return quantize_rows
+
+
 def _lattice(name: str, fields: tuple[Field, ...], dequantize) -> Format:
-    return register(Format(name, QK_K, fields, dequantize, None, "ggml_iq_lattice"))
+    return register(Format(name, QK_K, fields, dequantize, _quantizer(name, fields), "ggml_iq_lattice"))
 
 
 _D = Field("d", "float16")
