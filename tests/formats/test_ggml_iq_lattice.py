@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import gguf
 import jax
+import llama_oracle
 import numpy as np
 import pytest
+from edge_cases import edge_matrix, imatrix
 
-import edge_cases
-import llama_oracle
 from jaxquant.errors import QuantizeInputError
 from jaxquant.formats import get_format, quantize
 
@@ -77,7 +77,7 @@ def _adversarial(seed: int) -> np.ndarray:
     """The shared edge-case rows (zeros, outliers, tiny values, ties, a constant block...) and more ties
     for IQ1's value sort. Row 2's 3e38 is dropped: its squares overflow and llama.cpp aborts on it."""
     rng = np.random.default_rng(seed)
-    x = edge_cases.edge_matrix(K, 256, seed)
+    x = edge_matrix(K, 256, seed)
     x[2] = rng.standard_normal(K) * 1e-6
     x[14] = rng.choice(np.array([-1, -0.5, 0, 0.5, 1], np.float32), K)  # few distinct values
     x[15, :256] = -0.0
@@ -87,7 +87,7 @@ def _adversarial(seed: int) -> np.ndarray:
 
 
 def _imatrix(seed: int) -> np.ndarray:
-    w = edge_cases.imatrix(K, seed)
+    w = imatrix(K, seed)
     w[:40] = 0  # zero importance: a whole sub-block and part of the next
     w[300:302] = 0
     return w
@@ -98,10 +98,10 @@ def _imatrix(seed: int) -> np.ndarray:
                                                if w or n not in NEEDS_IMATRIX])
 def test_bytes_equal_llama_cpp(name, with_imatrix):
     x = _adversarial(seed=5)
-    imatrix = _imatrix(seed=6) if with_imatrix else None
+    w = _imatrix(seed=6) if with_imatrix else None
     fmt = get_format(name)
-    ours = fmt.to_bytes(quantize(x, name, imatrix))
-    assert llama_oracle.block_mismatch(ours, llama_oracle.quantize(x, name, imatrix), fmt.type_size)[0] == 0
+    ours = fmt.to_bytes(quantize(x, name, w))
+    assert llama_oracle.block_mismatch(ours, llama_oracle.quantize(x, name, w), fmt.type_size)[0] == 0
 
 
 def test_quantize_under_jit():
