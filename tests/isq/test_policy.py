@@ -110,7 +110,7 @@ def test_ftype():
 
 @pytest.mark.parametrize("make, match", [
     (lambda: Rule("Q4_Z"), "unknown format 'Q4_Z'; valid: " + re.escape(", ".join(list_formats(True)))),
-    (lambda: Rule("IQ2_XXS"), "can load IQ2_XXS but not quantize"),
+    (lambda: Rule("GPTQ4_G128"), "can load GPTQ4_G128 but not quantize"),
     (lambda: Rule("Q4_0", name="blk.(["), "bad regex"),
     (lambda: Rule("Q4_0", role="attn"), "unknown role 'attn'; valid: " + ", ".join(ROLES)),
     (lambda: Policy(mix="Q4_K_X"), "unknown llama.cpp mix 'Q4_K_X'; valid: .*Q4_K_M"),
@@ -154,10 +154,12 @@ def test_an_impossible_format_fails_before_any_work_naming_the_tensor():
         Policy(default="Q4_K", fallback=False).plan(src)
     with pytest.raises(PolicyError, match=r"tensor 'token_embd\.weight' \[1000, 320\]: Q6_K needs"):
         Policy(default="Q4_0", embeddings="Q6_K").plan(src)
-    with pytest.raises(PolicyError, match=r"(?s)tensor 'blk\.1\.ffn_down\.weight': jaxquant cannot quantize to IQ3_S"
-                                          r".*quantizable formats: " + re.escape(", ".join(list_formats(True)))):
-        preset("IQ3_M").plan(src)
-    assert preset("IQ3_M").plan(src, check=False)["blk.1.ffn_down.weight"].format == "IQ3_S"  # a dry run works
+    with pytest.raises(PolicyError, match=r"this quantization requires an importance matrix! offending tensor: "
+                                          r"blk\.1\.ffn_down\.weight, target type: IQ2_XS"):
+        preset("IQ2_S").plan(src)  # llama-quantize's refusal without an imatrix
+    assert preset("IQ2_S").plan(src, check=False)["blk.1.ffn_down.weight"].format == "IQ2_XS"  # a dry run works
+    assert preset("IQ2_S").plan(src, has_imatrix=True).needs_imatrix is None
+    assert preset("IQ3_S").plan(src).needs_imatrix is None  # IQ3_S goes without
     odd = NoLoad(src.metadata, {**src.shapes, "blk.0.attn_q.weight": (64, 48)})
     assert preset("Q4_K_M").plan(odd)["blk.0.attn_q.weight"].format == "F16"  # not even 32: llama.cpp's F16
 
