@@ -189,12 +189,23 @@ def test_bundled_yaml_policies(gemma_path):
     from jaxquant.io import open_model
 
     src = open_model(gemma_path)
-    gate = load_policy("dynamic-gate").plan(src)
+    gate = load_policy("dynamic-gate").plan(src, has_imatrix=True)
     assert gate["token_embd.weight"].format == "Q5_1"  # Q5_K, which 640-long rows cannot take: llama.cpp's fallback
     for i in range(18):
-        want = ("IQ4_XS", "IQ4_NL") if i < 5 or i >= 13 else ("Q3_K", "Q4_0")  # the 640-long rows fall back
-        assert gate[f"blk.{i}.ffn_down.weight"].format == want[0], i
-        assert gate[f"blk.{i}.ffn_up.weight"].format == want[1], i
+        want = "IQ4_XS" if i < 5 or i >= 13 else "IQ2_XXS"
+        assert gate[f"blk.{i}.ffn_down.weight"].format == want, i
+        assert gate[f"blk.{i}.ffn_up.weight"].format == "IQ4_NL", i  # the 640-long rows fall back
+    for t, down in [("IQ1_S", "IQ1_S"), ("IQ1_M", "IQ1_S"), ("IQ2_XXS", "IQ1_M"), ("IQ2_XS", "IQ2_XXS"),
+                    ("IQ2_S", "IQ2_XS")]:
+        mix = preset(t).plan(src, has_imatrix=True)
+        gate = load_policy(f"dynamic-gate-{t.lower()}").plan(src, has_imatrix=True)
+        assert gate["token_embd.weight"].format == "Q5_1"
+        for name, c in mix._by_name.items():  # DynamicGate differs from the mix only in ffn_down and token_embd
+            if "ffn_down" in name:
+                i = int(name.split(".")[1])
+                assert gate[name].format == ("IQ4_XS" if i < 5 or i >= 13 else down), (t, name)
+            elif name != "token_embd.weight":
+                assert gate[name].format == c.format, (t, name)
     q = load_policy(POLICY_DIR / "q4_k_m-attn-q8.yaml").plan(src)
     assert q["blk.0.attn_k.weight"].format == q["blk.17.attn_v.weight"].format == "Q8_0"
     assert q["blk.8.ffn_down.weight"].format == "Q4_K" and q["blk.0.ffn_down.weight"].format == "Q6_K"
