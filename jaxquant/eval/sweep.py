@@ -172,14 +172,15 @@ def read_config(path: str | os.PathLike, out: str | os.PathLike | None = None) -
 
 
 def _package_file(spec: str, where: Path) -> str:
-    """``package:NAME/FILE``: a model file shipped inside an installed Python package."""
-    import importlib.resources
+    """``package:NAME/FILE``: a model file shipped inside an installed Python package (found, not
+    imported: a package of model files may import things a sweep does not need)."""
+    import importlib.util
 
     pkg, _, name = spec.removeprefix("package:").partition("/")
-    try:
-        path = importlib.resources.files(pkg) / name
-    except ModuleNotFoundError:
-        raise JaxquantError(f"{where}: model {spec!r}: package {pkg!r} is not installed (pip install it)") from None
+    found = importlib.util.find_spec(pkg)
+    if found is None or found.origin is None:
+        raise JaxquantError(f"{where}: model {spec!r}: package {pkg!r} is not installed (pip install it)")
+    path = Path(found.origin).parent / name
     if not path.is_file():
         raise JaxquantError(f"{where}: model {spec!r}: package {pkg!r} has no file {name!r}")
     return str(path)
