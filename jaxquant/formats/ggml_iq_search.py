@@ -305,26 +305,34 @@ def _block_scale_index(idv, scale, top):
     return max(0, min(top, _nearest_int(F(0.5) * (idv * scale - F(1.0)))))
 
 
+@njit(cache=True)
+def _scratch(n_blocks, n, n_signs):
+    """Per-row work arrays of the IQ2/IQ3 kernels: scales, weight, xval, waux, L, Laux, signs."""
+    return (np.zeros(n_blocks, F), np.zeros(n, F), np.zeros(n, F), np.zeros(n, F), np.zeros(n, np.int64),
+            np.zeros(n, np.int64), np.zeros(n_signs, np.int64))
+
+
+@njit(cache=True)
+def _group_index(L, off, n, bits, kmap):
+    """The map entry of the levels ``L[off:off+n]`` packed ``bits`` apiece."""
+    u = 0
+    for i in range(n):
+        u |= L[off + i] << (bits * i)
+    return kmap[u]
+
+
 # ---------------------------------------------------------------------------------------------
-# IQ2_XXS, IQ2_XS, IQ2_S
+# IQ2_XXS, IQ2_XS, IQ2_S (the kernels write into zeroed output arrays: the C's memsets are implied)
 
 @njit(parallel=True, cache=True)
 def _iq2_xxs(x, qw, grid, kmap, nbrs, d_out, q2_out):
     nrows, n = x.shape
     for r in prange(nrows):
         old = _swap_mxcsr(MXCSR_DEFAULT)
-        scales = np.zeros(8, F)
-        weight = np.zeros(32, F)
-        xval = np.zeros(32, F)
-        waux = np.zeros(32, F)
-        L = np.zeros(32, np.int64)
+        scales, weight, xval, waux, L, Laux, signs = _scratch(8, 32, 4)
         L8 = np.zeros(32, np.uint8)
-        Laux = np.zeros(32, np.int64)
-        signs = np.zeros(4, np.int64)
         for ibl in range(n // QK_K):
             q2 = q2_out[r, ibl]
-            q2[:] = 0
-            d_out[r, ibl] = F(0.0)
             max_scale = F(0.0)
             xbl = x[r, QK_K * ibl:QK_K * (ibl + 1)]
             sigma2 = _sumx2(xbl) / F(QK_K)
@@ -370,10 +378,7 @@ def _iq2_xxs(x, qw, grid, kmap, nbrs, d_out, q2_out):
                     for k in range(4):
                         signs[k] = (~signs[k]) & 127
                 for k in range(4):
-                    u = 0
-                    for i in range(8):
-                        u |= L[8 * k + i] << (2 * i)
-                    q2[2 * ib] |= np.uint32(kmap[u]) << np.uint32(8 * k)
+                    q2[2 * ib] |= np.uint32(_group_index(L, 8 * k, 8, 2, kmap)) << np.uint32(8 * k)
                     q2[2 * ib + 1] |= np.uint32(signs[k]) << np.uint32(7 * k)
                 scales[ib] = scale
                 max_scale = _c_max(max_scale, scale)
@@ -438,19 +443,9 @@ def _iq2_xs_s(x, qw, has_qw, is_s, grid, kmap, nbrs, d_out, qs_out, qh_out, scal
     nrows, n = x.shape
     for r in prange(nrows):
         old = _swap_mxcsr(MXCSR_DEFAULT)
-        scales = np.zeros(16, F)
-        weight = np.zeros(16, F)
-        xval = np.zeros(16, F)
-        waux = np.zeros(16, F)
-        L = np.zeros(16, np.int64)
-        Laux = np.zeros(16, np.int64)
-        signs = np.zeros(2, np.int64)
+        scales, weight, xval, waux, L, Laux, signs = _scratch(16, 16, 2)
         for ibl in range(n // QK_K):
             qs = qs_out[r, ibl]
-            qs[:] = 0
-            qh_out[r, ibl, :] = 0
-            scales_out[r, ibl, :] = 0
-            d_out[r, ibl] = F(0.0)
             max_scale = F(0.0)
             xbl = x[r, QK_K * ibl:QK_K * (ibl + 1)]
             sumx2 = _sumx2(xbl)
@@ -462,10 +457,7 @@ def _iq2_xs_s(x, qw, has_qw, is_s, grid, kmap, nbrs, d_out, qs_out, qh_out, scal
                     scales[ib] = 0
                     continue
                 for k in range(2):
-                    u = 0
-                    for i in range(8):
-                        u |= L[8 * k + i] << (2 * i)
-                    gi = kmap[u]
+                    gi = _group_index(L, 8 * k, 8, 2, kmap)
                     i8 = 2 * ib + k
                     if is_s:
                         qs[i8] = gi & 255
@@ -539,14 +531,6 @@ def _iq3_block(xb, qw, has_qw, sigma2, grid, kmap, nbrs, is_s, weight, xval, wau
     return scale, False
 
 
-@njit(cache=True)
-def _group_index(L, off, n, bits, kmap):
-    u = 0
-    for i in range(n):
-        u |= L[off + i] << (bits * i)
-    return kmap[u]
-
-
 @njit(parallel=True, cache=True)
 def _iq3(x, qw, has_qw, is_s, grid, kmap, nbrs, d_out, qs_out, sas_out, qh_out, signs_out, scales_out):
     """IQ3_XXS: qs_out [.., 64] grid indices, sas_out uint32 [.., 8] (signs | scale << 28).
@@ -554,21 +538,9 @@ def _iq3(x, qw, has_qw, is_s, grid, kmap, nbrs, d_out, qs_out, sas_out, qh_out, 
     nrows, n = x.shape
     for r in prange(nrows):
         old = _swap_mxcsr(MXCSR_DEFAULT)
-        scales = np.zeros(8, F)
-        weight = np.zeros(32, F)
-        xval = np.zeros(32, F)
-        waux = np.zeros(32, F)
-        L = np.zeros(32, np.int64)
-        Laux = np.zeros(32, np.int64)
-        signs = np.zeros(4, np.int64)
+        scales, weight, xval, waux, L, Laux, signs = _scratch(8, 32, 4)
         for ibl in range(n // QK_K):
             qs = qs_out[r, ibl]
-            qs[:] = 0
-            sas_out[r, ibl, :] = 0
-            qh_out[r, ibl, :] = 0
-            signs_out[r, ibl, :] = 0
-            scales_out[r, ibl, :] = 0
-            d_out[r, ibl] = F(0.0)
             max_scale = F(0.0)
             xbl = x[r, QK_K * ibl:QK_K * (ibl + 1)]
             sigma2 = F(2) * _sumx2(xbl) / F(QK_K)
@@ -655,6 +627,42 @@ def _iq1_split(idx, L, n, besti1, besti2):
         L[idx[j]] = 0 if j < besti1 else (1 if j < besti2 else 2)
 
 
+@njit(cache=True)
+def _iq1_prologue(xb, qw, has_qw, sigma2, weight, n):
+    """A sub-block's importance weights (into ``weight``) and its max |x| (the C's MAX order)."""
+    _weights(xb, qw, has_qw, sigma2, weight, n, False)
+    mx = abs(xb[0])
+    for i in range(1, n):
+        mx = _c_max(mx, abs(xb[i]))
+    return mx
+
+
+@njit(cache=True)
+def _iq1_onto_grid(kmap, nbrs, grid, xb, weight, L, scale, minus, x_p, x_m, index):
+    """Each group of 8 levels onto the grid (``iq1_find_best_neighbour2`` where it is off) with the
+    shifted values ``x_m`` where ``minus[k]`` else ``x_p``; if any group was off, the scale refitted."""
+    all_on_grid = True
+    for k in range(len(minus)):
+        gi = _group_index(L, 8 * k, 8, 2, kmap)
+        if gi < 0:
+            all_on_grid = False
+            gi = _best_neighbour2(nbrs, -gi - 1, grid, xb, weight, 8 * k, scale, x_m if minus[k] else x_p, L)
+        index[k] = gi
+    if not all_on_grid:
+        sumqx = F(0.0)
+        sumq2 = F(0.0)
+        for k in range(len(minus)):
+            xx = x_m if minus[k] else x_p
+            for j in range(8):
+                w = weight[8 * k + j]
+                q = xx[(grid[index[k], j] - 1) // 2]
+                sumqx += w * q * xb[8 * k + j]
+                sumq2 += w * q * q
+        if sumqx > 0 and sumq2 > 0:
+            scale = sumqx / sumq2
+    return scale
+
+
 @njit(parallel=True, cache=True)
 def _iq1_s(x, qw, grid, kmap, nbrs, d_out, qs_out, qh_out):
     x_p = np.array([-1 + IQ1_DELTA, IQ1_DELTA, 1 + IQ1_DELTA], F)
@@ -670,21 +678,16 @@ def _iq1_s(x, qw, grid, kmap, nbrs, d_out, qs_out, qh_out):
         idx = np.zeros(32, np.int64)
         L = np.zeros(32, np.int64)
         index = np.zeros(4, np.int64)
+        minus = np.zeros(4, np.bool_)
         for ibl in range(n // QK_K):
             qs = qs_out[r, ibl]
             qh = qh_out[r, ibl]
-            qs[:] = 0
-            qh[:] = 0
-            d_out[r, ibl] = F(0.0)
             max_scale = F(0.0)
             xbl = x[r, QK_K * ibl:QK_K * (ibl + 1)]
             sigma2 = F(2) * _sumx2(xbl) / F(QK_K)
             for ib in range(8):
                 xb = xbl[32 * ib:32 * ib + 32]
-                _weights(xb, qw[QK_K * ibl + 32 * ib:], True, sigma2, weight, 32, False)
-                mx = abs(xb[0])
-                for i in range(1, 32):
-                    mx = _c_max(mx, abs(xb[i]))
+                mx = _iq1_prologue(xb, qw[QK_K * ibl + 32 * ib:], True, sigma2, weight, 32)
                 if mx < GROUP_MAX_EPS_IQ1_S:
                     scales[ib] = 0
                     shifts[ib] = 1
@@ -723,25 +726,8 @@ def _iq1_s(x, qw, grid, kmap, nbrs, d_out, qs_out, qh_out):
                         L[j] = 2 - L[j]
                     scale = -scale
                     best_shift = -best_shift
-                xx = x_p if best_shift == 1 else x_m
-                all_on_grid = True
-                for k in range(4):
-                    gi = _group_index(L, 8 * k, 8, 2, kmap)
-                    if gi < 0:
-                        all_on_grid = False
-                        gi = _best_neighbour2(nbrs, -gi - 1, grid, xb, weight, 8 * k, scale, xx, L)
-                    index[k] = gi
-                if not all_on_grid:
-                    sumqx = F(0.0)
-                    sumq2 = F(0.0)
-                    for k in range(4):
-                        for j in range(8):
-                            w = weight[8 * k + j]
-                            q = xx[(grid[index[k], j] - 1) // 2]
-                            sumqx += w * q * xb[8 * k + j]
-                            sumq2 += w * q * q
-                    if sumqx > 0 and sumq2 > 0:
-                        scale = sumqx / sumq2
+                minus[:] = best_shift != 1
+                scale = _iq1_onto_grid(kmap, nbrs, grid, xb, weight, L, scale, minus, x_p, x_m, index)
                 h = 0
                 for k in range(4):
                     qs[4 * ib + k] = index[k] & 255
@@ -784,6 +770,7 @@ def _iq1_m(x, qw, has_qw, grid, kmap, nbrs, d_out, qs_out, qh_out, sc_out):
         idx = np.zeros(16, np.int64)
         L = np.zeros(16, np.int64)
         index = np.zeros(2, np.int64)
+        minus = np.zeros(2, np.bool_)
         px = np.zeros((2, 17), F)
         pw = np.zeros((2, 17), F)
         sumqx = np.zeros(4, F)
@@ -792,19 +779,12 @@ def _iq1_m(x, qw, has_qw, grid, kmap, nbrs, d_out, qs_out, qh_out, sc_out):
             qs = qs_out[r, ibl]
             qh = qh_out[r, ibl]
             sc = sc_out[r, ibl]
-            qs[:] = 0
-            qh[:] = 0
-            sc[:] = 0
-            d_out[r, ibl] = F(0.0)
             max_scale = F(0.0)
             xbl = x[r, QK_K * ibl:QK_K * (ibl + 1)]
             sigma2 = F(2) * _sumx2(xbl) / F(QK_K)
             for ib in range(16):
                 xb = xbl[16 * ib:16 * ib + 16]
-                _weights(xb, qw[QK_K * ibl + 16 * ib:], has_qw, sigma2, weight, 16, False)
-                mx = abs(xb[0])
-                for i in range(1, 16):
-                    mx = _c_max(mx, abs(xb[i]))
+                mx = _iq1_prologue(xb, qw[QK_K * ibl + 16 * ib:], has_qw, sigma2, weight, 16)
                 if mx < GROUP_MAX_EPS_IQ1_M:
                     scales[ib] = 0
                     shifts[ib] = 0
@@ -859,26 +839,8 @@ def _iq1_m(x, qw, has_qw, grid, kmap, nbrs, d_out, qs_out, qh_out, sc_out):
                         L[j] = 2 - L[j]
                     scale = -scale
                     best_k = 3 - best_k
-                all_on_grid = True
-                for k in range(2):
-                    xx = (x_p if best_k < 2 else x_m) if k == 0 else (x_p if best_k % 2 == 0 else x_m)
-                    gi = _group_index(L, 8 * k, 8, 2, kmap)
-                    if gi < 0:
-                        all_on_grid = False
-                        gi = _best_neighbour2(nbrs, -gi - 1, grid, xb, weight, 8 * k, scale, xx, L)
-                    index[k] = gi
-                if not all_on_grid:
-                    sqx = F(0.0)
-                    sq2 = F(0.0)
-                    for k in range(2):
-                        xx = (x_p if best_k < 2 else x_m) if k == 0 else (x_p if best_k % 2 == 0 else x_m)
-                        for j in range(8):
-                            w = weight[8 * k + j]
-                            q = xx[(grid[index[k], j] - 1) // 2]
-                            sqx += w * q * xb[8 * k + j]
-                            sq2 += w * q * q
-                    if sqx > 0 and sq2 > 0:
-                        scale = sqx / sq2
+                minus[0], minus[1] = best_k >= 2, best_k % 2 == 1  # best_k: (first half, second half) signs
+                scale = _iq1_onto_grid(kmap, nbrs, grid, xb, weight, L, scale, minus, x_p, x_m, index)
                 qs[2 * ib] = index[0] & 255
                 qs[2 * ib + 1] = index[1] & 255
                 qh[ib] = (index[0] >> 8) | ((index[1] >> 8) << 4)
