@@ -11,6 +11,7 @@ each result is checked against dequantize + f32 dot.
     python benchmarks/qmatmul.py --sweep --formats Q4_0 --shapes 4096x14336 --m 1   # tiling sweep
     XLA_FLAGS=--xla_gpu_autotune_level=0 timeout 300 ncu --clock-control none -k regex:qmm -c 2 --set full \
         python benchmarks/qmatmul.py --once --formats Q4_K --shapes 4096x14336 --m 1    # hardware counters
+    python benchmarks/qmatmul.py --cpu --formats Q4_K,IQ2_XS --shapes 1024x2048     # XLA's CPU path, M = 1
 """
 
 from __future__ import annotations
@@ -125,6 +126,31 @@ def once(args) -> None:
                 print(f"{fmt} {shape} M={m}: ran", flush=True)
 
 
+def cpu(formats: list[str], shapes: list[str], reps: int) -> None:
+    """qdot's CPU path at M = 1 against an f32 dot of the same shape in the same run, in CPU time of
+    all threads (steadier than wall time on a shared machine); random packed weights."""
+    from pallas_kernels.testing import random_qtensor
+
+    f = jax.jit(lambda x, w: ops.qdot(x, w, backend="xla"))
+
+    def cpu_ms(x, w) -> float:
+        jax.block_until_ready(f(x, w))
+        t = time.process_time()
+        for _ in range(reps):
+            jax.block_until_ready(f(x, w))
+        return (time.process_time() - t) / reps * 1e3
+
+    print("| format | shape KxN | CPU ms | f32 dot CPU ms | x f32 dot |")
+    print("|---|---|---|---|---|")
+    for shape in shapes:
+        k, n = (int(v) for v in shape.split("x"))
+        x = jax.random.normal(jax.random.key(1), (1, k), jnp.float32)
+        wf = jax.random.normal(jax.random.key(2), (n, k), jnp.float32)
+        for fmt in formats:
+            ms, base = cpu_ms(x, random_qtensor(fmt, n, k, jax.random.key(3))), cpu_ms(x, wf)
+            print(f"| {fmt} | {shape} | {ms:.2f} | {base:.2f} | {ms / base:.1f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--formats", default=",".join(FORMATS))
@@ -139,6 +165,10 @@ def main() -> None:
     if args.once:
         once(args)
         return
+    ap.add_argument("--cpu", action="store_true", help="qdot's XLA CPU path at M = 1 against an f32 dot")
+    args = ap.parse_args()
+    if args.cpu:
+        return cpu(args.formats.split(","), args.shapes.split(","), args.reps)
     print(jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
     rows = []
     for shape in args.shapes.split(","):

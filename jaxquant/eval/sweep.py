@@ -2,7 +2,11 @@
 
 A sweep config (YAML) names the model, the text, the chunking, and the variants: explicit ones
 (``variants``: name + policy, a mix name, a YAML file or an inline policy; none = the model as
-stored) and a ``grid`` (presets x override formats x roles x layer ranges). The base model's
+stored) and a ``grid`` (presets x override formats x roles x layer ranges). ``model``: "default",
+a path, or ``package:NAME/FILE`` (a file an installed package ships). ``imatrix``: the
+importance matrix every quantized variant uses, an existing file (``jaxquant imatrix``) or
+``{text: {file: PATH} | {words: N, seed: S}, ctx: C, chunks: N}``, which the sweep collects once
+from the stored model (as ``jaxquant imatrix`` does) into ``imatrix.gguf``. The base model's
 log-probabilities are written once; each variant is loaded through ISQ and compared against
 them. Each finished variant is saved as JSON at once, so an interrupted sweep resumes where it
 stopped. Results: ``results.csv``, ``results.md`` and ``plot.png`` (KLD and PPL against bits per
@@ -32,7 +36,8 @@ from jaxquant.eval.synthetic import english_text
 from jaxquant.io import DEFAULT_MODEL, open_model
 from jaxquant.isq.policy import Policy, load_policy
 
-CONFIG_KEYS = ("name", "model", "text", "calib_text", "ctx", "chunks", "batch", "base", "variants", "grid", "out")
+CONFIG_KEYS = ("name", "model", "text", "calib_text", "ctx", "chunks", "batch", "base", "imatrix", "variants",
+               "grid", "out")
 COLUMNS = ("variant", "policy", "bytes", "bpw", "ppl", "ppl_error", "ppl_ratio", "kld_mean", "kld_error",
            "kld_p99", "same_top_p", "p_diff_rms", "tokens_per_s", "compiles", "seconds")
 
@@ -73,6 +78,22 @@ class SweepConfig:
     variants: list[Variant]
     out: Path
     calib_text: str | None = None
+    imatrix: Any = None  # None, an imatrix file, or ImatrixSpec
+
+    @property
+    def imatrix_path(self) -> str | None:
+        if self.imatrix is None:
+            return None
+        return str(self.out / "imatrix.gguf") if isinstance(self.imatrix, ImatrixSpec) else str(self.imatrix)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImatrixSpec:
+    """An imatrix the sweep collects from the stored model: ``text``, ``ctx`` tokens per chunk."""
+
+    text: str
+    ctx: int = 512
+    chunks: int | None = None
 
 
 def _slug(name: str) -> str:
@@ -115,6 +136,7 @@ def read_config(path: str | os.PathLike, out: str | os.PathLike | None = None) -
     rel = lambda p: str(p if Path(p).is_absolute() else path.parent / p)  # noqa: E731
 
     def read_text(spec: Any, key: str) -> str:
+        spec = spec or {}
         if isinstance(spec, dict) and "file" in spec:  # optionally a [start:end] slice of its characters
             return Path(rel(spec["file"])).read_text(encoding="utf-8")[spec.get("start", 0):spec.get("end")]
         if isinstance(spec, dict) and "words" in spec:
@@ -124,6 +146,14 @@ def read_config(path: str | os.PathLike, out: str | os.PathLike | None = None) -
 
     text = read_text(d.get("text"), "text")
     calib_text = read_text(d["calib_text"], "calib_text") if "calib_text" in d else None
+    imatrix = d.get("imatrix")
+    if isinstance(imatrix, str):
+        imatrix = rel(imatrix)
+    elif isinstance(imatrix, dict):
+        imatrix = ImatrixSpec(read_text(imatrix.get("text"), "imatrix: text"), int(imatrix.get("ctx", 512)),
+                              imatrix.get("chunks"))
+    elif imatrix is not None:
+        raise JaxquantError(f"{path}: imatrix: give a file or {{text: ..., ctx: N, chunks: N}}")
     variants = []
     for i, v in enumerate(d.get("variants") or []):
         if not isinstance(v, dict) or "name" not in v:
@@ -149,10 +179,26 @@ def read_config(path: str | os.PathLike, out: str | os.PathLike | None = None) -
     if not variants or len(set(names)) != len(names):
         raise JaxquantError(f"{path}: needs variants with distinct names (got {names})")
     model = d.get("model", DEFAULT_MODEL)
-    model = model if model == DEFAULT_MODEL else rel(model)
+    model = model if model == DEFAULT_MODEL else _package_file(model, path) if model.startswith("package:") \
+        else rel(model)
     out = Path(out) if out else Path(rel(d.get("out", f"results/{d.get('name', path.stem)}")))
     return SweepConfig(d.get("name", path.stem), model, text, int(d.get("ctx", 512)), d.get("chunks"),
-                       int(d.get("batch", 1)), d.get("base"), variants, out, calib_text)
+                       int(d.get("batch", 1)), d.get("base"), variants, out, calib_text, imatrix)
+
+
+def _package_file(spec: str, where: Path) -> str:
+    """``package:NAME/FILE``: a model file shipped inside an installed Python package (found, not
+    imported: a package of model files may import things a sweep does not need)."""
+    import importlib.util
+
+    pkg, _, name = spec.removeprefix("package:").partition("/")
+    found = importlib.util.find_spec(pkg)
+    if found is None or found.origin is None:
+        raise JaxquantError(f"{where}: model {spec!r}: package {pkg!r} is not installed (pip install it)")
+    path = Path(found.origin).parent / name
+    if not path.is_file():
+        raise JaxquantError(f"{where}: model {spec!r}: package {pkg!r} has no file {name!r}")
+    return str(path)
 
 
 def _describe(policy) -> str:
@@ -161,13 +207,13 @@ def _describe(policy) -> str:
     return policy.name or policy.mix or policy.default if isinstance(policy, Policy) else str(policy)
 
 
-def _size(model_path: str, policy) -> tuple[int, float]:
+def _size(model_path: str, policy, has_imatrix: bool = False) -> tuple[int, float]:
     source = open_model(model_path)
     if policy is None:
         infos = [source.info(n) for n in source.tensor_names]
         nbytes, n = sum(i.nbytes for i in infos), sum(i.size for i in infos)
     else:
-        plan = load_policy(policy).plan(source)
+        plan = load_policy(policy).plan(source, has_imatrix=has_imatrix)
         nbytes, n = sum(c.nbytes for c in plan.choices), sum(math.prod(c.shape) for c in plan.choices)
     return nbytes, 8 * nbytes / n
 
@@ -182,21 +228,31 @@ def run_sweep(cfg: SweepConfig, show_progress: bool | None = None, log=print) ->
                     batch=cfg.batch, show_progress=show_progress)
         os.replace(tmp, base_path)  # a half-written base is never reused
     base = K.read_base(base_path)
+    imatrix = cfg.imatrix_path
+    if isinstance(cfg.imatrix, ImatrixSpec) and not Path(imatrix).exists():
+        from jaxquant.isq.imatrix import collect_imatrix, write_imatrix
+
+        spec = cfg.imatrix
+        im = collect_imatrix(load_model(cfg.model, cfg.base), spec.text, n_ctx=spec.ctx, n_chunks=spec.chunks,
+                             batch=cfg.batch, dataset="sweep", show_progress=show_progress)
+        write_imatrix(im, imatrix)
+        log(f"imatrix: {len(im.entries)} matrices, {im.chunk_count} chunks of {im.chunk_size} tokens")
     for v in cfg.variants:
         done = cfg.out / "variants" / f"{_slug(v.name)}.json"
         if done.exists():
             log(f"[{v.name}] done before, skipped")
             continue
         start, compiles = time.perf_counter(), compile_count()
+        weights = imatrix if v.policy is not None else None
         if v.calib is None:
-            model = load_model(cfg.model, v.policy)
+            model = load_model(cfg.model, v.policy, weights)
         else:
             from jaxquant.calib.pipeline import prepare
 
             model = load_model(prepare(open_model(cfg.model), v.policy, cfg.calib_text, v.calib, v.dwq, show_progress),
-                               v.policy)
+                               v.policy, weights)
         res = K.kl_divergence(model, base, batch=cfg.batch, show_progress=show_progress)
-        nbytes, bpw = _size(cfg.model, v.policy)
+        nbytes, bpw = _size(cfg.model, v.policy, weights is not None)
         s = res.stats
         row = {"variant": v.name, "policy": _describe(v.policy), "bytes": nbytes, "bpw": bpw, "ppl": s["ppl"],
                "ppl_error": s["ppl_error"], "ppl_ratio": s["ppl_ratio"], "kld_mean": s["kld_mean"],
@@ -266,5 +322,5 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str):
     return fig
 
 
-__all__ = ["SweepConfig", "Variant", "read_config", "run_sweep", "write_results", "pareto_front", "plot",
+__all__ = ["SweepConfig", "ImatrixSpec", "Variant", "read_config", "run_sweep", "write_results", "pareto_front", "plot",
            "compile_count"]

@@ -26,6 +26,7 @@ from gguf import GGUFValueType
 from jaxquant.errors import JaxquantError, PolicyError
 from jaxquant.formats import quantize
 from jaxquant.io.source import Deferred, Tensor, TensorInfo
+from jaxquant.isq import mixes
 from jaxquant.isq.imatrix import as_weights
 from jaxquant.isq.policy import Plan, Policy, load_policy
 from jaxquant.qtensor import QTensor
@@ -96,7 +97,12 @@ class QuantizedSource:
         if c.requantize:
             if isinstance(x, QTensor):
                 x = _dequantize(x)  # bit-exact with ggml's to_float
-            x = self.quantize(x, c.format, self._weights_for(name, c.shape), name)
+            weights = self._weights_for(name, c.shape)
+            if weights is None and mixes.requires_imatrix(name, c.format, self.plan.policy.mix):
+                raise PolicyError(f"Missing importance matrix for tensor {name} in a very low-bit quantization "
+                                  f"({c.format}): the result would be garbage, so llama-quantize bails out; use an "
+                                  "imatrix with an entry for every such tensor")
+            x = self.quantize(x, c.format, weights, name)
         if self.on_load is not None:
             self.on_load(self._index[name], c)
         return x

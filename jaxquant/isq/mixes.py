@@ -29,9 +29,10 @@ FTYPES: dict[str, tuple[int, str]] = {
     "IQ2_M": (29, "IQ2_S"), "IQ4_XS": (30, "IQ4_XS"), "IQ1_M": (31, "IQ1_M"), "BF16": (32, "BF16"),
     "TQ1_0": (36, "TQ1_0"), "TQ2_0": (37, "TQ2_0"), "MXFP4_MOE": (38, "MXFP4"),
 }
-# The mixes whose every type jaxquant can quantize today (the presets of issue 5).
+# The mixes whose every type jaxquant can quantize.
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_1", "Q5_K_S",
-           "Q5_K_M", "Q6_K", "Q8_0", "IQ4_NL", "IQ4_XS")
+           "Q5_K_M", "Q6_K", "Q8_0", "IQ4_NL", "IQ4_XS", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M",
+           "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M")
 
 # llama_model_loader's file type for a model whose most common tensor type is this one.
 GUESSED_FTYPES = {"F32": 0, "F16": 1, "BF16": 32, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9, "Q8_0": 7,
@@ -156,6 +157,15 @@ def allows_quantization(name: str, ndim: int, arch: str, quantize_output: bool =
     if name == "output.weight" and not quantize_output:
         return False
     return name not in ("position_embd.weight", "token_types.weight")
+
+
+def requires_imatrix(name: str, type_name: str, mix: str | None) -> bool:
+    """tensor_requires_imatrix: the very-low-bit types (and Q2_K in a Q2_K_S file), except for the
+    embeddings and the output, which llama-quantize lets go without an imatrix."""
+    if category(name) in ("token_embd", "output"):
+        return False
+    return type_name in ("IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S") or (
+        type_name == "Q2_K" and mix == "Q2_K_S")
 
 
 def fallback(type_name: str, row_len: int) -> tuple[str, str | None]:

@@ -282,11 +282,18 @@ class Policy:
         plan = _plan(self, source, has_imatrix)
         if check:
             _check(plan)
+            needs = plan.needs_imatrix
+            if needs is not None:  # llama-quantize's refusal, before any work
+                raise PolicyError(f"{_label(self)}: this quantization requires an importance matrix! offending "
+                                  f"tensor: {needs.name}, target type: {needs.format} ({needs.reason}); make one "
+                                  "with `jaxquant imatrix` and pass it with --imatrix")
         return plan
 
     def explain(self, source, has_imatrix: bool = False, file: TextIO | None = None) -> Plan:
-        """Print each tensor's format and what chose it; returns the plan."""
-        plan = self.plan(source, has_imatrix)
+        """Print each tensor's format and what chose it (a dry run: a plan that needs an imatrix
+        it was not given says so); returns the plan."""
+        plan = _plan(self, source, has_imatrix)
+        _check(plan)
         print(plan.explain(), file=file or sys.stdout)
         return plan
 
@@ -370,6 +377,15 @@ class Plan:
     def types(self) -> dict[str, str]:
         return {c.name: c.format for c in self.choices}
 
+    @property
+    def needs_imatrix(self) -> Choice | None:
+        """Without an imatrix, the first tensor whose type needs one (llama.cpp's
+        tensor_requires_imatrix), else None."""
+        if self.has_imatrix:
+            return None
+        return next((c for c in self.choices if c.requantize
+                     and mixes.requires_imatrix(c.name, c.format, self.policy.mix)), None)
+
     def explain(self) -> str:
         """A table: tensor, shape, source type -> format, and the reason."""
         p = self.policy
@@ -389,6 +405,9 @@ class Plan:
             counts[c.format] = counts.get(c.format, 0) + 1
         lines.append(f"{len(self.choices)} tensors ({', '.join(f'{n} {t}' for t, n in sorted(counts.items()))}): "
                      f"{nbytes / 2**20:.2f} MiB, {8 * nbytes / max(size, 1):.4f} bits per weight")
+        if self.needs_imatrix is not None:
+            c = self.needs_imatrix
+            lines.append(f"this quantization requires an imatrix (first: {c.name}, {c.format}); none was given")
         return "\n".join(lines)
 
 

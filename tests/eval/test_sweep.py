@@ -46,6 +46,14 @@ def test_config(tmp_path):
     p.write_text("txt: 1\n")
     with pytest.raises(JaxquantError, match="unknown key 'txt'"):
         S.read_config(p)
+    gate = S.read_config(CI_CONFIG.with_name("dynamic-gate-gemma.yaml"), tmp_path)
+    assert gate.imatrix.ctx == 128 and gate.imatrix.chunks == 16 and gate.imatrix_path == str(tmp_path / "imatrix.gguf")
+    assert [v.name for v in gate.variants][1:3] == ["IQ1_S", "IQ1_S DynamicGate"]
+    p.write_text("text: {words: 10}\nimatrix: im.gguf\nmodel: package:no_such_pkg/m.gguf\nvariants: [{name: a}]\n")
+    with pytest.raises(JaxquantError, match="package 'no_such_pkg' is not installed"):
+        S.read_config(p)
+    p.write_text("text: {words: 10}\nimatrix: im.gguf\nvariants: [{name: a}]\n")
+    assert S.read_config(p).imatrix_path == str(tmp_path / "im.gguf")
 
 
 @pytest.mark.slow

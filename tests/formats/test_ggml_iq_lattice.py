@@ -1,15 +1,17 @@
-"""Lattice formats IQ1_S ... IQ3_S (dequantize only): blocks written by llama.cpp's own quantizers
-and random bytes, dequantized bit for bit as gguf-py does; bytes -> QTensor -> bytes round trip."""
+"""Lattice formats IQ1_S ... IQ3_S: quantized bytes equal llama.cpp's on adversarial rows (with and
+without an imatrix where llama.cpp allows it), the imatrix refusal; blocks written by llama.cpp's
+own quantizers and random bytes dequantized bit for bit as gguf-py does; bytes -> QTensor -> bytes."""
 
 from __future__ import annotations
 
 import gguf
 import jax
+import llama_oracle
 import numpy as np
 import pytest
+from edge_cases import edge_matrix, imatrix
 
-import llama_oracle
-from jaxquant.errors import FormatError
+from jaxquant.errors import QuantizeInputError
 from jaxquant.formats import get_format, quantize
 
 TYPES = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S"]
@@ -71,7 +73,45 @@ def test_bytes_round_trip(name):
     assert np.array_equal(fmt.to_bytes(fmt.from_bytes(raw, (3, 512))), raw)
 
 
-@pytest.mark.parametrize("name", TYPES)
-def test_quantize_refused(name):
-    with pytest.raises(FormatError, match=f"{name} can be loaded and dequantized but not quantized"):
+def _adversarial(seed: int) -> np.ndarray:
+    """The shared edge-case rows (zeros, outliers, tiny values, ties, a constant block...) and more ties
+    for IQ1's value sort. Row 2's 3e38 is dropped: its squares overflow and llama.cpp aborts on it."""
+    rng = np.random.default_rng(seed)
+    x = edge_matrix(K, 256, seed)
+    x[2] = rng.standard_normal(K) * 1e-6
+    x[14] = rng.choice(np.array([-1, -0.5, 0, 0.5, 1], np.float32), K)  # few distinct values
+    x[15, :256] = -0.0
+    x[16] = rng.standard_normal(K) * 1e-10  # subnormal squares and products
+    x[17, :16] = 0  # an all-zero sub-block inside a super-block
+    return x.astype(np.float32)
+
+
+def _imatrix(seed: int) -> np.ndarray:
+    w = imatrix(K, seed)
+    w[:40] = 0  # zero importance: a whole sub-block and part of the next
+    w[300:302] = 0
+    return w
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name,with_imatrix", [(n, w) for n in TYPES for w in (True, False)
+                                               if w or n not in NEEDS_IMATRIX])
+def test_bytes_equal_llama_cpp(name, with_imatrix):
+    x = _adversarial(seed=5)
+    w = _imatrix(seed=6) if with_imatrix else None
+    fmt = get_format(name)
+    ours = fmt.to_bytes(quantize(x, name, w))
+    assert llama_oracle.block_mismatch(ours, llama_oracle.quantize(x, name, w), fmt.type_size)[0] == 0
+
+
+def test_quantize_under_jit():
+    x = _adversarial(seed=7)[:4]
+    traced = jax.jit(lambda a: quantize(a, "IQ3_S").arrays)(x)
+    eager = quantize(x, "IQ3_S").arrays
+    assert all(np.array_equal(traced[k], eager[k]) for k in eager)
+
+
+@pytest.mark.parametrize("name", sorted(NEEDS_IMATRIX))
+def test_needs_imatrix(name):
+    with pytest.raises(QuantizeInputError, match=f"{name} needs importance weights"):
         quantize(np.ones((1, 256), np.float32), name)

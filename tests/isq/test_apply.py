@@ -101,3 +101,8 @@ def test_imatrix_checks(hf_model):
         quantized_source(src, "Q4_K_M", {"blk.0.attn_q.weight": np.full(256, np.nan, np.float32)})
     with pytest.raises(PolicyError, match="plan was made without an imatrix"):
         QuantizedSource(src, preset("Q4_K_M").plan(src), {"blk.0.attn_q.weight": np.ones(256, np.float32)})
+    # an imatrix without an entry for a tensor that needs one: llama-quantize bails out on that tensor
+    partial = {"blk.0.attn_q.weight": np.ones(256, np.float32)}
+    with pytest.raises(PolicyError, match=r"Missing importance matrix for tensor blk\.0\.attn_k\.weight in a very "
+                                          r"low-bit quantization \(IQ3_XXS\)"):
+        quantized_source(src, "IQ3_XS", partial).load("blk.0.attn_k.weight")

@@ -110,7 +110,7 @@ def test_ftype():
 
 @pytest.mark.parametrize("make, match", [
     (lambda: Rule("Q4_Z"), "unknown format 'Q4_Z'; valid: " + re.escape(", ".join(list_formats(True)))),
-    (lambda: Rule("IQ2_XXS"), "can load IQ2_XXS but not quantize"),
+    (lambda: Rule("GPTQ4_G128"), "can load GPTQ4_G128 but not quantize"),
     (lambda: Rule("Q4_0", name="blk.(["), "bad regex"),
     (lambda: Rule("Q4_0", role="attn"), "unknown role 'attn'; valid: " + ", ".join(ROLES)),
     (lambda: Policy(mix="Q4_K_X"), "unknown llama.cpp mix 'Q4_K_X'; valid: .*Q4_K_M"),
@@ -154,10 +154,12 @@ def test_an_impossible_format_fails_before_any_work_naming_the_tensor():
         Policy(default="Q4_K", fallback=False).plan(src)
     with pytest.raises(PolicyError, match=r"tensor 'token_embd\.weight' \[1000, 320\]: Q6_K needs"):
         Policy(default="Q4_0", embeddings="Q6_K").plan(src)
-    with pytest.raises(PolicyError, match=r"(?s)tensor 'blk\.1\.ffn_down\.weight': jaxquant cannot quantize to IQ3_S"
-                                          r".*quantizable formats: " + re.escape(", ".join(list_formats(True)))):
-        preset("IQ3_M").plan(src)
-    assert preset("IQ3_M").plan(src, check=False)["blk.1.ffn_down.weight"].format == "IQ3_S"  # a dry run works
+    with pytest.raises(PolicyError, match=r"this quantization requires an importance matrix! offending tensor: "
+                                          r"blk\.1\.ffn_down\.weight, target type: IQ2_XS"):
+        preset("IQ2_S").plan(src)  # llama-quantize's refusal without an imatrix
+    assert preset("IQ2_S").plan(src, check=False)["blk.1.ffn_down.weight"].format == "IQ2_XS"  # a dry run works
+    assert preset("IQ2_S").plan(src, has_imatrix=True).needs_imatrix is None
+    assert preset("IQ3_S").plan(src).needs_imatrix is None  # IQ3_S goes without
     odd = NoLoad(src.metadata, {**src.shapes, "blk.0.attn_q.weight": (64, 48)})
     assert preset("Q4_K_M").plan(odd)["blk.0.attn_q.weight"].format == "F16"  # not even 32: llama.cpp's F16
 
@@ -187,12 +189,23 @@ def test_bundled_yaml_policies(gemma_path):
     from jaxquant.io import open_model
 
     src = open_model(gemma_path)
-    gate = load_policy("dynamic-gate").plan(src)
+    gate = load_policy("dynamic-gate").plan(src, has_imatrix=True)
     assert gate["token_embd.weight"].format == "Q5_1"  # Q5_K, which 640-long rows cannot take: llama.cpp's fallback
     for i in range(18):
-        want = ("IQ4_XS", "IQ4_NL") if i < 5 or i >= 13 else ("Q3_K", "Q4_0")  # the 640-long rows fall back
-        assert gate[f"blk.{i}.ffn_down.weight"].format == want[0], i
-        assert gate[f"blk.{i}.ffn_up.weight"].format == want[1], i
+        want = "IQ4_XS" if i < 5 or i >= 13 else "IQ2_XXS"
+        assert gate[f"blk.{i}.ffn_down.weight"].format == want, i
+        assert gate[f"blk.{i}.ffn_up.weight"].format == "IQ4_NL", i  # the 640-long rows fall back
+    for t, down in [("IQ1_S", "IQ1_S"), ("IQ1_M", "IQ1_S"), ("IQ2_XXS", "IQ1_M"), ("IQ2_XS", "IQ2_XXS"),
+                    ("IQ2_S", "IQ2_XS")]:
+        mix = preset(t).plan(src, has_imatrix=True)
+        gate = load_policy(f"dynamic-gate-{t.lower()}").plan(src, has_imatrix=True)
+        assert gate["token_embd.weight"].format == "Q5_1"
+        for name, c in mix._by_name.items():  # DynamicGate differs from the mix only in ffn_down and token_embd
+            if "ffn_down" in name:
+                i = int(name.split(".")[1])
+                assert gate[name].format == ("IQ4_XS" if i < 5 or i >= 13 else down), (t, name)
+            elif name != "token_embd.weight":
+                assert gate[name].format == c.format, (t, name)
     q = load_policy(POLICY_DIR / "q4_k_m-attn-q8.yaml").plan(src)
     assert q["blk.0.attn_k.weight"].format == q["blk.17.attn_v.weight"].format == "Q8_0"
     assert q["blk.8.ffn_down.weight"].format == "Q4_K" and q["blk.0.ffn_down.weight"].format == "Q6_K"

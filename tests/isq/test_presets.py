@@ -18,6 +18,7 @@ import pytest
 
 import jaxquant as jq
 from jaxquant.cli import main as cli
+from jaxquant.errors import PolicyError
 from jaxquant.io import open_model
 from jaxquant.isq import PRESETS, mixes, preset
 from jaxquant.isq.imatrix import Imatrix, read_imatrix, write_imatrix
@@ -27,8 +28,9 @@ MIN_MATCH = 0.999
 
 
 def llama_quantize(src: str, dst: str, mix: str, pure: bool = False, imatrix: dict[str, np.ndarray] | None = None,
-                   requantize: bool = False) -> None:
-    """llama_model_quantize (2 threads) with llama-quantize's imatrix values (name -> sums / counts)."""
+                   requantize: bool = False, refused: bool = False) -> None:
+    """llama_model_quantize (2 threads) with llama-quantize's imatrix values (name -> sums / counts);
+    ``refused``: expect it to fail (a mix that needs an imatrix it was not given)."""
     import llama_cpp
     import llama_cpp._logger
 
@@ -44,7 +46,7 @@ def llama_quantize(src: str, dst: str, mix: str, pure: bool = False, imatrix: di
             entries[i].name, entries[i].size = name.encode(), w.size
             entries[i].data = w.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         params.imatrix = entries
-    assert llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) == 0
+    assert (llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) != 0) == refused
 
 
 def block_digests(raw: np.ndarray, type_size: int) -> np.ndarray:
@@ -98,8 +100,14 @@ def imatrix_file(float_gemma, tmp_path_factory) -> str:
 def test_preset_types_and_blocks_equal_llama_quantize(mix, variant, float_gemma, ours, imatrix_file, tmp_path):
     weights = read_imatrix(imatrix_file).weights() if variant == "imatrix" else None
     ref_path = str(tmp_path / "ref.gguf")
-    llama_quantize(float_gemma, ref_path, mix, pure=variant == "pure", imatrix=weights)
-    plan = preset(mix, pure=variant == "pure").plan(ours.source, has_imatrix=weights is not None)
+    policy = preset(mix, pure=variant == "pure")
+    needs = policy.plan(ours.source, has_imatrix=weights is not None, check=False).needs_imatrix
+    llama_quantize(float_gemma, ref_path, mix, pure=variant == "pure", imatrix=weights, refused=needs is not None)
+    if needs is not None:  # both refuse, before any work
+        with pytest.raises(PolicyError, match=f"requires an importance matrix! offending tensor: {needs.name}"):
+            policy.plan(ours.source)
+        return
+    plan = policy.plan(ours.source, has_imatrix=weights is not None)
     ref = gguf.GGUFReader(ref_path)
     assert plan.types == {t.name: t.tensor_type.name for t in ref.tensors}
     assert [c.name for c in plan.choices] == [t.name for t in ref.tensors]  # llama.cpp's order
@@ -135,7 +143,7 @@ def _logits(path: str) -> np.ndarray:
     return np.array(llm.scores[:len(tokens)])
 
 
-@pytest.mark.parametrize("mix", ["IQ4_XS", "Q3_K_M"])
+@pytest.mark.parametrize("mix", ["IQ4_XS", "Q3_K_M", "IQ2_XXS", "IQ1_M", "IQ3_M"])
 def test_written_gguf_gives_llama_cpps_logits(mix, float_gemma, imatrix_file, tmp_path):
     """With an imatrix file: the GGUF jaxquant writes loads in llama.cpp and gives the logits of
     llama.cpp's own quantization of that type."""
