@@ -65,7 +65,7 @@ def inspect(args: argparse.Namespace) -> int:
         t[0], t[1], t[2] = t[0] + 1, t[1] + i.size, t[2] + i.nbytes
     print(f"\n{'type':<10} {'tensors':>7} {'weights':>13} {'bpw':>7} {'bytes':>12}")
     for name, (count, size, nbytes) in sorted(per_type.items(), key=lambda kv: -kv[1][2]):
-        print(f"{name:<10} {count:>7} {size:>13} {8 * nbytes / size:>7.4f} {nbytes:>12}")
+        print(f"{name:<10} {count:>7} {size:>13} {8 * nbytes / max(size, 1):>7.4f} {nbytes:>12}")
     size = sum(i.size for i in infos)
     data = sum(i.nbytes for i in infos)
     print(f"{'tensors':<10} {len(infos):>7} {size:>13} {8 * data / max(size, 1):>7.4f} {data:>12}  "

@@ -136,6 +136,8 @@ class Format:
                 f"(llama.cpp falls back to Q5_0/Q8_0/IQ4_NL for such rows)")
 
     def dequantize(self, q: QTensor) -> jax.Array:
+        if not math.prod(q.shape):  # no blocks to reshape (a GGUF tensor may have a zero dimension)
+            return jnp.zeros(q.shape, jnp.float32)
         fn = self.dequantize_rows
         if self.scope == "tensor":  # one matrix per call; experts and other leading axes mapped
             for _ in range(len(q.shape) - 2):
@@ -242,6 +244,8 @@ def _check_input(x, fmt, weights, name) -> tuple[np.ndarray | jax.Array, jax.Arr
         raise QuantizeInputError(f"{fmt.name}: {where} has dtype {dt}; quantize takes float32, float16 or bfloat16")
     if x.ndim < 1:
         raise QuantizeInputError(f"{fmt.name}: {where} is a scalar; quantize takes arrays of rows")
+    if not math.prod(x.shape):
+        raise QuantizeInputError(f"{fmt.name}: {where} has no elements (shape {tuple(x.shape)}); nothing to quantize")
     try:
         fmt.check_row_length(tuple(x.shape), name)
     except FormatError as e:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 import mmap
 import os
@@ -32,6 +31,10 @@ from jaxquant.qtensor import QTensor
 SUPPORTED_VERSIONS = (2, 3)
 MAX_DIMS = 4  # GGML_MAX_DIMS
 HEADER_BYTES = 24  # magic, version, tensor count, kv count
+# The fewest bytes one metadata entry (key length, 1-byte key, type, 1-byte value) and one tensor
+# info (name length, 1-byte name, n_dims, type, offset) take: counts are checked against the bytes
+# left before anything is parsed, so a huge count fails at once instead of after millions of entries.
+MIN_KV_BYTES, MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 1, 8 + 1 + 4 + 4 + 8
 CHUNK_BYTES = 1 << 24  # tensors load in row chunks of about this size
 
 # GGUF tensor types that are plain numpy arrays with no jaxquant format (64-bit ones stay numpy:
@@ -73,6 +76,8 @@ class _Reader(gguf.GGUFReader):
             return super()._get_field_parts(orig_offs, raw_type)
         raw_itype, alen = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
         itype, n = self._value_type(raw_itype[0], orig_offs), int(alen[0])
+        if itype == GGUFValueType.STRING:  # each string is at least its 8-byte length
+            self._check_count(n, 8, orig_offs + 12, f"metadata array at offset {orig_offs}: {n} strings")
         if itype == GGUFValueType.ARRAY:
             raise self._fail(f"nested metadata array at offset {orig_offs} (llama.cpp does not support them)")
         if itype != GGUFValueType.STRING:
@@ -94,9 +99,17 @@ class _Reader(gguf.GGUFReader):
         strings[:] = values
         return offs - orig_offs, [raw_itype, alen, strings], [2], [gtype, itype]
 
+    def _check_count(self, count: int, min_bytes: int, offset: int, what: str) -> None:
+        left = int(self.data.size) - offset
+        if count > left // min_bytes:
+            raise self._fail(f"{what} need at least {count * min_bytes} bytes from offset {offset}, the file has "
+                             f"{left} left: a corrupt count field or a truncated file")
+
     def _get_tensor_info_field(self, orig_offs):
         # Name and n_dims checked first: a wrong n_dims would shift every field after it.
         name_len = int(self._get(orig_offs, np.uint64)[0])
+        if name_len == 0:
+            raise self._fail(f"empty tensor name (tensor info at offset {orig_offs})")
         raw_name = bytes(self._get(orig_offs + 8, np.uint8, name_len))
         try:
             name = raw_name.decode("utf-8")
@@ -111,6 +124,7 @@ class _Reader(gguf.GGUFReader):
 
     def _build_fields(self, offs, count):
         self.kv_start = offs
+        self._check_count(int(count), MIN_KV_BYTES, offs, f"{int(count)} metadata entries (kv count at offset 16)")
         try:
             self.kv_end = super()._build_fields(offs, count)
         except UnicodeDecodeError as e:  # gguf-py decodes the keys
@@ -120,13 +134,16 @@ class _Reader(gguf.GGUFReader):
         return self.kv_end
 
     def _build_tensor_info(self, offs, count):
+        self._check_count(int(count), MIN_TENSOR_INFO_BYTES, offs, f"{int(count)} tensor infos (tensor count at "
+                          "offset 8)")
         offs, fields = super()._build_tensor_info(offs, count)
         self.info_end = offs
         return offs, fields
 
     def _build_tensors(self, start_offs, fields):
         seen: dict[str, int] = {}
-        spans = []
+        align = int(self.alignment)  # a numpy uint32 when the file sets it
+        expected = 0  # llama.cpp's rule: each tensor's data follows the previous one's, padded to the alignment
         for field in fields:
             _, name_data, _, dims, raw_type, rel = field.parts
             name = bytes(name_data).decode("utf-8")  # checked in _get_tensor_info_field
@@ -148,17 +165,16 @@ class _Reader(gguf.GGUFReader):
                 raise self._fail(f"{where}: row length {ne[0] if ne else 1} is not a multiple of the {ggml_type.name} "
                                  f"block size {block}")
             start, nbytes = start_offs + int(rel[0]), math.prod(ne) // block * type_size
-            if int(rel[0]) % self.alignment:
-                raise self._fail(f"{where}: data offset {int(rel[0])} is not a multiple of the alignment "
-                                 f"{self.alignment}")
+            if int(rel[0]) % align:
+                raise self._fail(f"{where}: data offset {int(rel[0])} is not a multiple of the alignment {align}")
+            if int(rel[0]) != expected:
+                raise self._fail(f"{where}: data offset {int(rel[0])}, expected {expected}: tensor data must follow "
+                                 f"in tensor-info order, each padded to the alignment {align} (as llama.cpp "
+                                 "requires); a wrong general.alignment or a corrupt offset")
             if start + nbytes > self.data.size:
                 raise self._fail(f"{where}: data [{start}, {start + nbytes}) of {ggml_type.name} "
                                  f"{tuple(reversed(ne))} runs past the end of the file ({self.data.size} bytes)")
-            spans.append((start, start + nbytes, name))
-        spans.sort()
-        for (_, end, a), (start, _, b) in itertools.pairwise(spans):
-            if start < end:
-                raise self._fail(f"data of tensors {a!r} and {b!r} overlap at offset {start}")
+            expected += -(-nbytes // align) * align
         super()._build_tensors(start_offs, fields)
 
 
@@ -256,7 +272,8 @@ class GGUFSource:
         info = self.info(name)
         fmt = None if info.type in NUMPY_TYPES else self._format(info)
         rows = math.prod(info.shape[:-1])
-        row_bytes = info.nbytes // rows if rows else 0
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[info.type]]
+        row_bytes = (info.shape[-1] if info.shape else 1) // block * type_size  # also when there are no rows
         by_row = self.raw(name).reshape(rows, row_bytes)
         if isinstance(fmt, Format):
             blocks = by_row.view(fmt.block_dtype)
@@ -278,10 +295,14 @@ class GGUFSource:
 
     def _format(self, info: TensorInfo) -> Format | PlainFormat:
         try:
-            return get_format(info.type)
+            fmt = get_format(info.type)
         except FormatError:
-            raise FormatError(f"{self.path}: tensor {info.name!r} has type {info.type}, which jaxquant cannot "
-                              "load yet (no registered format)") from None
+            fmt = None
+        if fmt is None or not fmt.gguf:  # e.g. GGML's NVFP4 (blocks of 64) is not jaxquant's NVFP4 (blocks of 16)
+            raise FormatError(f"{self.path}: tensor {info.name!r} has GGML type {info.type} (id "
+                              f"{int(GGMLQuantizationType[info.type])}), which jaxquant cannot load yet (no "
+                              "GGUF format of that name is registered)") from None
+        return fmt
 
     def _release(self, start: int, nbytes: int) -> None:
         """Drop the mapped pages of a loaded tensor from this process (they stay in the page cache

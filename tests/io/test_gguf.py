@@ -217,6 +217,7 @@ def _kv(blob: bytes, key: str) -> int:
 def _bad_cases(blob: bytes) -> dict[str, tuple[bytes, str]]:
     q, k = "blk.0.attn_q.weight", "blk.0.attn_k.weight"
     u32, u64 = (lambda v: struct.pack("<I", v)), (lambda v: struct.pack("<Q", v))
+    where_q = f"tensor {q!r} (tensor info at offset {gs.tensor_info_offset(blob, q)})"
     return {
         "empty": (b"", "truncated"),
         "truncated header": (blob[:20], "runs past the end of the file (20 bytes)"),
@@ -231,24 +232,30 @@ def _bad_cases(blob: bytes) -> dict[str, tuple[bytes, str]]:
         "unknown type id": (_patch(blob, _ti(blob, q, "type"), u32(99)), f"tensor {q!r}"),
         "removed type id": (_patch(blob, _ti(blob, q, "type"), u32(4)), "unknown type id 4 at offset"),
         "duplicate tensor names": (blob.replace(k.encode(), q.encode()), f"duplicate tensor name {q!r}"),
-        "data past the end": (_patch(blob, _ti(blob, q, "offset"), u64(1 << 20)), f"tensor {q!r}"),
+        "data past the end": (_patch(blob, _ti(blob, q, "offset"), u64(1 << 20)),
+                              f"{where_q}: data offset 1048576, expected 2432"),
         "misaligned data": (_patch(blob, _ti(blob, k, "offset"), u64(
             struct.unpack_from("<Q", blob, _ti(blob, k, "offset"))[0] + 2)), "not a multiple of the alignment 32"),
-        "overlapping data": (_patch(blob, _ti(blob, k, "offset"), u64(0)), "overlap"),
+        "overlapping data": (_patch(blob, _ti(blob, k, "offset"), u64(0)), "data offset 0, expected 4736"),
         "bad row length": (_patch(blob, _ti(blob, q, "ne0"), u64(48)),
                            "row length 48 is not a multiple of the Q4_0 block size 32"),
         "too many dims": (_patch(blob, _ti(blob, "output_norm.weight", "n_dims"), u32(7)), "7 dimensions"),
         "huge dims": (_patch(blob, _ti(blob, q, "ne0"), u64(2**63 + 32)), "overflow"),
         "unknown value type": (_patch(blob, _kv(blob, "general.name"), u32(99)), "unknown metadata value type 99"),
         "huge array": (_patch(blob, _kv(blob, "tokenizer.ggml.scores") + 8, u64(2**62)), "runs past the end"),
-        "huge string array": (_patch(blob, _kv(blob, "tokenizer.ggml.tokens") + 8, u64(2**62)), "runs past the end"),
+        "huge string array": (_patch(blob, _kv(blob, "tokenizer.ggml.tokens") + 8, u64(2**62)),
+                              f"{2**62} strings need at least {2**65} bytes"),
         "huge string": (_patch(blob, _kv(blob, "general.name") + 4, u64(2**40)), "runs past the end"),
         "nested array": (_patch(blob, _kv(blob, "test.bytes") + 4, u32(V.ARRAY)), "nested metadata array"),
         "duplicate key": (blob.replace(b"test.bytes", b"test.int64"), "Duplicate test.int64"),
         "bad key utf-8": (blob.replace(b"test.int8", b"test.\xffnt8"), "metadata key b'test.\\xffnt8' (the one after"),
         "bad name utf-8": (blob.replace(q.encode(), b"blk.0.attn_\xff.weight"), "not valid UTF-8"),
-        "huge tensor count": (_patch(blob, 8, u64(2**40)), "runs past the end"),
-        "huge kv count": (_patch(blob, 16, u64(2**40)), "runs past the end"),
+        "huge tensor count": (_patch(blob, 8, u64(2**40)), f"{2**40} tensor infos (tensor count at offset 8) need"),
+        "huge kv count": (_patch(blob, 16, u64(2**40)), f"{2**40} metadata entries (kv count at offset 16) need"),
+        # each empty tensor info would take 24 bytes: 2M of them were parsed before failing
+        "huge tensor count, zero bytes": (blob[:8] + u64(2**40) + u64(0) + bytes(48 << 20),
+                                          "tensor infos (tensor count at offset 8) need at least"),
+        "empty tensor name": (blob[:8] + u64(1) + u64(0) + bytes(64), "empty tensor name (tensor info at offset 24)"),
     }
 
 
@@ -257,7 +264,8 @@ BAD_CASES = [
     "not gguf", "version 1", "version 4", "big-endian", "unknown type id", "removed type id",
     "duplicate tensor names", "data past the end", "misaligned data", "overlapping data", "bad row length",
     "too many dims", "huge dims", "unknown value type", "huge array", "huge string array", "huge string",
-    "nested array", "duplicate key", "bad key utf-8", "bad name utf-8", "huge tensor count", "huge kv count"]
+    "nested array", "duplicate key", "bad key utf-8", "bad name utf-8", "huge tensor count", "huge kv count",
+    "huge tensor count, zero bytes", "empty tensor name"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
