@@ -245,10 +245,11 @@ def collect_imatrix(model, text: str, n_ctx: int = 512, n_chunks: int | None = N
     token count. ``batch`` chunks run per device call."""
     from tqdm.auto import tqdm
 
-    from jaxquant.eval.perplexity import make_chunks, tokenize
+    from jaxquant.text import check_chunking, make_chunks, tokenize
 
+    check_chunking(n_ctx, n_chunks, batch)
     tok = model.tokenizer
-    chunks = make_chunks(tokenize(model, text), n_ctx, n_chunks, tok.bos_id if tok.add_bos else None)
+    chunks = make_chunks(tokenize(tok, text), n_ctx, n_chunks, tok.bos_id if tok.add_bos else None)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.float32] = {}
     with tqdm(total=len(chunks), unit="chunk", desc="imatrix",

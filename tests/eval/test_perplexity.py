@@ -15,6 +15,7 @@ from jaxquant.eval.synthetic import english_text
 
 import jaxquant
 from jaxquant import cli
+from jaxquant import text as text_chunks
 from jaxquant.eval import perplexity as pp
 from jaxquant.errors import JaxquantError
 
@@ -51,10 +52,10 @@ def llm(model):
 
 
 def _compare(model, llm, text: str, n_chunks: int | None) -> pp.PerplexityResult:
-    tokens = pp.tokenize(model, text)
+    tokens = text_chunks.tokenize(model.tokenizer, text)
     assert tokens == llm.tokenize(text.encode(), add_bos=True, special=False)
     ours = pp.perplexity(model, text, n_ctx=N_CTX, n_chunks=n_chunks, batch=4, show_progress=False)
-    chunks = pp.make_chunks(tokens, N_CTX, n_chunks, model.tokenizer.bos_id)
+    chunks = text_chunks.make_chunks(tokens, N_CTX, n_chunks, model.tokenizer.bos_id)
     ppl, err = pp.ppl_and_error(llama_cpp_nll(llm, chunks))
     print(f"\n{len(tokens)} tokens, {ours.n_chunks} chunks: jaxquant PPL {ours.ppl:.4f} +/- {ours.error:.5f}, "
           f"llama.cpp {ppl:.4f} +/- {err:.5f} ({ours.ppl / ppl - 1:+.4%}); {ours.tokens_per_s:.0f} tokens/s")
@@ -106,12 +107,12 @@ def test_perplexity_vs_llama_cpp_quantized_by_llama_cpp(mix, float_gguf, tmp_pat
 
 
 def test_chunks_and_formula():
-    chunks = pp.make_chunks(list(range(100, 1100)), 8, None, 2)
+    chunks = text_chunks.make_chunks(list(range(100, 1100)), 8, None, 2)
     assert chunks.shape == (125, 8) and (chunks[:, 0] == 2).all() and chunks[1, 1] == 109
     assert (pp.scored_targets(chunks)[0] == [105, 106, 107]).all()
-    assert pp.make_chunks(list(range(100)), 8, 3, None).shape == (3, 8)
+    assert text_chunks.make_chunks(list(range(100)), 8, 3, None).shape == (3, 8)
     with pytest.raises(JaxquantError, match="at least 16"):
-        pp.make_chunks(list(range(15)), 8, None, 2)
+        text_chunks.make_chunks(list(range(15)), 8, None, 2)
     nll = np.array([1.0, 2.0, 3.0])
     ppl, err = pp.ppl_and_error(nll)
     assert ppl == pytest.approx(np.exp(2)) and err == pytest.approx(np.sqrt((14 / 3 - 4) / 2) * np.exp(2))
