@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -158,10 +159,22 @@ def _load_for_eval(args: argparse.Namespace):
 
 def _read_text(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as e:
         raise JaxquantError(f"{path}: cannot read the text file ({e.strerror})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise JaxquantError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); convert it first, e.g. "
+                            f"iconv -f latin1 -t utf-8") from None
+
+
+def _check_eval_arguments(args: argparse.Namespace) -> None:
+    """Bad counts fail before the model loads."""
+    from jaxquant.text import check_chunking
+
+    check_chunking(args.ctx, args.chunks, args.batch)
 
 
 @command("perplexity", "perplexity of a text as llama-perplexity computes it", _eval_arguments)
@@ -170,6 +183,7 @@ def perplexity(args: argparse.Namespace) -> int:
 
     from jaxquant.eval.perplexity import perplexity as run
 
+    _check_eval_arguments(args)
     text = _read_text(args.file)
     res = run(_load_for_eval(args), text, n_ctx=args.ctx, n_chunks=args.chunks, batch=args.batch,
               show_progress=None if not args.json else False)
@@ -204,6 +218,7 @@ def kld(args: argparse.Namespace) -> int:
     from jaxquant.eval import kld as K
 
     quiet = False if args.json else None
+    _check_eval_arguments(args)
     if args.file is not None:
         text = _read_text(args.file)
         ppl = K.save_base(_load_for_eval(args), args.base, text, n_ctx=args.ctx, n_chunks=args.chunks,
@@ -256,11 +271,13 @@ def quantize(args: argparse.Namespace) -> int:
     import time
 
     from jaxquant.io import open_model
+    from jaxquant.io.output import check_output_path
     from jaxquant.isq import load_policy
     from jaxquant.isq.apply import imatrix_metadata, save_quantized_checkpoint, write_quantized_gguf
     from jaxquant.isq.imatrix import read_imatrix
 
     policy = load_policy(args.type or args.policy, pure=args.pure)  # bad names fail before opening anything
+    check_output_path(args.dst, directory=not args.dst.endswith(".gguf"))
     imatrix = read_imatrix(args.imatrix) if args.imatrix else None
     source = open_model(args.src)
     if args.dry_run:
@@ -294,8 +311,11 @@ def _imatrix_arguments(p: argparse.ArgumentParser) -> None:
 @command("imatrix", "importance matrix of a text, as llama-imatrix collects it (GGUF imatrix file)",
          _imatrix_arguments)
 def imatrix(args: argparse.Namespace) -> int:
+    from jaxquant.io.output import check_output_path
     from jaxquant.isq.imatrix import collect_imatrix, write_imatrix
 
+    _check_eval_arguments(args)
+    check_output_path(args.output)  # before the whole text is run, not after
     text = _read_text(args.file)
     im = collect_imatrix(_load_for_eval(args), text, n_ctx=args.ctx, n_chunks=args.chunks, batch=args.batch,
                          dataset=args.file)
@@ -352,8 +372,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         arguments(sub.add_parser(name, help=help, description=help))
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command][2](args)
-    except JaxquantError as e:
+        code = COMMANDS[args.command][2](args)
+        sys.stdout.flush()  # a closed pipe shows here rather than at exit
+        return code
+    except BrokenPipeError:  # the reader went away (jaxquant inspect M | head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error while exiting
+        return 1
+    except (JaxquantError, OSError) as e:  # OSError: the system refused (disk full, permissions, ...)
         print(f"jaxquant {args.command}: error: {e}", file=sys.stderr)
         return 1
 

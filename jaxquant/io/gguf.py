@@ -25,6 +25,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from jaxquant.errors import FileFormatError, FormatError, JaxquantError
 from jaxquant.formats import Format, PlainFormat, get_format
+from jaxquant.io.output import atomic_output
 from jaxquant.io.source import Deferred, Tensor, TensorInfo
 from jaxquant.qtensor import QTensor
 
@@ -198,6 +199,8 @@ def _string(raw) -> str | bytes:
 
 
 def _open_reader(path: Path) -> _Reader:
+    if path.exists() and not path.is_file():  # opening a FIFO would wait for a writer forever
+        raise FileFormatError(f"{path}: not a regular file (a directory, FIFO or device); give a GGUF file")
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -418,7 +421,8 @@ def write_gguf(path: str | os.PathLike, metadata: Mapping[str, Any], tensors: Ma
     """Write a GGUF file with gguf-py's writer: ``metadata`` in order (``value_types`` gives each
     key's GGUF type, e.g. ``GGUFSource.value_types``; missing ones are inferred), then the tensors
     in order. ``Deferred`` tensors are loaded one at a time while writing, so a model streams
-    through with about one tensor in memory. The file appears atomically at ``path``."""
+    through with about one tensor in memory. The file appears atomically at ``path``: an error or
+    a kill on the way leaves nothing (``jaxquant.io.output.atomic_output``)."""
     path = Path(path)
     value_types = value_types or {}
     arch = metadata.get("general.architecture")
@@ -430,39 +434,41 @@ def write_gguf(path: str | os.PathLike, metadata: Mapping[str, Any], tensors: Ma
             raise FormatError(f"tensor {info.name!r}: format {info.type} has no GGML type, so it cannot go into a "
                               "GGUF file; save an orbax checkpoint instead (jaxquant quantize SRC DIR) or pick "
                               "GGUF formats")
-    tmp = path.with_name(path.name + ".tmp")
-    writer = gguf.GGUFWriter(tmp, arch)
-    writer.kv_data[0].clear()  # the constructor adds general.architecture; keep the caller's order
-    try:
-        for key, value in metadata.items():
-            vt = value_types.get(key) or infer_value_types(value)
-            if vt[0] == GGUFValueType.ARRAY and not len(value):
-                raise FormatError(f"metadata key {key!r}: gguf-py cannot write an empty array")
-            writer.add_key_value(key, list(value) if vt[0] == GGUFValueType.ARRAY else value, vt[0],
-                                 vt[1] if len(vt) > 1 else None)
-        if "general.alignment" in metadata:
-            alignment = int(metadata["general.alignment"])
-            if alignment <= 0 or alignment & (alignment - 1):
-                raise FormatError(f"general.alignment {alignment} is not a power of two")
-            writer.data_alignment = alignment
-        for info in infos:
-            qtype = GGMLQuantizationType[info.type]
-            block, type_size = GGML_QUANT_SIZES[qtype]
-            byte_shape = (*info.shape[:-1], info.shape[-1] // block * type_size)
-            writer.add_tensor_info(info.name, byte_shape, np.dtype(np.uint8), info.nbytes, raw_dtype=qtype)
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for info, value in zip(infos, tensors.values()):
-            if isinstance(value, Deferred):
-                value = value.load()
-                got = tensor_info(info.name, value)
-                if got != info:
-                    raise FormatError(f"tensor {info.name!r}: loaded as {got.type} {got.shape} ({got.nbytes} bytes), "
-                                      f"its info says {info.type} {info.shape} ({info.nbytes} bytes)")
-            writer.write_tensor_data(tensor_bytes(value))
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+    with atomic_output(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.kv_data[0].clear()  # the constructor adds general.architecture; keep the caller's order
+        try:
+            _write(writer, tmp, metadata, value_types, infos, tensors)
+        finally:
+            writer.close()
+
+
+def _write(writer: gguf.GGUFWriter, tmp: str, metadata: Mapping[str, Any], value_types: Mapping[str, ValueTypes],
+           infos: list[TensorInfo], tensors: Mapping[str, Tensor | Deferred]) -> None:
+    for key, value in metadata.items():
+        vt = value_types.get(key) or infer_value_types(value)
+        if vt[0] == GGUFValueType.ARRAY and not len(value):
+            raise FormatError(f"metadata key {key!r}: gguf-py cannot write an empty array")
+        writer.add_key_value(key, list(value) if vt[0] == GGUFValueType.ARRAY else value, vt[0],
+                             vt[1] if len(vt) > 1 else None)
+    if "general.alignment" in metadata:
+        alignment = int(metadata["general.alignment"])
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise FormatError(f"general.alignment {alignment} is not a power of two")
+        writer.data_alignment = alignment
+    for info in infos:
+        qtype = GGMLQuantizationType[info.type]
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        byte_shape = (*info.shape[:-1], info.shape[-1] // block * type_size)
+        writer.add_tensor_info(info.name, byte_shape, np.dtype(np.uint8), info.nbytes, raw_dtype=qtype)
+    writer.write_header_to_file(tmp)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for info, value in zip(infos, tensors.values()):
+        if isinstance(value, Deferred):
+            value = value.load()
+            got = tensor_info(info.name, value)
+            if got != info:
+                raise FormatError(f"tensor {info.name!r}: loaded as {got.type} {got.shape} ({got.nbytes} bytes), "
+                                  f"its info says {info.type} {info.shape} ({info.nbytes} bytes)")
+        writer.write_tensor_data(tensor_bytes(value))
