@@ -319,13 +319,13 @@ def _check_result(fmt, x, result, stats: list[tuple[jax.Array, jax.Array]], wher
     if finite.all() and not (norm > 0 and err >= norm):
         return
     if not finite.all():
-        what, bad = "quantizes to a non-finite value", ~finite
+        what, at = "quantizes to a non-finite value, first", int(np.argmin(finite.reshape(-1)))
     else:
-        what, bad = f"loses all its values (relative RMS error {math.sqrt(err / norm):.0%})", np.abs(x - y) >= np.abs(x)
-        bad &= x != 0
-    idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad.reshape(-1))), x.shape))
+        what = f"loses all its values (relative RMS error {math.sqrt(err / norm):.0%}), the largest error"
+        at = int(np.argmax(np.abs(x - y).reshape(-1)))
+    idx = tuple(int(i) for i in np.unravel_index(at, x.shape))
     raise QuantizeInputError(
-        f"{fmt.name}: {where} {what}, first at index {idx} ({float(x[idx])!r} -> {float(y[idx])!r}): its values "
+        f"{fmt.name}: {where} {what} at index {idx} ({float(x[idx])!r} -> {float(y[idx])!r}): its values "
         "are out of the format's range (scales overflow or underflow); pick another format, scale the tensor, or "
         "keep the result anyway with check=False (ISQ: Policy(check=False))")
 

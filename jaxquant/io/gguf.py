@@ -176,6 +176,17 @@ class _Reader(gguf.GGUFReader):
                 raise self._fail(f"{where}: data [{start}, {start + nbytes}) of {ggml_type.name} "
                                  f"{tuple(reversed(ne))} runs past the end of the file ({self.data.size} bytes)")
             expected += -(-nbytes // align) * align
+            end = start + nbytes
+        # What lies around the data is zero padding (as llama.cpp and gguf-py write it): a wrong
+        # general.alignment moves where the data starts, and then it is not.
+        end = start_offs if not fields else end
+        if self.data[self.info_end:min(start_offs, self.data.size)].any():
+            raise self._fail(f"the padding before the tensor data [{self.info_end}, {start_offs}) is not zero: the "
+                             f"data does not start where the alignment {align} puts it (a wrong general.alignment?)")
+        tail = self.data[min(end, self.data.size):]
+        if tail.size >= align or tail.any():
+            raise self._fail(f"{tail.size} bytes after the last tensor's data (offset {end}) where at most {align - 1} "
+                             f"zero bytes of padding belong: a wrong general.alignment or extra data")
         super()._build_tensors(start_offs, fields)
 
 

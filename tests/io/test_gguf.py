@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import gguf
 import gguf_samples as gs
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from gguf import GGUFValueType as V
+from time_limit import time_limit
 
 import jaxquant as jq
 import jaxquant.io.gguf as jgguf
@@ -289,3 +291,90 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     src = open_model(path)  # opening and inspecting work for any architecture
     with pytest.raises(JaxquantError, match=r"'mamba' is not supported; supported architectures: llama, qwen2"):
         _ = src.config
+
+
+# ---- files that used to hang, or to fail with a raw exception -------------------------------------------
+
+def _tiny(tmp_path, **kwargs) -> tuple[Path, bytes]:
+    path = tmp_path / "tiny.gguf"
+    gs.write_tiny_llama(path, **kwargs)
+    return path, path.read_bytes()
+
+
+def test_huge_block_count_fails_at_once(tmp_path):
+    """block_count 2**32 - 1 once made load_params list 40 billion tensor names (a hang, memory growing)."""
+    path, blob = _tiny(tmp_path)
+    path.write_bytes(_patch(blob, _kv(blob, "llama.block_count") + 4, struct.pack("<I", 2**32 - 1)))
+    with time_limit(30), pytest.raises(FileFormatError, match=r"llama model of 4294967295 layers has tensors for 1 "
+                                                              r"of them \(none for layer 1\)"):
+        jq.load(path)
+
+
+def test_changed_alignment_is_refused_or_harmless(tmp_path):
+    """A file written with general.alignment 64 whose key now says otherwise: where that moves the
+    start of the data (every tensor would shift), the file is refused; where it does not, the
+    tensors read as written."""
+    path, blob = _tiny(tmp_path, alignment=64)
+    src = open_model(path)
+    written = {n: bytes(src.raw(n)) for n in src.tensor_names}
+    refused = []
+    for alignment in (1, 2, 8, 16, 32, 128, 256, 512, 4096):
+        path = tmp_path / f"a{alignment}.gguf"
+        path.write_bytes(_patch(blob, _kv(blob, "general.alignment") + 4, struct.pack("<I", alignment)))
+        try:
+            other = open_model(path)
+        except FileFormatError as e:
+            assert "alignment" in str(e), str(e)
+            refused.append(alignment)
+        else:
+            assert {n: bytes(other.raw(n)) for n in other.tensor_names} == written, alignment
+    assert len(refused) >= 5, refused
+
+
+def test_llama_cpp_nvfp4_is_not_jaxquants(tmp_path):
+    """GGML type 40 (llama.cpp's NVFP4, blocks of 64) is not jaxquant's NVFP4 (blocks of 16)."""
+    tensors = gs.sample_tensors()
+    tensors["blk.0.attn_v.weight"] = ("NVFP4", (32, 64), np.zeros(32 * 36, np.uint8))  # 36-byte blocks of 64
+    gs.write_sample(tmp_path / "nv.gguf", tensors)
+    src = open_model(tmp_path / "nv.gguf")
+    assert src.info("blk.0.attn_v.weight").type == "NVFP4"  # inspecting it works
+    with pytest.raises(JaxquantError, match=r"'blk.0.attn_v.weight' has GGML type NVFP4 \(id 40\), which jaxquant "
+                                            r"cannot load"):
+        src.load("blk.0.attn_v.weight")
+
+
+def test_zero_dimension_loads_dequantizes_and_inspects(tmp_path, capsys):
+    """A tensor with no rows is valid for llama.cpp: it loads with its blocks' shape, dequantizes as
+    gguf-py does, and inspect counts it (it was ZeroDivisionError in both)."""
+    from jaxquant.cli import main
+
+    tensors = gs.sample_tensors()
+    tensors["blk.0.attn_v.weight"] = ("Q5_1", (0, 64), np.zeros(0, np.uint8))
+    gs.write_sample(tmp_path / "zero.gguf", tensors)
+    q = open_model(tmp_path / "zero.gguf").load("blk.0.attn_v.weight")
+    assert {k: a.shape for k, a in q.arrays.items()} == {"d": (0, 2), "m": (0, 2), "qh": (0, 2, 4), "qs": (0, 2, 16)}
+    assert gguf.GGUFReader(tmp_path / "zero.gguf").tensors[-1].data.shape == (0, 48)  # gguf-py agrees: no rows
+    y = q.dequantize()
+    assert (y.shape, y.dtype) == ((0, 64), np.float32)
+    assert main(["inspect", str(tmp_path / "zero.gguf")]) == 0
+    assert "\nQ5_1             1             0  0.0000            0\n" in capsys.readouterr().out
+
+
+def test_tensor_name_without_a_dot(tmp_path):
+    tensors = gs.sample_tensors()
+    tensors["nodot"] = ("F32", (64,), np.zeros(64, np.float32).view(np.uint8))
+    gs.write_sample(tmp_path / "nodot.gguf", tensors)
+    with pytest.raises(FileFormatError, match="tensor 'nodot' is not used by the llama architecture"):
+        jq.load(tmp_path / "nodot.gguf")
+
+
+def test_a_failed_write_leaves_nothing_and_a_write_over_a_file_replaces_it(tmp_path):
+    out = tmp_path / "x.gguf"
+    out.write_bytes(b"old")
+    meta = {"general.architecture": "llama"}
+    with pytest.raises(JaxquantError, match="'t': loaded as"):
+        lying = Deferred(TensorInfo("t", (2, 32), "F32", 256), lambda: np.zeros((1, 32), np.float32))
+        write_gguf(out, meta, {"t": lying})
+    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf"]
+    write_gguf(out, meta, {"t": np.ones((2, 32), np.float32)})
+    assert open_model(out).tensor_names == ["t"] and sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf"]

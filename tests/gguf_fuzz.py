@@ -7,7 +7,7 @@ The only allowed outcomes are a valid load or a ``JaxquantError``. The worker lo
 is a crash; either way the worker is restarted and the run goes on. Case ``i`` is a pure function
 of ``i``, so any failure replays with ``python gguf_fuzz.py replay I``.
 
-    python tests/io/gguf_fuzz.py run 10000        # counts by outcome, then the failures
+    python tests/gguf_fuzz.py run 10000        # counts by outcome, then the failures
 """
 
 from __future__ import annotations
