@@ -300,7 +300,8 @@ def _result_stats(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 # Compiled apart from the quantizer: fused into it, XLA's CPU backend made Q4_0 7x slower.
 _chunk_stats = jax.jit(lambda fmt, x, arrays: _result_stats(x, fmt.dequantize_rows(arrays)), static_argnums=0)
-_tensor_stats = jax.jit(_result_stats)
+_tensor_stats = jax.jit(lambda x, out: _result_stats(x, out.dequantize(jnp.float32) if isinstance(out, QTensor)
+                                                     else out.astype(jnp.float32)))
 
 
 def _check_result(fmt, x, result, stats: list[tuple[jax.Array, jax.Array]], where: str) -> None:
@@ -355,8 +356,7 @@ def quantize(x, fmt: str | Format | PlainFormat, weights=None, *, name: str | No
         out = x.astype(fmt.dtype) if isinstance(fmt, PlainFormat) else QTensor(
             _quantize_tensor(fmt, x), fmt.name, shape, dtype)
         if check and not traced:
-            y = out.dequantize(jnp.float32) if isinstance(out, QTensor) else out.astype(jnp.float32)
-            _check_result(fmt, x, out, [_tensor_stats(x, y)], _where(name))
+            _check_result(fmt, x, out, [_tensor_stats(x, out)], _where(name))
         return out
     k = shape[-1]
     rows = x.reshape(-1, k)
