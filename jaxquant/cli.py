@@ -277,12 +277,12 @@ def quantize(args: argparse.Namespace) -> int:
     from jaxquant.isq.imatrix import read_imatrix
 
     policy = load_policy(args.type or args.policy, pure=args.pure)  # bad names fail before opening anything
-    check_output_path(args.dst, directory=not args.dst.endswith(".gguf"))
     imatrix = read_imatrix(args.imatrix) if args.imatrix else None
     source = open_model(args.src)
     if args.dry_run:
         policy.explain(source, has_imatrix=imatrix is not None)
         return 0
+    check_output_path(args.dst, directory=not args.dst.endswith(".gguf"))  # before the work, not after
     progress = False if args.no_progress else None
     _persistent_compilation_cache()
     start = time.perf_counter()
