@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -65,7 +66,7 @@ def inspect(args: argparse.Namespace) -> int:
         t[0], t[1], t[2] = t[0] + 1, t[1] + i.size, t[2] + i.nbytes
     print(f"\n{'type':<10} {'tensors':>7} {'weights':>13} {'bpw':>7} {'bytes':>12}")
     for name, (count, size, nbytes) in sorted(per_type.items(), key=lambda kv: -kv[1][2]):
-        print(f"{name:<10} {count:>7} {size:>13} {8 * nbytes / size:>7.4f} {nbytes:>12}")
+        print(f"{name:<10} {count:>7} {size:>13} {8 * nbytes / max(size, 1):>7.4f} {nbytes:>12}")
     size = sum(i.size for i in infos)
     data = sum(i.nbytes for i in infos)
     print(f"{'tensors':<10} {len(infos):>7} {size:>13} {8 * data / max(size, 1):>7.4f} {data:>12}  "
@@ -158,10 +159,22 @@ def _load_for_eval(args: argparse.Namespace):
 
 def _read_text(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as e:
         raise JaxquantError(f"{path}: cannot read the text file ({e.strerror})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise JaxquantError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); convert it first, e.g. "
+                            f"iconv -f latin1 -t utf-8") from None
+
+
+def _check_eval_arguments(args: argparse.Namespace) -> None:
+    """Bad counts fail before the model loads."""
+    from jaxquant.text import check_chunking
+
+    check_chunking(args.ctx, args.chunks, args.batch)
 
 
 @command("perplexity", "perplexity of a text as llama-perplexity computes it", _eval_arguments)
@@ -170,6 +183,7 @@ def perplexity(args: argparse.Namespace) -> int:
 
     from jaxquant.eval.perplexity import perplexity as run
 
+    _check_eval_arguments(args)
     text = _read_text(args.file)
     res = run(_load_for_eval(args), text, n_ctx=args.ctx, n_chunks=args.chunks, batch=args.batch,
               show_progress=None if not args.json else False)
@@ -204,6 +218,7 @@ def kld(args: argparse.Namespace) -> int:
     from jaxquant.eval import kld as K
 
     quiet = False if args.json else None
+    _check_eval_arguments(args)
     if args.file is not None:
         text = _read_text(args.file)
         ppl = K.save_base(_load_for_eval(args), args.base, text, n_ctx=args.ctx, n_chunks=args.chunks,
@@ -268,6 +283,7 @@ def quantize(args: argparse.Namespace) -> int:
     import time
 
     from jaxquant.io import open_model
+    from jaxquant.io.output import check_output_path
     from jaxquant.isq import load_policy
     from jaxquant.isq.apply import imatrix_metadata, save_quantized_checkpoint, write_quantized_gguf
     from jaxquant.isq.imatrix import read_imatrix
@@ -299,6 +315,7 @@ def quantize(args: argparse.Namespace) -> int:
     if args.dry_run:
         policy.explain(source, has_imatrix=imatrix is not None)
         return 0
+    check_output_path(args.dst, directory=not args.dst.endswith(".gguf"))  # before the work, not after
     progress = False if args.no_progress else None
     _persistent_compilation_cache()
     start = time.perf_counter()
@@ -327,8 +344,11 @@ def _imatrix_arguments(p: argparse.ArgumentParser) -> None:
 @command("imatrix", "importance matrix of a text, as llama-imatrix collects it (GGUF imatrix file)",
          _imatrix_arguments)
 def imatrix(args: argparse.Namespace) -> int:
+    from jaxquant.io.output import check_output_path
     from jaxquant.isq.imatrix import collect_imatrix, write_imatrix
 
+    _check_eval_arguments(args)
+    check_output_path(args.output)  # before the whole text is run, not after
     text = _read_text(args.file)
     im = collect_imatrix(_load_for_eval(args), text, n_ctx=args.ctx, n_chunks=args.chunks, batch=args.batch,
                          dataset=args.file)
@@ -385,8 +405,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         arguments(sub.add_parser(name, help=help, description=help))
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command][2](args)
-    except JaxquantError as e:
+        code = COMMANDS[args.command][2](args)
+        sys.stdout.flush()  # a closed pipe shows here rather than at exit
+        return code
+    except BrokenPipeError:  # the reader went away (jaxquant inspect M | head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error while exiting
+        return 1
+    except (JaxquantError, OSError) as e:  # OSError: the system refused (disk full, permissions, ...)
         print(f"jaxquant {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -10,7 +10,8 @@ class FormatError(JaxquantError, ValueError):
 
 
 class QuantizeInputError(JaxquantError, ValueError):
-    """Bad input to quantize: NaN/Inf, wrong dtype, row length not a multiple of the block."""
+    """Bad input to quantize: NaN/Inf, wrong dtype, row length not a multiple of the block, no elements,
+    values out of the format's range (a non-finite result or a 100% error)."""
 
 
 class FileFormatError(JaxquantError):

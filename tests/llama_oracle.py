@@ -123,12 +123,14 @@ def compare_perplexity(model, llm, text: str, n_ctx: int, n_chunks: int | None):
     """jaxquant's perplexity of ``text`` against llama.cpp's on the same tokens and chunks (both
     tokenizers must agree): within 0.5%, its error estimate within 5%. Returns (jaxquant's result,
     llama.cpp's PPL, its error)."""
+    from jaxquant import text as text_chunks
     from jaxquant.eval import perplexity as pp
 
-    tokens = pp.tokenize(model, text)
+    tokens = text_chunks.tokenize(model.tokenizer, text)
     assert tokens == llm.tokenize(text.encode(), add_bos=True, special=False)  # BOS where the vocabulary adds it
     ours = pp.perplexity(model, text, n_ctx=n_ctx, n_chunks=n_chunks, batch=4, show_progress=False)
-    chunks = pp.make_chunks(tokens, n_ctx, n_chunks, model.tokenizer.bos_id if model.tokenizer.add_bos else None)
+    bos = model.tokenizer.bos_id if model.tokenizer.add_bos else None
+    chunks = text_chunks.make_chunks(tokens, n_ctx, n_chunks, bos)
     ppl, err = pp.ppl_and_error(perplexity_nll(llm, chunks))
     print(f"\n{len(tokens)} tokens, {ours.n_chunks} chunks: jaxquant PPL {ours.ppl:.4f} +/- {ours.error:.5f}, "
           f"llama.cpp {ppl:.4f} +/- {err:.5f} ({ours.ppl / ppl - 1:+.4%}); {ours.tokens_per_s:.0f} tokens/s")

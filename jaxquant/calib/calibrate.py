@@ -137,7 +137,7 @@ def layer_targets(plan: Plan, layer: models.Layer, index: int, calib: Calibratio
 
 def calibration_chunks(source, text: str, calib: Calibration) -> np.ndarray:
     """int32 [n_chunks, n_ctx]: the text's chunks as llama-perplexity cuts them (BOS first)."""
-    from jaxquant.eval.perplexity import make_chunks
+    from jaxquant.text import make_chunks
 
     tok = source.tokenizer
     if tok is None:

@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.errors import FileFormatError, JaxquantError
-from jaxquant.eval.perplexity import (DEFAULT_CTX, iter_batches, make_chunks, scored_logits, scored_targets,
-                                      tokenize)
+from jaxquant.eval.perplexity import DEFAULT_CTX, iter_batches, scored_logits, scored_targets
 from jaxquant.formats.numerics import mul
 from jaxquant.model import Model
+from jaxquant.text import check_chunking, make_chunks, tokenize
 
 MAGIC = b"_logits_"
 PERCENTILES = (0.999, 0.99, 0.95, 0.90, 0.10, 0.05, 0.01, 0.001)  # llama.cpp's KLD percentiles
@@ -96,7 +96,8 @@ def save_base(model: Model, path: str | os.PathLike, text: str | None = None, *,
     format); returns the base PPL (from the same float values llama.cpp uses there)."""
     from tqdm.auto import tqdm
 
-    tokens = tokenize(model, text) if tokens is None else list(tokens)
+    check_chunking(n_ctx, n_chunks, batch)
+    tokens = tokenize(model.tokenizer, text) if tokens is None else list(tokens)
     original = make_chunks(tokens, n_ctx, n_chunks, None)
     chunks = _with_bos(model, original)
     nv, n_vocab = row_width(model.cfg.vocab_size), model.cfg.vocab_size
@@ -238,10 +239,11 @@ def kl_divergence(model: Model, base: str | os.PathLike | BaseLogProbs, *, n_chu
     distributions with the stored ones, as ``llama-perplexity --kl-divergence``."""
     from tqdm.auto import tqdm
 
+    check_chunking(None, n_chunks, batch)
     base = base if isinstance(base, BaseLogProbs) else read_base(base)
     if base.n_vocab != model.cfg.vocab_size:
         raise JaxquantError(f"the base file has a vocabulary of {base.n_vocab}, the model {model.cfg.vocab_size}")
-    n = base.n_chunk if n_chunks is None else min(n_chunks, base.n_chunk)
+    n = base.n_chunk if n_chunks is None or n_chunks < 0 else min(n_chunks, base.n_chunk)
     chunks = _with_bos(model, base.tokens[:n])
     parts: dict[str, list[np.ndarray]] = {}
     start, warm = time.perf_counter(), None

@@ -1,8 +1,8 @@
 """Perplexity exactly as llama.cpp's ``llama-perplexity`` computes it (tools/perplexity).
 
 The whole text is tokenized once (BOS first when the vocabulary asks for it), cut into
-non-overlapping chunks of ``n_ctx`` tokens, each chunk's first token replaced by BOS, and each
-chunk run from an empty cache. Only the second half is scored: the logits at positions
+non-overlapping chunks of ``n_ctx`` tokens (``jaxquant.text``), each chunk's first token replaced
+by BOS, and each chunk run from an empty cache. Only the second half is scored: the logits at positions
 ``n_ctx/2 .. n_ctx-2`` predict the tokens after them, so every scored token has at least
 ``n_ctx/2`` tokens of context. PPL = exp(mean NLL); its error is llama.cpp's
 ``sqrt(var(NLL) / (count - 1)) * PPL``.
@@ -25,6 +25,7 @@ from jaxquant import models
 from jaxquant.config import ModelConfig
 from jaxquant.errors import JaxquantError
 from jaxquant.model import Model
+from jaxquant.text import check_chunking, make_chunks, tokenize
 
 DEFAULT_CTX = 512
 
@@ -35,31 +36,6 @@ def load_model(path: str | os.PathLike | None = None, policy=None, imatrix=None)
     import jaxquant
 
     return jaxquant.load(path, isq=policy, imatrix=imatrix)
-
-
-def tokenize(model: Model, text: str) -> list[int]:
-    """The text's tokens as llama-perplexity has them: ``common_tokenize(text, add_special=true)``
-    (BOS when the vocabulary adds it), special-token text not parsed."""
-    if model.tokenizer is None:
-        raise JaxquantError("perplexity of a text needs a model with a tokenizer")
-    if model.tokenizer.add_eos:
-        raise JaxquantError("llama-perplexity refuses vocabularies that append EOS; so does jaxquant")
-    return model.tokenizer.encode(text, add_bos=None, parse_special=False)
-
-
-def make_chunks(tokens: Sequence[int], n_ctx: int, n_chunks: int | None, bos_id: int | None) -> np.ndarray:
-    """int32 [n_chunks, n_ctx]: consecutive non-overlapping windows, the first token of each
-    replaced by ``bos_id`` (None: left as is). At least 2 * n_ctx tokens are needed, as in llama.cpp."""
-    if n_ctx < 4 or n_ctx % 2:
-        raise JaxquantError(f"n_ctx={n_ctx}: must be an even number >= 4")
-    if len(tokens) < 2 * n_ctx:
-        raise JaxquantError(f"the text has {len(tokens)} tokens; a context of {n_ctx} needs at least {2 * n_ctx}")
-    available = len(tokens) // n_ctx
-    n = available if n_chunks is None or n_chunks < 0 else min(n_chunks, available)
-    out = np.asarray(tokens[:n * n_ctx], np.int32).reshape(n, n_ctx).copy()
-    if bos_id is not None:
-        out[:, 0] = bos_id
-    return out
 
 
 def scored_targets(chunks: np.ndarray) -> np.ndarray:
@@ -131,6 +107,7 @@ class PerplexityResult:
 def iter_batches(chunks: np.ndarray, batch: int) -> Iterator[tuple[np.ndarray, int]]:
     """(chunks [batch, n_ctx], how many are real): the last batch is padded by repeating its
     last chunk so that every call has the same shape (one compilation)."""
+    check_chunking(batch=batch)
     for i in range(0, len(chunks), batch):
         part = chunks[i:i + batch]
         n = len(part)
@@ -151,7 +128,8 @@ def perplexity(model: Model, text: str | None = None, *, tokens: Sequence[int] |
 
     if (text is None) == (tokens is None):
         raise JaxquantError("perplexity: give either text or tokens")
-    tokens = tokenize(model, text) if tokens is None else list(tokens)
+    check_chunking(n_ctx, n_chunks, batch)
+    tokens = tokenize(model.tokenizer, text) if tokens is None else list(tokens)
     bos = model.tokenizer.bos_id if model.tokenizer is not None and model.tokenizer.add_bos else None
     chunks = make_chunks(tokens, n_ctx, n_chunks, bos)
     nll, running, start, warm = [], [], time.perf_counter(), None
@@ -180,5 +158,5 @@ def perplexity(model: Model, text: str | None = None, *, tokens: Sequence[int] |
     return PerplexityResult(ppl, err, nll.size, len(chunks), n_ctx, len(tokens), running, end - start, tps, nll)
 
 
-__all__ = ["perplexity", "PerplexityResult", "load_model", "tokenize", "make_chunks", "scored_targets",
-           "scored_logits", "chunk_nll", "ppl_and_error", "iter_batches", "DEFAULT_CTX"]
+__all__ = ["perplexity", "PerplexityResult", "load_model", "scored_targets", "scored_logits", "chunk_nll",
+           "ppl_and_error", "iter_batches", "DEFAULT_CTX"]

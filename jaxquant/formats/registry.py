@@ -135,6 +135,8 @@ class Format:
                 f"(llama.cpp falls back to Q5_0/Q8_0/IQ4_NL for such rows)")
 
     def dequantize(self, q: QTensor) -> jax.Array:
+        if not math.prod(q.shape):  # no blocks to reshape (a GGUF tensor may have a zero dimension)
+            return jnp.zeros(q.shape, jnp.float32)
         fn = self.dequantize_rows
         if self.scope == "tensor":  # one matrix per call; experts and other leading axes mapped
             for _ in range(len(q.shape) - 2):
@@ -241,6 +243,8 @@ def _check_input(x, fmt, weights, name) -> tuple[np.ndarray | jax.Array, jax.Arr
         raise QuantizeInputError(f"{fmt.name}: {where} has dtype {dt}; quantize takes float32, float16 or bfloat16")
     if x.ndim < 1:
         raise QuantizeInputError(f"{fmt.name}: {where} is a scalar; quantize takes arrays of rows")
+    if not math.prod(x.shape):
+        raise QuantizeInputError(f"{fmt.name}: {where} has no elements (shape {tuple(x.shape)}); nothing to quantize")
     try:
         fmt.check_row_length(tuple(x.shape), name)
     except FormatError as e:
@@ -284,63 +288,120 @@ def _quantize_chunk(fmt: Format, x: jax.Array, weights: jax.Array | None):
     return fmt.quantize_rows(x, weights), jnp.isfinite(jnp.sum(x * 0))
 
 
+def _result_stats(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per row of a finite input ``x`` and its dequantized result ``y``: the squared error and the
+    squared norm (float32). A non-finite ``y`` makes the error non-finite; inputs beyond ~1e19
+    overflow both, and ``_check_result`` then looks again in float64."""
+    x = x.astype(jnp.float32)
+    d = x - y.reshape(x.shape)
+    return jnp.sum(d * d, axis=-1), jnp.sum(x * x, axis=-1)
+
+
+# Compiled apart from the quantizer: fused into it, XLA's CPU backend made Q4_0 7x slower.
+_chunk_stats = jax.jit(lambda fmt, x, arrays: _result_stats(x, fmt.dequantize_rows(arrays)), static_argnums=0)
+_tensor_stats = jax.jit(lambda x, out: _result_stats(x, out.dequantize(jnp.float32) if isinstance(out, QTensor)
+                                                     else out.astype(jnp.float32)))
+
+
+def _check_result(fmt, x, result, stats: list[tuple[jax.Array, jax.Array]], where: str) -> None:
+    """Raise when the quantized values are non-finite (a scale overflowed) or the error is 100%
+    (every value lost, e.g. a scale that underflowed), naming the first element affected."""
+    err = sum(float(np.asarray(e, np.float64).sum()) for e, _ in stats)
+    norm = sum(float(np.asarray(n, np.float64).sum()) for _, n in stats)
+    if math.isfinite(err) and math.isfinite(norm) and not (norm > 0 and err >= norm):
+        return
+    # rare: look again on the host, in float64 (no overflow)
+    x = np.asarray(x, np.float64)
+    y = np.asarray(result.dequantize(jnp.float32) if isinstance(result, QTensor) else result, np.float64)
+    y = y.reshape(x.shape)
+    finite = np.isfinite(y)
+    err, norm = float(((x - y) ** 2).sum()) if finite.all() else math.inf, float((x * x).sum())
+    if finite.all() and not (norm > 0 and err >= norm):
+        return
+    if not finite.all():
+        what, at = "quantizes to a non-finite value, first", int(np.argmin(finite.reshape(-1)))
+    else:
+        what = f"loses all its values (relative RMS error {math.sqrt(err / norm):.0%}), the largest error"
+        at = int(np.argmax(np.abs(x - y).reshape(-1)))
+    idx = tuple(int(i) for i in np.unravel_index(at, x.shape))
+    raise QuantizeInputError(
+        f"{fmt.name}: {where} {what} at index {idx} ({float(x[idx])!r} -> {float(y[idx])!r}): its values "
+        "are out of the format's range (scales overflow or underflow); pick another format, scale the tensor, or "
+        "keep the result anyway with check=False (ISQ: Policy(check=False))")
+
+
 def quantize(x, fmt: str | Format | PlainFormat, weights=None, *, name: str | None = None,
-             dtype: str = "float32") -> QTensor | jax.Array:
+             dtype: str = "float32", check: bool = True) -> QTensor | jax.Array:
     """Quantize ``x`` (``[..., K]``, blocks along the last axis) to ``fmt``.
 
     ``weights``: optional per-column importance (llama.cpp's imatrix ``quant_weights``, shape ``[K]``).
     Concrete inputs are checked (dtype, row length, NaN/Inf) and processed in row chunks; under
     ``jax.jit`` the whole array is quantized in one traced computation.
+    ``check``: raise ``QuantizeInputError`` when the result of a concrete input is garbage: a
+    non-finite value (finite inputs too large for the format's scales: AFQ4 at 7e4, Q4_0 at 5e5)
+    or a relative error of 100% (all values lost: Q6_K at 1e30). The bytes are llama.cpp's either
+    way; ``check=False`` returns them.
     """
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
     if not fmt.can_quantize:
         raise FormatError(f"{fmt.name} can be loaded and dequantized but not quantized; "
                           f"quantizable formats: {', '.join(list_formats(True))}")
     x, weights = _check_input(x, fmt, weights, name)
-    shape = tuple(x.shape)
+    shape, traced = tuple(x.shape), isinstance(x, jax.core.Tracer)
     if isinstance(fmt, PlainFormat) or fmt.scope == "tensor":  # whole tensors, no row chunks
         x = jnp.asarray(x, jnp.float32)
-        if not isinstance(x, jax.core.Tracer):
+        if not traced:
             _check_finite(np.asarray(x), fmt, _where(name), "weight")
-        return x.astype(fmt.dtype) if isinstance(fmt, PlainFormat) else QTensor(
+        out = x.astype(fmt.dtype) if isinstance(fmt, PlainFormat) else QTensor(
             _quantize_tensor(fmt, x), fmt.name, shape, dtype)
+        if check and not traced:
+            _check_result(fmt, x, out, [_tensor_stats(x, out)], _where(name))
+        return out
     k = shape[-1]
     rows = x.reshape(-1, k)
-    if isinstance(x, jax.core.Tracer):
+    if traced:
         arrays = fmt.quantize_rows(rows.astype(jnp.float32), weights)
     else:
-        arrays, bad = _quantize_chunked(fmt, rows, weights)
+        arrays, bad, stats = _quantize_chunked(fmt, rows, weights, check)
         if bad is not None:
             _check_finite(np.asarray(x, np.float32), fmt, _where(name), "weight", bad)
     nb = k // fmt.block_size
     arrays = {f.name: arrays[f.name].reshape(*shape[:-1], nb, *((f.count,) if f.count > 1 else ()))
               for f in fmt.fields if f.layout == "rows"}
-    return QTensor(arrays, fmt.name, shape, dtype)
+    out = QTensor(arrays, fmt.name, shape, dtype)
+    if check and not traced:
+        _check_result(fmt, x, out, stats, _where(name))
+    return out
 
 
-def _quantize_chunked(fmt: Format, rows, weights) -> tuple[dict[str, jax.Array], int | None]:
-    """``rows`` quantized chunk by chunk, and the flat index of the first non-finite value, or None.
-    Only the padded tail is sliced; one concatenation."""
+def _quantize_chunked(fmt: Format, rows, weights, check: bool
+                      ) -> tuple[dict[str, jax.Array], int | None, list[tuple[jax.Array, jax.Array]]]:
+    """``rows`` quantized chunk by chunk, the flat index of the first non-finite value (or None) and
+    each chunk's ``_result_stats`` (if ``check``; zero-padded rows add nothing to them). Only the
+    padded tail is sliced; one concatenation."""
     n, k = rows.shape
     step = max(1, min(n, CHUNK_ELEMENTS // k))
     staging = _Staging(step, k) if isinstance(rows, np.ndarray) and jax.devices()[0].platform == "cpu" else None
-    parts, flags = [], []
+    parts, flags, stats = [], [], []
     for i, start in enumerate(range(0, n, step)):
         chunk = rows[start:start + step]
         if staging is not None:
-            chunk = staging.put(i, chunk, parts)
+            chunk = staging.put(i, chunk, stats if check else parts)  # the stats read the chunk last
         elif chunk.shape[0] < step:  # pad the tail so every chunk reuses one compiled function
             chunk = jnp.pad(chunk, ((0, step - chunk.shape[0]), (0, 0)))
         out, finite = _quantize_chunk(fmt, chunk, weights)
         parts.append(out)
         flags.append(finite)
+        if check:
+            stats.append(_chunk_stats(fmt, chunk, out))
     for i, finite in enumerate(flags):
         if not finite:  # rare: find the first bad value of that chunk on the host
             chunk = np.asarray(rows[i * step:(i + 1) * step]).astype(np.float32)
-            return {}, i * step * k + int(np.argmin(np.isfinite(chunk).reshape(-1)))
+            return {}, i * step * k + int(np.argmin(np.isfinite(chunk).reshape(-1))), []
     if n % step:
         parts[-1] = {key: v[:n % step] for key, v in parts[-1].items()}
-    return {key: jnp.concatenate([p[key] for p in parts]) if len(parts) > 1 else parts[0][key] for key in parts[0]}, None
+    arrays = {key: jnp.concatenate([p[key] for p in parts]) if len(parts) > 1 else parts[0][key] for key in parts[0]}
+    return arrays, None, stats
 
 
 class _Staging:

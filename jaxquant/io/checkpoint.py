@@ -4,7 +4,8 @@ config and tokenizer files), restored bit for bit without requantizing.
 
 A checkpoint directory holds numbered steps written by orbax's CheckpointManager: each save
 goes to a temporary directory renamed into place once complete, and the previous step is
-deleted only after that, so an interrupted save leaves the earlier checkpoint loadable.
+deleted only after that, so an interrupted save leaves the earlier checkpoint loadable, and the
+next save to the same path (after a kill during the first one, too) goes through.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import jax
 import numpy as np
 
 from jaxquant.errors import FileFormatError
+from jaxquant.io.output import check_output_path
 from jaxquant.io.source import Tensor, TensorInfo
 from jaxquant.qtensor import QTensor
 
 KIND, VERSION = "jaxquant-checkpoint", 1
+ORBAX_TMP = ".orbax-checkpoint-tmp"  # in the name of a step directory being written
 HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
             "chat_template.jinja", "generation_config.json")
 
@@ -83,8 +86,10 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, Tensor], mode
     step. The previous step stays until this one is complete."""
     import orbax.checkpoint as ocp
 
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not is_checkpoint(path))):
+    path = check_output_path(path, directory=True)
+    # A save killed before its first step was complete leaves only orbax's temporary directory,
+    # which the manager removes (cleanup_tmp_directories): the path is then as good as new.
+    if path.exists() and not is_checkpoint(path) and any(ORBAX_TMP not in p.name for p in path.iterdir()):
         raise FileFormatError(f"{path}: exists and is not a jaxquant checkpoint directory; choose a new path")
     names = list(tensors)
     tree = [dict(x.arrays) if isinstance(x, QTensor) else x for x in tensors.values()]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 import mmap
 import os
@@ -26,12 +25,17 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from jaxquant.errors import FileFormatError, FormatError, JaxquantError
 from jaxquant.formats import Format, PlainFormat, get_format
+from jaxquant.io.output import atomic_output
 from jaxquant.io.source import Deferred, Tensor, TensorInfo
 from jaxquant.qtensor import QTensor
 
 SUPPORTED_VERSIONS = (2, 3)
 MAX_DIMS = 4  # GGML_MAX_DIMS
 HEADER_BYTES = 24  # magic, version, tensor count, kv count
+# The fewest bytes one metadata entry (key length, 1-byte key, type, 1-byte value) and one tensor
+# info (name length, 1-byte name, n_dims, type, offset) take: counts are checked against the bytes
+# left before anything is parsed, so a huge count fails at once instead of after millions of entries.
+MIN_KV_BYTES, MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 1, 8 + 1 + 4 + 4 + 8
 CHUNK_BYTES = 1 << 24  # tensors load in row chunks of about this size
 
 # GGUF tensor types that are plain numpy arrays with no jaxquant format (64-bit ones stay numpy:
@@ -73,6 +77,8 @@ class _Reader(gguf.GGUFReader):
             return super()._get_field_parts(orig_offs, raw_type)
         raw_itype, alen = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
         itype, n = self._value_type(raw_itype[0], orig_offs), int(alen[0])
+        if itype == GGUFValueType.STRING:  # each string is at least its 8-byte length
+            self._check_count(n, 8, orig_offs + 12, f"metadata array at offset {orig_offs}: {n} strings")
         if itype == GGUFValueType.ARRAY:
             raise self._fail(f"nested metadata array at offset {orig_offs} (llama.cpp does not support them)")
         if itype != GGUFValueType.STRING:
@@ -94,9 +100,17 @@ class _Reader(gguf.GGUFReader):
         strings[:] = values
         return offs - orig_offs, [raw_itype, alen, strings], [2], [gtype, itype]
 
+    def _check_count(self, count: int, min_bytes: int, offset: int, what: str) -> None:
+        left = int(self.data.size) - offset
+        if count > left // min_bytes:
+            raise self._fail(f"{what} need at least {count * min_bytes} bytes from offset {offset}, the file has "
+                             f"{left} left: a corrupt count field or a truncated file")
+
     def _get_tensor_info_field(self, orig_offs):
         # Name and n_dims checked first: a wrong n_dims would shift every field after it.
         name_len = int(self._get(orig_offs, np.uint64)[0])
+        if name_len == 0:
+            raise self._fail(f"empty tensor name (tensor info at offset {orig_offs})")
         raw_name = bytes(self._get(orig_offs + 8, np.uint8, name_len))
         try:
             name = raw_name.decode("utf-8")
@@ -111,6 +125,7 @@ class _Reader(gguf.GGUFReader):
 
     def _build_fields(self, offs, count):
         self.kv_start = offs
+        self._check_count(int(count), MIN_KV_BYTES, offs, f"{int(count)} metadata entries (kv count at offset 16)")
         try:
             self.kv_end = super()._build_fields(offs, count)
         except UnicodeDecodeError as e:  # gguf-py decodes the keys
@@ -120,13 +135,16 @@ class _Reader(gguf.GGUFReader):
         return self.kv_end
 
     def _build_tensor_info(self, offs, count):
+        self._check_count(int(count), MIN_TENSOR_INFO_BYTES, offs, f"{int(count)} tensor infos (tensor count at "
+                          "offset 8)")
         offs, fields = super()._build_tensor_info(offs, count)
         self.info_end = offs
         return offs, fields
 
     def _build_tensors(self, start_offs, fields):
         seen: dict[str, int] = {}
-        spans = []
+        align = int(self.alignment)  # a numpy uint32 when the file sets it
+        expected = 0  # llama.cpp's rule: each tensor's data follows the previous one's, padded to the alignment
         for field in fields:
             _, name_data, _, dims, raw_type, rel = field.parts
             name = bytes(name_data).decode("utf-8")  # checked in _get_tensor_info_field
@@ -148,17 +166,27 @@ class _Reader(gguf.GGUFReader):
                 raise self._fail(f"{where}: row length {ne[0] if ne else 1} is not a multiple of the {ggml_type.name} "
                                  f"block size {block}")
             start, nbytes = start_offs + int(rel[0]), math.prod(ne) // block * type_size
-            if int(rel[0]) % self.alignment:
-                raise self._fail(f"{where}: data offset {int(rel[0])} is not a multiple of the alignment "
-                                 f"{self.alignment}")
+            if int(rel[0]) % align:
+                raise self._fail(f"{where}: data offset {int(rel[0])} is not a multiple of the alignment {align}")
+            if int(rel[0]) != expected:
+                raise self._fail(f"{where}: data offset {int(rel[0])}, expected {expected}: tensor data must follow "
+                                 f"in tensor-info order, each padded to the alignment {align} (as llama.cpp "
+                                 "requires); a wrong general.alignment or a corrupt offset")
             if start + nbytes > self.data.size:
                 raise self._fail(f"{where}: data [{start}, {start + nbytes}) of {ggml_type.name} "
                                  f"{tuple(reversed(ne))} runs past the end of the file ({self.data.size} bytes)")
-            spans.append((start, start + nbytes, name))
-        spans.sort()
-        for (_, end, a), (start, _, b) in itertools.pairwise(spans):
-            if start < end:
-                raise self._fail(f"data of tensors {a!r} and {b!r} overlap at offset {start}")
+            expected += -(-nbytes // align) * align
+            end = start + nbytes
+        # What lies around the data is zero padding (as llama.cpp and gguf-py write it): a wrong
+        # general.alignment moves where the data starts, and then it is not.
+        end = start_offs if not fields else end
+        if self.data[self.info_end:min(start_offs, self.data.size)].any():
+            raise self._fail(f"the padding before the tensor data [{self.info_end}, {start_offs}) is not zero: the "
+                             f"data does not start where the alignment {align} puts it (a wrong general.alignment?)")
+        tail = self.data[min(end, self.data.size):]
+        if tail.size >= align or tail.any():
+            raise self._fail(f"{tail.size} bytes after the last tensor's data (offset {end}) where at most {align - 1} "
+                             f"zero bytes of padding belong: a wrong general.alignment or extra data")
         super()._build_tensors(start_offs, fields)
 
 
@@ -182,6 +210,8 @@ def _string(raw) -> str | bytes:
 
 
 def _open_reader(path: Path) -> _Reader:
+    if path.exists() and not path.is_file():  # opening a FIFO would wait for a writer forever
+        raise FileFormatError(f"{path}: not a regular file (a directory, FIFO or device); give a GGUF file")
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -256,7 +286,8 @@ class GGUFSource:
         info = self.info(name)
         fmt = None if info.type in NUMPY_TYPES else self._format(info)
         rows = math.prod(info.shape[:-1])
-        row_bytes = info.nbytes // rows if rows else 0
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[info.type]]
+        row_bytes = (info.shape[-1] if info.shape else 1) // block * type_size  # also when there are no rows
         by_row = self.raw(name).reshape(rows, row_bytes)
         if isinstance(fmt, Format):
             blocks = by_row.view(fmt.block_dtype)
@@ -278,10 +309,14 @@ class GGUFSource:
 
     def _format(self, info: TensorInfo) -> Format | PlainFormat:
         try:
-            return get_format(info.type)
+            fmt = get_format(info.type)
         except FormatError:
-            raise FormatError(f"{self.path}: tensor {info.name!r} has type {info.type}, which jaxquant cannot "
-                              "load yet (no registered format)") from None
+            fmt = None
+        if fmt is None or not fmt.gguf:  # e.g. GGML's NVFP4 (blocks of 64) is not jaxquant's NVFP4 (blocks of 16)
+            raise FormatError(f"{self.path}: tensor {info.name!r} has GGML type {info.type} (id "
+                              f"{int(GGMLQuantizationType[info.type])}), which jaxquant cannot load yet (no "
+                              "GGUF format of that name is registered)") from None
+        return fmt
 
     def _release(self, start: int, nbytes: int) -> None:
         """Drop the mapped pages of a loaded tensor from this process (they stay in the page cache
@@ -397,7 +432,8 @@ def write_gguf(path: str | os.PathLike, metadata: Mapping[str, Any], tensors: Ma
     """Write a GGUF file with gguf-py's writer: ``metadata`` in order (``value_types`` gives each
     key's GGUF type, e.g. ``GGUFSource.value_types``; missing ones are inferred), then the tensors
     in order. ``Deferred`` tensors are loaded one at a time while writing, so a model streams
-    through with about one tensor in memory. The file appears atomically at ``path``."""
+    through with about one tensor in memory. The file appears atomically at ``path``: an error or
+    a kill on the way leaves nothing (``jaxquant.io.output.atomic_output``)."""
     path = Path(path)
     value_types = value_types or {}
     arch = metadata.get("general.architecture")
@@ -409,39 +445,41 @@ def write_gguf(path: str | os.PathLike, metadata: Mapping[str, Any], tensors: Ma
             raise FormatError(f"tensor {info.name!r}: format {info.type} has no GGML type, so it cannot go into a "
                               "GGUF file; save an orbax checkpoint instead (jaxquant quantize SRC DIR) or pick "
                               "GGUF formats")
-    tmp = path.with_name(path.name + ".tmp")
-    writer = gguf.GGUFWriter(tmp, arch)
-    writer.kv_data[0].clear()  # the constructor adds general.architecture; keep the caller's order
-    try:
-        for key, value in metadata.items():
-            vt = value_types.get(key) or infer_value_types(value)
-            if vt[0] == GGUFValueType.ARRAY and not len(value):
-                raise FormatError(f"metadata key {key!r}: gguf-py cannot write an empty array")
-            writer.add_key_value(key, list(value) if vt[0] == GGUFValueType.ARRAY else value, vt[0],
-                                 vt[1] if len(vt) > 1 else None)
-        if "general.alignment" in metadata:
-            alignment = int(metadata["general.alignment"])
-            if alignment <= 0 or alignment & (alignment - 1):
-                raise FormatError(f"general.alignment {alignment} is not a power of two")
-            writer.data_alignment = alignment
-        for info in infos:
-            qtype = GGMLQuantizationType[info.type]
-            block, type_size = GGML_QUANT_SIZES[qtype]
-            byte_shape = (*info.shape[:-1], info.shape[-1] // block * type_size)
-            writer.add_tensor_info(info.name, byte_shape, np.dtype(np.uint8), info.nbytes, raw_dtype=qtype)
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for info, value in zip(infos, tensors.values()):
-            if isinstance(value, Deferred):
-                value = value.load()
-                got = tensor_info(info.name, value)
-                if got != info:
-                    raise FormatError(f"tensor {info.name!r}: loaded as {got.type} {got.shape} ({got.nbytes} bytes), "
-                                      f"its info says {info.type} {info.shape} ({info.nbytes} bytes)")
-            writer.write_tensor_data(tensor_bytes(value))
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+    with atomic_output(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.kv_data[0].clear()  # the constructor adds general.architecture; keep the caller's order
+        try:
+            _write(writer, tmp, metadata, value_types, infos, tensors)
+        finally:
+            writer.close()
+
+
+def _write(writer: gguf.GGUFWriter, tmp: str, metadata: Mapping[str, Any], value_types: Mapping[str, ValueTypes],
+           infos: list[TensorInfo], tensors: Mapping[str, Tensor | Deferred]) -> None:
+    for key, value in metadata.items():
+        vt = value_types.get(key) or infer_value_types(value)
+        if vt[0] == GGUFValueType.ARRAY and not len(value):
+            raise FormatError(f"metadata key {key!r}: gguf-py cannot write an empty array")
+        writer.add_key_value(key, list(value) if vt[0] == GGUFValueType.ARRAY else value, vt[0],
+                             vt[1] if len(vt) > 1 else None)
+    if "general.alignment" in metadata:
+        alignment = int(metadata["general.alignment"])
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise FormatError(f"general.alignment {alignment} is not a power of two")
+        writer.data_alignment = alignment
+    for info in infos:
+        qtype = GGMLQuantizationType[info.type]
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        byte_shape = (*info.shape[:-1], info.shape[-1] // block * type_size)
+        writer.add_tensor_info(info.name, byte_shape, np.dtype(np.uint8), info.nbytes, raw_dtype=qtype)
+    writer.write_header_to_file(tmp)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for info, value in zip(infos, tensors.values()):
+        if isinstance(value, Deferred):
+            value = value.load()
+            got = tensor_info(info.name, value)
+            if got != info:
+                raise FormatError(f"tensor {info.name!r}: loaded as {got.type} {got.shape} ({got.nbytes} bytes), "
+                                  f"its info says {info.type} {info.shape} ({info.nbytes} bytes)")
+        writer.write_tensor_data(tensor_bytes(value))

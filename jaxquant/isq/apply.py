@@ -50,7 +50,7 @@ class QuantizedSource:
         self.on_load = None  # called with (index, choice) after each tensor; the progress bar hooks here
         # The per-tensor quantizer (x, format, weights, name) -> tensor: row chunks by default;
         # benchmarks/isq.py --whole swaps in one jitted call per tensor.
-        self.quantize = _quantize
+        self.quantize = functools.partial(_quantize, check=plan.policy.check)
         self._index = {c.name: i for i, c in enumerate(plan.choices)}
 
     @property
@@ -132,11 +132,11 @@ class QuantizedSource:
 _dequantize = jax.jit(lambda q: q.dequantize(jnp.float32))
 
 
-def _quantize(x: jax.Array, fmt: str, weights: np.ndarray | None, name: str) -> Tensor:
+def _quantize(x: jax.Array, fmt: str, weights: np.ndarray | None, name: str, check: bool = True) -> Tensor:
     """One tensor; experts (3-D, one imatrix row each) one expert at a time, as llama.cpp."""
     if weights is None or weights.ndim == 1:
-        return quantize(x, fmt, weights, name=name)
-    parts = [quantize(x[e], fmt, weights[e], name=f"{name}[{e}]") for e in range(x.shape[0])]
+        return quantize(x, fmt, weights, name=name, check=check)
+    parts = [quantize(x[e], fmt, weights[e], name=f"{name}[{e}]", check=check) for e in range(x.shape[0])]
     if not isinstance(parts[0], QTensor):
         return jnp.stack(parts)
     arrays = {k: jnp.stack([p.arrays[k] for p in parts]) for k in parts[0].arrays}

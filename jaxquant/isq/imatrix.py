@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.errors import FileFormatError
+from jaxquant.io.output import atomic_output
 
 IN_SUM2, COUNTS = ".in_sum2", ".counts"
 
@@ -59,6 +60,8 @@ class Imatrix:
 def read_imatrix(path: str | os.PathLike) -> Imatrix:
     """A GGUF imatrix (``llama-imatrix`` / ``jaxquant imatrix``) or a legacy ``.dat`` file."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # opening a FIFO would wait for a writer forever
+        raise FileFormatError(f"{path}: not a regular file (a directory, FIFO or device); give an imatrix file")
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -152,34 +155,31 @@ def _writer_class():
 def write_imatrix(im: Imatrix, path: str | os.PathLike) -> None:
     """llama-imatrix's GGUF layout (IMatrixCollector::save_imatrix): ``general.type`` 'imatrix',
     the datasets, chunk count and size, then ``<name>.in_sum2`` [n_mat, K] and ``<name>.counts``
-    [n_mat, 1] (F32) in name order. The file appears atomically."""
+    [n_mat, 1] (F32) in name order. The file appears atomically (``atomic_output``)."""
     import gguf
 
     path = Path(path)
     if im.legacy:
         raise FileFormatError("a legacy imatrix holds normalized sums, not llama-imatrix's raw ones; it cannot be "
                               "written as GGUF")
-    tmp = path.with_name(path.name + ".tmp")
-    w = _writer_class()(tmp, arch="")
-    w.kv_data[0].clear()  # no general.architecture: llama-imatrix writes none
-    w.add_string("general.type", "imatrix")
-    w.add_key_value("imatrix.datasets", list(im.datasets), gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)
-    w.add_uint32("imatrix.chunk_count", im.chunk_count)
-    w.add_uint32("imatrix.chunk_size", im.chunk_size)
-    for name in im.entries:
-        sums, counts = np.asarray(im.sums[name], np.float32), np.asarray(im.counts[name], np.float32)
-        lead = (counts.size,) if counts.size > 1 else ()  # ggml drops trailing dimensions of 1
-        w.add_tensor(name + IN_SUM2, sums.reshape(*lead, -1))
-        w.add_tensor(name + COUNTS, counts.reshape(*lead, 1))
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
-    finally:
-        w.close()
-        tmp.unlink(missing_ok=True)
+    with atomic_output(path) as tmp:
+        w = _writer_class()(tmp, arch="")
+        w.kv_data[0].clear()  # no general.architecture: llama-imatrix writes none
+        w.add_string("general.type", "imatrix")
+        w.add_key_value("imatrix.datasets", list(im.datasets), gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)
+        w.add_uint32("imatrix.chunk_count", im.chunk_count)
+        w.add_uint32("imatrix.chunk_size", im.chunk_size)
+        for name in im.entries:
+            sums, counts = np.asarray(im.sums[name], np.float32), np.asarray(im.counts[name], np.float32)
+            lead = (counts.size,) if counts.size > 1 else ()  # ggml drops trailing dimensions of 1
+            w.add_tensor(name + IN_SUM2, sums.reshape(*lead, -1))
+            w.add_tensor(name + COUNTS, counts.reshape(*lead, 1))
+        try:
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
 
 
 def as_weights(imatrix: Imatrix | Mapping[str, np.ndarray] | str | os.PathLike | None) -> dict[str, np.ndarray]:
@@ -245,10 +245,11 @@ def collect_imatrix(model, text: str, n_ctx: int = 512, n_chunks: int | None = N
     token count. ``batch`` chunks run per device call."""
     from tqdm.auto import tqdm
 
-    from jaxquant.eval.perplexity import make_chunks, tokenize
+    from jaxquant.text import check_chunking, make_chunks, tokenize
 
+    check_chunking(n_ctx, n_chunks, batch)
     tok = model.tokenizer
-    chunks = make_chunks(tokenize(model, text), n_ctx, n_chunks, tok.bos_id if tok.add_bos else None)
+    chunks = make_chunks(tokenize(tok, text), n_ctx, n_chunks, tok.bos_id if tok.add_bos else None)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.float32] = {}
     with tqdm(total=len(chunks), unit="chunk", desc="imatrix",

@@ -33,7 +33,7 @@ SKIP = "skip"  # a rule format: keep the tensor as the source stores it
 ROLES = ("token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_kv_b", "attn_output", "ffn_gate",
          "ffn_up", "ffn_down", "other")
 RULE_KEYS = ("format", "name", "role", "layers")
-POLICY_KEYS = ("name", "default", "mix", "pure", "embeddings", "output", "promote", "fallback", "rules")
+POLICY_KEYS = ("name", "default", "mix", "pure", "embeddings", "output", "promote", "fallback", "check", "rules")
 LAYER_FORMS = ("an index (3, -1)", "an inclusive range '2-5'", "a slice '10:' or '-4:'", "'first 25%'", "'last 25%'",
                "'middle 50%'", "'first 4'", "'last 4'", "a list of these")
 POLICY_DIR = Path(__file__).resolve().parents[2] / "configs" / "policies"
@@ -197,6 +197,8 @@ class Policy:
       or Q8_0 where the row does not divide into the default's blocks.
     - ``fallback``: llama.cpp's smaller-block type for rows that do not divide into blocks
       (Q4_K -> Q5_0, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL, ...); off, such a tensor is an error.
+    - ``check``: a tensor whose quantized values are non-finite or whose error is 100% (values
+      out of the format's range) is an error (``jaxquant.quantize(check=...)``); off, it is kept.
     """
 
     default: str | None = None
@@ -207,6 +209,7 @@ class Policy:
     output: str | None = None
     promote: bool = False
     fallback: bool = True
+    check: bool = True
     name: str = ""
 
     def __post_init__(self):
@@ -253,7 +256,7 @@ class Policy:
         if not isinstance(rules, (list, tuple)):
             raise PolicyError(f"{where}: 'rules' must be a list of rules (mappings with keys {', '.join(RULE_KEYS)})")
         values = {**d, "rules": tuple(Rule.from_dict(r, f"{where}: rule {i + 1}") for i, r in enumerate(rules))}
-        for key in ("pure", "promote", "fallback"):
+        for key in ("pure", "promote", "fallback", "check"):
             if key in values and not isinstance(values[key], bool):
                 raise PolicyError(f"{where}: {key!r} must be true or false, got {values[key]!r}")
         return cls(**values)

@@ -104,7 +104,7 @@ def load_params(source, cfg: ModelConfig, required: tuple[str, ...], dtype=jnp.f
     plan: dict[str, tuple[int | None, str]] = {}  # tensor -> (layer or None, field), checked before loading
     for name in source.tensor_names:
         parts = name.split(".")
-        field = parts[-2] + ("_bias" if parts[-1] == "bias" else "")
+        field = parts[-2] + ("_bias" if parts[-1] == "bias" else "") if len(parts) > 1 else ""
         if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) < cfg.n_layers \
                 and field in fields:
             plan[name] = (int(parts[1]), field)
@@ -113,12 +113,19 @@ def load_params(source, cfg: ModelConfig, required: tuple[str, ...], dtype=jnp.f
         else:
             raise FileFormatError(f"{where}: tensor {name!r} is not used by the {cfg.arch} architecture "
                                   f"({cfg.n_layers} layers)")
-    need = [f"blk.{i}.{f}.weight" for i in range(cfg.n_layers) for f in required]
+    # Only layers that have tensors are listed name by name: a corrupt block count (2**32 - 1) must
+    # not build a list of that size; the layers that have none are counted.
+    present = sorted({i for i, _ in plan.values() if i is not None})
+    need = [f"blk.{i}.{f}.weight" for i in present for f in required]
     need += ["token_embd.weight", "output_norm.weight"] + ([] if cfg.tie_embeddings else ["output.weight"])
     missing = [name for name in need if name not in plan]
     if missing:
         raise FileFormatError(f"{where}: {cfg.arch} model lacks tensor(s) {', '.join(missing[:8])}"
                               + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    if len(present) < cfg.n_layers:
+        first = next(i for i in range(cfg.n_layers) if i not in present)  # at most len(present) steps
+        raise FileFormatError(f"{where}: {cfg.arch} model of {cfg.n_layers} layers has tensors for {len(present)} "
+                              f"of them (none for layer {first}): a wrong block_count or missing tensors")
     for name in plan:
         _check_shape(where, name, tuple(source.info(name).shape), cfg)
 

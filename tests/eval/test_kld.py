@@ -119,18 +119,19 @@ def model():
 
 
 def test_base_file_vs_perplexity_cpp_and_self_kld(model, tmp_path):
+    from jaxquant import text as text_chunks
     from jaxquant.eval import perplexity as pp
 
     text = english_text(250, seed=5)
     path = tmp_path / "base.kld"
     ppl = K.save_base(model, path, text, n_ctx=64, n_chunks=2, show_progress=False)
     base = K.read_base(path)
-    tokens = pp.tokenize(model, text)
+    tokens = text_chunks.tokenize(model.tokenizer, text)
     assert (base.n_ctx, base.n_vocab, base.n_chunk) == (64, model.cfg.vocab_size, 2)
     assert (base.tokens.ravel() == tokens[:128]).all()
     assert path.stat().st_size == 20 + 4 * 128 + 2 * 2 * 31 * K.row_width(model.cfg.vocab_size)
     # the rows are what perplexity.cpp writes for our logits (rounding ties aside)
-    chunks = pp.make_chunks(tokens, 64, 2, model.tokenizer.bos_id)
+    chunks = text_chunks.make_chunks(tokens, 64, 2, model.tokenizer.bos_id)
     logits = np.asarray(pp.scored_logits(model.params, jnp.asarray(chunks), model.cfg))
     for c, i in [(0, 0), (1, 30)]:
         row, _ = ref_base_row(logits[c, i], chunks[c, 33 + i])
@@ -165,6 +166,7 @@ def test_q4_0_vs_float_matches_llama_cpp(model, tmp_path):
 
     import llama_cpp
 
+    from jaxquant import text as text_chunks
     from jaxquant.eval import perplexity as pp
     from jaxquant.io import open_model
     from jaxquant.isq.apply import write_quantized_gguf
@@ -183,7 +185,8 @@ def test_q4_0_vs_float_matches_llama_cpp(model, tmp_path):
     K.save_base(base_model, tmp_path / "base.kld", text, n_ctx=n_ctx, n_chunks=n_chunks, show_progress=False)
     ours = K.kl_divergence(pp.load_model(f32, "Q4_0"), tmp_path / "base.kld", show_progress=False).stats
 
-    chunks = pp.make_chunks(pp.tokenize(base_model, text), n_ctx, n_chunks, base_model.tokenizer.bos_id)
+    tokens = text_chunks.tokenize(base_model.tokenizer, text)
+    chunks = text_chunks.make_chunks(tokens, n_ctx, n_chunks, base_model.tokenizer.bos_id)
     first, per_token = n_ctx // 2, []
     logits = {}
     for path in (f32, q4):

@@ -18,6 +18,7 @@ from tiny_model import TINY, tiny_model
 
 import jaxquant
 from jaxquant import cli
+from jaxquant import text as text_chunks
 from jaxquant.errors import JaxquantError
 from jaxquant.eval import perplexity as pp
 from jaxquant.eval.synthetic import english_text
@@ -81,12 +82,12 @@ def test_perplexity_vs_llama_cpp_quantized_by_llama_cpp(mix, float_gguf, tmp_pat
 
 
 def test_chunks_and_formula():
-    chunks = pp.make_chunks(list(range(100, 1100)), 8, None, 2)
+    chunks = text_chunks.make_chunks(list(range(100, 1100)), 8, None, 2)
     assert chunks.shape == (125, 8) and (chunks[:, 0] == 2).all() and chunks[1, 1] == 109
     assert (pp.scored_targets(chunks)[0] == [105, 106, 107]).all()
-    assert pp.make_chunks(list(range(100)), 8, 3, None).shape == (3, 8)
+    assert text_chunks.make_chunks(list(range(100)), 8, 3, None).shape == (3, 8)
     with pytest.raises(JaxquantError, match="at least 16"):
-        pp.make_chunks(list(range(15)), 8, None, 2)
+        text_chunks.make_chunks(list(range(15)), 8, None, 2)
     nll = np.array([1.0, 2.0, 3.0])
     ppl, err = pp.ppl_and_error(nll)
     assert ppl == pytest.approx(np.exp(2)) and err == pytest.approx(np.sqrt((14 / 3 - 4) / 2) * np.exp(2))

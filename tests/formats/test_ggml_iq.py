@@ -50,7 +50,7 @@ def test_bytes_equal_llama_cpp(name, k, with_imatrix):
     fmt = get_format(name)
     x = _matrix(k, seed=k)
     imatrix = _imatrix(k, seed=k + 1) if with_imatrix else None
-    ours = fmt.to_bytes(quantize(x, name, imatrix))
+    ours = fmt.to_bytes(quantize(x, name, imatrix, check=False))  # llama.cpp's bytes, out-of-range rows too
     ref = llama_oracle.quantize(x, name, imatrix)
     assert llama_oracle.block_mismatch(ours, ref, fmt.type_size)[0] == 0
 
@@ -85,6 +85,6 @@ def test_subnormal_blocks_dequantize_alike(name, k):
     fmt = get_format(name)
     x = (np.random.default_rng(11).standard_normal((ROWS, k)) * 1e-8).astype(np.float32)
     x[1] = 1e-14  # constant blocks just above GROUP_MAX_EPS
-    ours = _dequantize_gguf(fmt.to_bytes(quantize(x, name)), name)
+    ours = _dequantize_gguf(fmt.to_bytes(quantize(x, name, check=False)), name)  # all lost, as in llama.cpp
     ref = _dequantize_gguf(llama_oracle.quantize(x, name), name)
     assert np.array_equal(ours, ref) and not ref.any()

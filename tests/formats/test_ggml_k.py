@@ -63,7 +63,7 @@ def test_bytes_equal_llama_cpp(name, k, with_imatrix, rows):
     fmt = get_format(name)
     x = k_matrix(k, rows, SUB[name], seed=k)
     weights = imatrix(k, seed=k + 1) if with_imatrix else None
-    ours = fmt.to_bytes(quantize(x, name, weights)).reshape(-1, fmt.type_size)
+    ours = fmt.to_bytes(quantize(x, name, weights, check=False)).reshape(-1, fmt.type_size)  # out-of-range rows too
     ref = llama_oracle.quantize(x, name, weights).reshape(-1, fmt.type_size)
     tiny, huge = exempt_blocks(x, name)
     exact = ~(tiny | huge)

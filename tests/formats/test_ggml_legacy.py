@@ -28,7 +28,7 @@ def test_bytes_equal_llama_cpp(name, k, with_imatrix):
     fmt = get_format(name)
     x = edge_matrix(k, fmt.block_size, seed=k)
     weights = imatrix(k, seed=k + 1) if with_imatrix else None
-    ours = fmt.to_bytes(quantize(x, name, weights))
+    ours = fmt.to_bytes(quantize(x, name, weights, check=False))  # llama.cpp's bytes, out-of-range rows too
     ref = llama_oracle.quantize(x, name, weights)
     assert llama_oracle.block_mismatch(ours, ref, fmt.type_size) == (0, ROWS * k // fmt.block_size)
 

@@ -107,7 +107,7 @@ def test_matches_hqq_large(seed):
 
 def _check_format(name: str, bits: int, group: int, axis: int) -> None:
     """The registered format end to end: dequantize(quantize(x)) equals hqq's, bit for bit."""
-    ours = np.asarray(jq.quantize(X, name).dequantize())
+    ours = np.asarray(jq.quantize(X, name, check=False).dequantize())  # hqq's result, even 1-bit's >100% error
     assert np.array_equal(ours.view(np.uint32), _hqq_dequantize(*_hqq(X, bits, group, axis)).view(np.uint32)), name
 
 

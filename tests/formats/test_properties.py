@@ -57,7 +57,7 @@ def test_quantize_matches_llama_cpp_on_any_input(name):
             assume(np.abs(x).max() < LATTICE_MAX)
             with_imatrix = with_imatrix or name in NEEDS_IMATRIX
         imatrix = np.random.default_rng(1).uniform(0.01, 4.0, x.shape[-1]).astype(np.float32) if with_imatrix else None
-        q = jq.quantize(x, name, imatrix)
+        q = jq.quantize(x, name, imatrix, check=False)  # llama.cpp's bytes, out-of-range inputs too
         ref = llama_oracle.quantize(x, name, imatrix)
         # Byte equality is the spec, NaN scales included: llama.cpp writes them where squares overflow
         # or underflow (e.g. 1e-21 beside 6e4 zeroes every weight of a 0/0 scale search).
@@ -74,7 +74,7 @@ def test_zero_and_outlier_blocks_get_finite_scales(name):
     x[1, 3] = 6e4  # a huge value among ordinary ones
     x[2, :fmt.block_size] = 1e8 if _lattice(name) else 1e10
     for imatrix in (None, np.linspace(0.1, 2, x.shape[-1], dtype=np.float32))[name in NEEDS_IMATRIX:]:
-        q = jq.quantize(x, name, imatrix)
+        q = jq.quantize(x, name, imatrix, check=False)  # row 2 is out of the f16 scales' range
         assert np.array_equal(fmt.to_bytes(q), llama_oracle.quantize(x, name, imatrix))
         scales = [np.asarray(a, np.float32) for a in q.arrays.values() if a.dtype == jnp.float16]
         assert not any(np.isnan(s).any() for s in scales), "NaN scale"
@@ -91,6 +91,49 @@ def test_nan_and_inf_name_the_tensor_and_first_index():
     w[5] = np.inf
     with pytest.raises(QuantizeInputError, match=r"importance weight.*index \(5,\)"):
         jq.quantize(np.ones((4, 64), np.float32), "Q4_0", w)
+
+
+# Finite inputs out of a format's range: a scale overflows (non-finite values) or underflows (all lost).
+OUT_OF_RANGE = [("AFQ4_G64", 7e4, "quantizes to a non-finite value"), ("HQQ4_G64", 7e4, "non-finite"),
+                ("Q4_0", 5e5, "non-finite"), ("F16", 7e4, "non-finite"),
+                ("Q6_K", 1e30, r"loses all its values \(relative RMS error 100%\)"), ("IQ4_XS", 1e30, "loses all")]
+
+
+@pytest.mark.parametrize("name,scale,what", OUT_OF_RANGE)
+def test_values_out_of_the_formats_range_are_reported(name, scale, what):
+    x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
+    x[1] *= np.float32(scale)  # one row out of range; the first element it spoils is in that row
+    with pytest.raises(QuantizeInputError, match=rf"{name}: tensor 'blk\.0\.ffn_up\.weight' .*{what}.* at index "
+                                                 r"\(1, \d+\).*check=False"):
+        jq.quantize(x, name, name="blk.0.ffn_up.weight")
+    y = np.asarray(jq.dequantize(jq.quantize(x, name, check=False), jnp.float32))  # the opt-out keeps the result
+    assert not np.isfinite(y[1]).all() or not y[1].any()
+
+
+def test_the_opt_out_keeps_gguf_pys_bytes():
+    import gguf
+
+    x = (np.random.default_rng(1).standard_normal((4, 64)) * 5e5).astype(np.float32)  # f16 scales overflow
+    q = jq.quantize(x, "Q4_0", check=False)
+    with np.errstate(over="ignore"):
+        ref = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q4_0)
+    assert np.array_equal(jq.get_format("Q4_0").to_bytes(q), ref)
+
+
+@pytest.mark.parametrize("name,scale", [("FP8_E4M3", 1e30), ("Q8_0", 1e6), ("BF16", 1e30), ("Q4_0", 1e-3)])
+def test_large_and_small_values_within_range_pass(name, scale):
+    """Squares of 1e30 overflow float32: the check then looks again in float64, and passes."""
+    x = (np.random.default_rng(2).standard_normal((2, 256)) * scale).astype(np.float32)
+    y = np.asarray(jq.dequantize(jq.quantize(x, name), jnp.float32), np.float64)
+    assert np.isfinite(y).all() and np.sqrt(((y - x) ** 2).sum() / (x.astype(np.float64) ** 2).sum()) < 0.2
+
+
+@pytest.mark.parametrize("name", jq.list_formats(quantizable_only=True))
+def test_empty_input_is_refused(name):
+    k = 128 * jq.get_format(name).block_size
+    for shape in ((0, k), (4, 0), (2, 0, k)):
+        with pytest.raises(QuantizeInputError, match=rf"{name}: tensor 'e' has no elements \(shape"):
+            jq.quantize(np.zeros(shape, np.float32), name, name="e")
 
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "IQ4_XS"])

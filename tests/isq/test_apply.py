@@ -11,7 +11,7 @@ import transformers
 
 import jaxquant as jq
 import llama_oracle
-from jaxquant.errors import JaxquantError, PolicyError
+from jaxquant.errors import JaxquantError, PolicyError, QuantizeInputError
 from jaxquant.io import open_model
 from jaxquant.isq import Policy, Rule, preset
 from jaxquant.isq.apply import QuantizedSource, quantize_model, quantized_source
@@ -106,3 +106,25 @@ def test_imatrix_checks(hf_model):
     with pytest.raises(PolicyError, match=r"Missing importance matrix for tensor blk\.0\.attn_k\.weight in a very "
                                           r"low-bit quantization \(IQ3_XXS\)"):
         quantized_source(src, "IQ3_XS", partial).load("blk.0.attn_k.weight")
+
+
+def test_a_tensor_out_of_the_formats_range_is_an_error_unless_the_policy_keeps_it(tmp_path):
+    """ffn_down at 1e30: Q6_K's f16 scale underflows and every value is lost (llama.cpp writes those
+    bytes silently); ISQ reports it by default, Policy(check=False) keeps llama.cpp's result."""
+    import gguf_samples as gs
+
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for name, _, shape in gs.TINY_LLAMA_TENSORS:
+        x = rng.standard_normal(shape).astype(np.float32) * (1e30 if name == "blk.0.ffn_down.weight" else 0.05)
+        tensors[name] = ("F32", shape, x.view(np.uint8).reshape(-1))
+    path = tmp_path / "f32.gguf"
+    gs.write_sample(path, tensors, metadata={"llama.feed_forward_length": (256, gs.V.UINT32, None)})
+    with pytest.raises(QuantizeInputError, match=r"Q6_K: tensor 'blk.0.ffn_down.weight' loses all its values "
+                                                 r"\(relative RMS error 100%\)"):
+        jq.load(path, isq=Policy(default="Q6_K"))
+    kept = jq.load(path, isq=Policy.from_dict({"default": "Q6_K", "check": False}))
+    down = kept.params.layers[0].ffn_down
+    assert down.fmt == "Q6_K" and not np.asarray(down.dequantize()).any()
+    with pytest.raises(PolicyError, match="'check' must be true or false"):
+        Policy.from_dict({"default": "Q6_K", "check": "no"})

@@ -54,11 +54,11 @@ def sample_tensors(seed: int = 0) -> dict[str, tuple[str, tuple[int, ...], np.nd
     return out
 
 
-def write_sample(path, tensors=None, alignment: int | None = None) -> None:
-    """The sample model through ``gguf.GGUFWriter``."""
+def write_sample(path, tensors=None, alignment: int | None = None, metadata=None) -> None:
+    """The sample model through ``gguf.GGUFWriter``; ``metadata``: keys of ``METADATA`` replaced."""
     tensors = sample_tensors() if tensors is None else tensors
     w = gguf.GGUFWriter(str(path), "llama")
-    for key, (value, vtype, sub) in METADATA.items():
+    for key, (value, vtype, sub) in {**METADATA, **(metadata or {})}.items():
         if key != "general.architecture":
             w.add_key_value(key, value, vtype, sub_type=sub)
     if alignment:
@@ -77,3 +77,24 @@ def tensor_info_offset(blob: bytes, name: str) -> int:
     """File offset of a tensor's info record (its name's length field)."""
     pos = blob.index(len(name).to_bytes(8, "little") + name.encode())
     return pos
+
+
+# A complete one-layer llama (every tensor the architecture needs, tied embeddings) whose tensors
+# take seven GGUF types: what `jaxquant.load` loads end to end, small enough to load in milliseconds.
+TINY_LLAMA_TENSORS = (("token_embd.weight", T.Q8_0, (32, 64)), ("output_norm.weight", T.F32, (64,)),
+                      ("blk.0.attn_norm.weight", T.F32, (64,)), ("blk.0.attn_q.weight", T.Q4_0, (64, 64)),
+                      ("blk.0.attn_k.weight", T.F16, (32, 64)), ("blk.0.attn_v.weight", T.Q5_1, (32, 64)),
+                      ("blk.0.attn_output.weight", T.BF16, (64, 64)), ("blk.0.ffn_norm.weight", T.F32, (64,)),
+                      ("blk.0.ffn_gate.weight", T.Q4_1, (256, 64)), ("blk.0.ffn_up.weight", T.Q5_0, (256, 64)),
+                      ("blk.0.ffn_down.weight", T.TQ2_0, (64, 256)))
+
+
+def write_tiny_llama(path, alignment: int | None = None, seed: int = 0) -> None:
+    """The complete tiny llama through ``gguf.GGUFWriter`` (data quantized by gguf-py)."""
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, type_, shape in TINY_LLAMA_TENSORS:
+        x = (rng.standard_normal(shape) * (1.0 if len(shape) == 1 else 0.05)).astype(np.float32)
+        data = x if type_ == T.F32 else x.astype(np.float16) if type_ == T.F16 else gguf.quants.quantize(x, type_)
+        tensors[name] = (type_.name, shape, np.ascontiguousarray(data).view(np.uint8).reshape(-1))
+    write_sample(path, tensors, alignment, {"llama.feed_forward_length": (256, V.UINT32, None)})
