@@ -208,8 +208,9 @@ def main() -> None:
             print(name, rows[name], flush=True)
     out = io.StringIO()
     out.write(f"{time.strftime('%Y-%m-%d')}, {jax.devices()[0].device_kind}, JAX {jax.__version__}, "
-              f"{args.layers} layers\n\n| file | weights GB | jaxquant decode b1 | b8 (total) | prefill {args.prefill} | "
-              "llama.cpp tg128 | pp512 | decode x llama.cpp | prefill x llama.cpp |\n|---|---|---|---|---|---|---|---|---|\n")
+              f"{args.layers} layers\n\n| file | weights GB | jaxquant decode b1 | b8 (total) | "
+              f"prefill {args.prefill} | llama.cpp tg128 | pp512 | decode x llama.cpp | prefill x llama.cpp |\n"
+              "|---|---|---|---|---|---|---|---|---|\n")
     for name, r in rows.items():
         lc = (r.get("tg128"), r.get("pp512"))
         ratios = [f"{a / b:.2f}" if b else "-" for a, b in ((r["decode1"], lc[0]), (r["prefill"], lc[1]))]

@@ -2,10 +2,11 @@
 
 A kernel step multiplies a ``[BN, BK]`` float16 weight tile (the A operand, in registers) by the
 activations. In the MMA's A-operand fragment (``mma.sync`` m16n8k16 and Hopper's ``wgmma`` alike)
-the thread in lane slot ``c = lane % 4`` holds, in every 8 columns, the pair ``2c, 2c + 1``. The weights' order along K inside a tile is ours to choose, so long as the
-activations are permuted the same way once (``activation_perm``). So each lane slot decodes a
-quarter of the step's packed words, contiguous in memory, and every pair of float16 values it makes
-lands in one fragment register: no shuffles, no shared-memory round trip for the weights.
+the thread in lane slot ``c = lane % 4`` holds, in every 8 columns, the pair ``2c, 2c + 1``. The
+weights' order along K inside a tile is ours to choose, so long as the activations are permuted the
+same way once (``activation_perm``). So each lane slot decodes a quarter of a part's packed words,
+contiguous in memory, and every pair of float16 values it makes lands in one fragment register: no
+shuffles, no shared-memory round trip for the weights.
 
 A format's ``Decoder`` returns, for one step, its weights in parts of 128 (one tile and one MMA
 each, so that only one part's fragment is live in registers): per part ``P`` uint32 tensors
