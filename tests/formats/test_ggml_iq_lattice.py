@@ -100,14 +100,14 @@ def test_bytes_equal_llama_cpp(name, with_imatrix):
     x = _adversarial(seed=5)
     w = _imatrix(seed=6) if with_imatrix else None
     fmt = get_format(name)
-    ours = fmt.to_bytes(quantize(x, name, w))
+    ours = fmt.to_bytes(quantize(x, name, w, check=False))
     assert llama_oracle.block_mismatch(ours, llama_oracle.quantize(x, name, w), fmt.type_size)[0] == 0
 
 
 def test_quantize_under_jit():
     x = _adversarial(seed=7)[:4]
     traced = jax.jit(lambda a: quantize(a, "IQ3_S").arrays)(x)
-    eager = quantize(x, "IQ3_S").arrays
+    eager = quantize(x, "IQ3_S", check=False).arrays
     assert all(np.array_equal(traced[k], eager[k]) for k in eager)
 
 

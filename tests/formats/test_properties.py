@@ -3,6 +3,8 @@ admits (zeros, huge and tiny values included), and clear errors for bad input.""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -153,8 +155,12 @@ def test_wrong_dtypes_and_shapes():
 
 
 def test_dequantize_only_formats_refuse_to_quantize():
-    with pytest.raises(jq.FormatError, match="IQ2_XXS can be loaded and dequantized but not quantized"):
-        jq.quantize(np.ones((1, 256), np.float32), "IQ2_XXS")
+    """Every registered format quantizes today; a format registered without a quantizer (one a
+    file can hold that jaxquant cannot make) is refused by name."""
+    q4 = jq.get_format("Q4_0")
+    load_only = dataclasses.replace(q4, name="Q4_0_LOAD_ONLY", quantize_rows=None)
+    with pytest.raises(jq.FormatError, match="Q4_0_LOAD_ONLY can be loaded and dequantized but not quantized"):
+        jq.quantize(np.ones((1, 256), np.float32), load_only)
 
 
 def test_bf16_and_f16_round_like_ggml():

@@ -110,7 +110,6 @@ def test_ftype():
 
 @pytest.mark.parametrize("make, match", [
     (lambda: Rule("Q4_Z"), "unknown format 'Q4_Z'; valid: " + re.escape(", ".join(list_formats(True)))),
-    (lambda: Rule("GPTQ4_G128"), "can load GPTQ4_G128 but not quantize"),
     (lambda: Rule("Q4_0", name="blk.(["), "bad regex"),
     (lambda: Rule("Q4_0", role="attn"), "unknown role 'attn'; valid: " + ", ".join(ROLES)),
     (lambda: Policy(mix="Q4_K_X"), "unknown llama.cpp mix 'Q4_K_X'; valid: .*Q4_K_M"),
