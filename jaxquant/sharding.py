@@ -77,31 +77,37 @@ def spec(field: str, shape: tuple[int, ...], cfg: ModelConfig, tp: int, axis: st
     return PartitionSpec()
 
 
-def place(x, p: PartitionSpec, mesh: Mesh):
-    """``x`` (array or QTensor) on ``mesh`` as ``p`` partitions its logical shape. A QTensor's
-    ``(N, blocks[, count])`` arrays take the partition as it is (rows, then blocks); per-tensor
-    fields stay whole on every device, and formats whose blocks span rows are replicated."""
+def shardings(x, p: PartitionSpec, mesh: Mesh):
+    """Where ``x`` (array, QTensor, or their ``jax.eval_shape``) goes when ``p`` partitions its
+    logical shape: a NamedSharding, or a QTensor of them. A QTensor's ``(N, blocks[, count])``
+    arrays take the partition as it is (rows, then blocks); per-tensor fields stay whole on every
+    device, and formats whose blocks span rows are replicated."""
     if not isinstance(x, QTensor):
-        return jax.device_put(x, NamedSharding(mesh, p if np.ndim(x) >= len(p) else PartitionSpec()))
+        return NamedSharding(mesh, p if len(x.shape) >= len(p) else PartitionSpec())
     layouts = {f.name: f.layout for f in x.format.fields}
     if len(p) > 1 and not splittable(x) or "mixed" in layouts.values():
         p = PartitionSpec()
-    arrays = {k: jax.device_put(a, NamedSharding(mesh, p if layouts.get(k, "rows") == "rows" else PartitionSpec()))
-              for k, a in x.arrays.items()}
-    return QTensor(arrays, x.fmt, x.shape, x.dtype)
+    return QTensor({k: NamedSharding(mesh, p if layouts.get(k, "rows") == "rows" else PartitionSpec())
+                    for k in x.arrays}, x.fmt, x.shape, x.dtype)
+
+
+def place(x, p: PartitionSpec, mesh: Mesh):
+    """``x`` (array or QTensor) put on ``mesh`` by ``shardings``."""
+    return jax.device_put(x, shardings(x, p, mesh))
+
+
+def target(field: str, x, cfg: ModelConfig, mesh: Mesh):
+    """Where the plan puts tensor ``x`` (or its ``jax.eval_shape``) of ``field``: ``shardings`` of
+    its ``spec``. Lets a tensor be created in place, e.g. ``jax.jit(make, out_shardings=...)``."""
+    mesh, axis = auto_mesh(mesh)
+    blocks = x.arrays[next(iter(x.arrays))].shape[1] if isinstance(x, QTensor) and x.ndim == 2 else None
+    return shardings(x, spec(field, tuple(x.shape), cfg, mesh.shape[axis], axis, blocks), mesh)
 
 
 def placer(cfg: ModelConfig, mesh: Mesh):
-    """``(field, tensor) -> tensor`` placed on ``mesh`` by ``spec``: ``models.load_params``' hook,
+    """``(field, tensor) -> tensor`` placed on ``mesh`` by the plan: ``models.load_params``' hook,
     so that each tensor reaches its devices as it is loaded (or requantized), one at a time."""
-    mesh, axis = auto_mesh(mesh)
-    tp = mesh.shape[axis]
-
-    def put(field: str, x):
-        blocks = x.arrays[next(iter(x.arrays))].shape[1] if isinstance(x, QTensor) and x.ndim == 2 else None
-        return place(x, spec(field, tuple(x.shape), cfg, tp, axis, blocks), mesh)
-
-    return put
+    return lambda field, x: jax.device_put(x, target(field, x, cfg, mesh))
 
 
 def shard(params: Params, cfg: ModelConfig, mesh: Mesh) -> Params:
@@ -166,4 +172,5 @@ def cache_sharding(params: Params, cfg: ModelConfig) -> NamedSharding | None:
     return NamedSharding(mesh, PartitionSpec(None, None, axis if cfg.n_kv_heads % size == 0 else None))
 
 
-__all__ = ["AXIS", "auto_mesh", "cache_sharding", "mesh_of", "place", "placer", "shard", "spec", "unfuse"]
+__all__ = ["AXIS", "auto_mesh", "cache_sharding", "mesh_of", "place", "placer", "shard", "shardings", "spec", "target",
+           "unfuse"]

@@ -161,7 +161,7 @@ def test_logits_equal_one_device(family: str, tp: int, root: str):
     assert rel < TOL, f"{family} on {tp} devices: logits differ from one device by {rel:.2e} (relative)"
 
 
-FAST_GENERATION = {("llama", 8), ("phi3", 2), ("gemma3", 4)}
+FAST_GENERATION = {("llama", 8), ("gemma3", 4)}  # KV heads replicated / split; the rest in the slow suite
 
 
 @pytest.mark.parametrize("family,tp", [
@@ -212,13 +212,13 @@ def test_perplexity_on_a_mesh(root: str):
     np.testing.assert_allclose(b.nll, a.nll, rtol=TOL, atol=TOL)
 
 
-@pytest.mark.parametrize("fmt,split", [("Q4_K", "rows"), ("Q4_0", "blocks")])
-def test_kernels_run_per_shard(fmt: str, split: str):
+@pytest.mark.parametrize("split", ["rows", "blocks"])
+def test_kernels_run_per_shard(split: str):
     """The Pallas kernels (run by the Pallas interpreter) on each device's shards: rows split ->
     output columns split; blocks split -> partial products summed. Against dequantize + a float64
     dot, within the kernels' float16 rounding."""
     rng = np.random.default_rng(0)
-    n, k, tp = 256, 2048, 4
+    fmt, n, k, tp = "Q4_0", 256, 2048, 4
     w = jq.quantize(rng.standard_normal((n, k), np.float32), fmt)
     x = rng.standard_normal((3, k), np.float32)
     mesh = jax.make_mesh((tp,), ("tp",), devices=jax.devices()[:tp], axis_types=(jax.sharding.AxisType.Auto,))
