@@ -96,7 +96,7 @@ def qdot(x: jax.Array, w, *, backend: str | None = None) -> jax.Array:
     name = resolve_backend(backend)
     if is_q and jax.device_count() > 1 and splittable(w):
         names = tuple(w.arrays)
-        y = _on_shards(name, w.fmt, w.dtype, names, x2, *(w.arrays[k] for k in names))
+        y = _on_shards(name, w.fmt, w.dtype, names, shape[1], x2, *(w.arrays[k] for k in names))
     else:
         y = _product(x2, w, name)
     return y.reshape(*x.shape[:-1], shape[0]).astype(out_dtype)
@@ -131,21 +131,24 @@ def _local(backend: str, fmt: str, dtype: str, names: tuple[str, ...], x2: jax.A
     return _product(x2, w, backend)
 
 
-_on_shards = custom_partitioning(_local, static_argnums=(0, 1, 2, 3))
+@functools.partial(custom_partitioning, static_argnums=(0, 1, 2, 3, 4))
+def _on_shards(backend: str, fmt: str, dtype: str, names: tuple[str, ...], k: int, x2: jax.Array, *arrays):
+    """``_local`` as one op that the partitioner splits with ``_partition`` (``k``: the row length)."""
+    return _local(backend, fmt, dtype, names, x2, *arrays)
 
 
-def _rule(backend, fmt, dtype, names, mesh, value_types, result_types):
-    """Shardy's view: x [m, (b s)], arrays [n, b, c_i] -> [m, n]; the blocks b are summed over."""
-    from jax._src.lib.mlir import ir
+def _rule(backend, fmt, dtype, names, k, mesh, value_types, result_types):
+    """Shardy's view: x [m, (b s)], arrays [n, b(, c_i)] -> [m, n]; the blocks b are summed over."""
+    from jaxquant.formats import get_format
 
-    shapes = [ir.RankedTensorType(t).shape for t in value_types]
-    nb = shapes[1][1]
-    extra = [f"c{i}" for i, s in enumerate(shapes[1:]) if len(s) == 3]
-    arrays = ", ".join("n b" + (f" c{i}" if len(s) == 3 else "") for i, s in enumerate(shapes[1:]))
-    if nb == 1:  # Shardy refuses a size-1 factor inside a compound one
-        return f"m s, {arrays} -> m n", {"reduction_factors": ("b",), "need_replication_factors": ("s", *extra)}
-    return f"m (b s), {arrays} -> m n", {"s": shapes[0][1] // nb, "reduction_factors": ("b",),
-                                        "need_replication_factors": ("s", *extra)}
+    f = get_format(fmt)
+    counts = {fld.name: fld.count for fld in f.fields}
+    extra = tuple(f"c{i}" for i, name in enumerate(names) if counts[name] > 1)
+    arrays = ", ".join("n b" + (f" c{i}" if counts[name] > 1 else "") for i, name in enumerate(names))
+    factors = {"reduction_factors": ("b",), "need_replication_factors": ("s", *extra)}
+    if k == f.block_size:  # one block: Shardy refuses a size-1 factor inside a compound one
+        return f"m s, {arrays} -> m n", factors
+    return f"m (b s), {arrays} -> m n", {"s": f.block_size, **factors}
 
 
 def _spec(sharding, ndim: int, mesh) -> tuple:
@@ -157,7 +160,7 @@ def _spec(sharding, ndim: int, mesh) -> tuple:
     return None, None
 
 
-def _partition(backend, fmt, dtype, names, mesh, arg_shapes, result_shape):
+def _partition(backend, fmt, dtype, names, k, mesh, arg_shapes, result_shape):
     """Each device multiplies its shards: rows split -> output columns split; blocks split -> the
     partial products are summed (psum). Axes that do not divide evenly are gathered instead."""
     x, first = arg_shapes[0], arg_shapes[1]

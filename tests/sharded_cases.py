@@ -172,6 +172,20 @@ def test_generation_identical(family: str, tp: int, root: str):
     assert jq.generate_tokens(model, _prompts(model.cfg), max_tokens=6) == _reference_tokens(family, root)
 
 
+@pytest.mark.slow
+def test_imatrix_on_a_mesh(root: str):
+    """llama-imatrix's statistics (the squared inputs of every block matrix) collected on a mesh."""
+    from jaxquant.isq.imatrix import collect_imatrix
+
+    text = "hello world world hello " * 24
+    one = collect_imatrix(_one_device("llama", root), text, n_ctx=16, show_progress=False)
+    four = collect_imatrix(_on_mesh("llama", root, 4), text, n_ctx=16, show_progress=False)
+    assert one.sums.keys() == four.sums.keys() and len(one.sums) == 7
+    for name in one.sums:
+        assert np.abs(four.sums[name] - one.sums[name]).max() < TOL * np.abs(one.sums[name]).max(), name
+        assert four.counts[name] == one.counts[name]
+
+
 def test_load_places_each_tensor_as_it_is_requantized(root: str):
     """jq.load(mesh=...): phi3's stacked file tensors, requantized one at a time, each put on its
     devices before the next is read: device 0 never holds more than its share of what is loaded
