@@ -109,11 +109,22 @@ def per_device_gb(tree) -> list[float]:
     return [held[d] / 1e9 for d in sorted(held, key=lambda d: d.id) if held[d]]
 
 
-def peak_gb(devices) -> str:
+def in_use_gb(devices, ballast_bytes: int = 0) -> str:
+    """GB in use on each device (the ballast excluded), or "-" on CPU (no statistics kept)."""
     stats = [d.memory_stats() for d in devices]
     if any(s is None for s in stats):
-        return "-"  # CPU devices keep no statistics
-    return " / ".join(f"{s['peak_bytes_in_use'] / 1e9:.1f}" for s in stats)
+        return "-"
+    return " / ".join(f"{(s['bytes_in_use'] - ballast_bytes) / 1e9:.1f}" for s in stats)
+
+
+def measure(model, args, devices, ballast_bytes: int = 0) -> str:
+    """Table cells: parameter GB per device, decode tokens/s at batch 1 and 8, GB in use per device."""
+    from decode import _ours
+
+    prompt = list(range(1000, 1000 + args.prompt))
+    rates = [b / _ours(model, [prompt] * b, args.tokens)[0] for b in (1, 8)]
+    gb = " / ".join(f"{g:.3g}" for g in per_device_gb(model.params))
+    return f"{gb} | {rates[0]:.1f} | {rates[1]:.1f} | {in_use_gb(devices, ballast_bytes)}"
 
 
 def mesh_of(n: int):
@@ -123,68 +134,57 @@ def mesh_of(n: int):
 
 
 def part_8b(args) -> None:
-    from decode import _ours
+    import jax
 
     cfg = config("small" if args.small else "8b", args.layers)
-    prompt = list(range(1000, 1000 + args.prompt))
     print(f"\n{cfg.n_layers} layers, hidden {cfg.hidden_size}, prompt {args.prompt} tokens, {args.tokens} new tokens, "
           f"prefill {args.prefill}\n\n| devices | q/k/v, gate/up | params GB per device | decode b1 tok/s | b8 tok/s "
-          "(total) | prefill tok/s | peak GB per device |\n|---|---|---|---|---|---|---|", flush=True)
-    runs = [(1, True), (1, False)] + [(n, False) for n in args.devices if n > 1]
-    for n, fuse in runs:
+          "(total) | GB in use per device | prefill tok/s |\n|---|---|---|---|---|---|---|", flush=True)
+    for n, fuse in [(1, True), (1, False)] + [(n, False) for n in args.devices if n > 1]:
         model = build(cfg, mesh_of(n), fuse)
-        rates = [b / _ours(model, [prompt] * b, args.tokens)[0] for b in (1, 8)]
-        pre = prefill_rate(model, args.prefill)
-        import jax
-
-        print(f"| {n} | {'fused' if fuse else 'apart'} | {' / '.join(f'{g:.3g}' for g in per_device_gb(model.params))} "
-              f"| {rates[0]:.1f} | {rates[1]:.1f} | {pre:.0f} | {peak_gb(jax.devices()[:n])} |", flush=True)
+        cells = measure(model, args, jax.devices()[:n])
+        print(f"| {n} | {'fused' if fuse else 'apart'} | {cells} | {prefill_rate(model, args.prefill):.0f} |", flush=True)
         del model
         gc.collect()
 
 
-def ballast(devices, budget_gb: float) -> list:
+def ballast(devices, budget_gb: float) -> tuple[list, int]:
     """Fill each device up to ``budget_gb`` of free memory (what its allocator allows minus the
-    budget), so that a model larger than the budget cannot be placed. None on CPU (no limit known)."""
+    budget), so that a model larger than the budget cannot be placed: (buffers, bytes each). No
+    buffers on CPU (no limit known)."""
     import jax
     import jax.numpy as jnp
 
-    out = []
-    for d in devices:
-        stats = d.memory_stats()
-        if stats is None:
-            return []
-        free = stats["bytes_limit"] - stats["bytes_in_use"] - int(budget_gb * 1e9)
-        if free > 0:
-            out.append(jax.device_put(jnp.zeros(free, jnp.uint8), d))
-    return jax.block_until_ready(out)
+    stats = [d.memory_stats() for d in devices]
+    if any(s is None for s in stats):
+        return [], 0
+    size = min(s["bytes_limit"] - s["bytes_in_use"] for s in stats) - int(budget_gb * 1e9)
+    if size <= 0:
+        return [], 0
+    return jax.block_until_ready([jnp.zeros(size, jnp.uint8, device=d) for d in devices]), size
 
 
 def part_70b(args) -> None:
     import jax
-    from decode import _ours
 
     cfg = config("small" if args.small else "70b", args.layers)
-    prompt = list(range(1000, 1000 + args.prompt))
     print(f"\n{cfg.n_layers} layers, hidden {cfg.hidden_size}, ffn {cfg.ffn_dim}, budget {args.budget_gb} GB per "
-          f"device\n\n| devices | result | params GB per device | decode b1 tok/s | b8 tok/s (total) | peak GB per "
+          f"device\n\n| devices | result | params GB per device | decode b1 tok/s | b8 tok/s (total) | GB in use per "
           "device |\n|---|---|---|---|---|---|", flush=True)
     for n in [1] + [n for n in args.devices if n > 1]:
         devices = jax.devices()[:n]
-        held = ballast(devices, args.budget_gb)
+        held, size = ballast(devices, args.budget_gb)
         try:
             model = build(cfg, mesh_of(n))
-            gb = per_device_gb(model.params)
-            if not held and max(gb) > args.budget_gb:  # CPU: the budget checked by arithmetic only
-                raise MemoryError(f"{max(gb):.2f} GB per device > budget")
-            rates = [b / _ours(model, [prompt] * b, args.tokens)[0] for b in (1, 8)]
-            print(f"| {n} | runs | {' / '.join(f'{g:.3g}' for g in gb)} | {rates[0]:.1f} | {rates[1]:.1f} | "
-                  f"{peak_gb(devices)} |", flush=True)
+            if not held and max(per_device_gb(model.params)) > args.budget_gb:  # CPU: checked by arithmetic only
+                raise MemoryError(f"{max(per_device_gb(model.params)):.3g} GB per device > budget")
+            print(f"| {n} | runs | {measure(model, args, devices, size)} |", flush=True)
             del model
         except (MemoryError, jax.errors.JaxRuntimeError) as e:
             if not isinstance(e, MemoryError) and "RESOURCE_EXHAUSTED" not in str(e):
                 raise
-            print(f"| {n} | does not fit: {str(e).splitlines()[0][:80]} | - | - | - | {peak_gb(devices)} |", flush=True)
+            print(f"| {n} | does not fit: {str(e).splitlines()[0][:80]} | - | - | - | {in_use_gb(devices, size)} |",
+                  flush=True)
         del held
         gc.collect()
 
