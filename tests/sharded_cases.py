@@ -252,18 +252,51 @@ def test_kernels_run_per_shard(split: str):
     assert np.abs(y - ref).max() / np.abs(ref).max() < 2e-3
 
 
-def test_decode_step_communication(root: str):
-    """One decode step of a plan-placed model all-reduces twice per layer (after attn_output and
-    ffn_down) plus the vocabulary-split embedding lookup, and gathers no weight."""
+LLAMA_FIELDS = models.FAMILIES["llama"].REQUIRED
+
+
+def _abstract(cfg, field: str, mesh, fmt: str | None):
+    """A tensor of ``field`` as shapes and dtypes only (a QTensor of format ``fmt``, or float32),
+    carrying the plan's shardings: what ``jit.lower`` needs, without the memory."""
+    shape = cfg.tensor_shape(f"blk.0.{field}.weight" if field in LLAMA_FIELDS else f"{field}.weight")
+    if fmt is None or len(shape) == 1:
+        x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    else:
+        f = jq.get_format(fmt)
+        x = QTensor({fld.name: jax.ShapeDtypeStruct((shape[0], shape[1] // f.block_size)
+                                                    + ((fld.count,) if fld.count > 1 else ()), fld.dtype)
+                     for fld in f.fields}, fmt, shape)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), x,
+                        sharding.target(field, x, cfg, mesh))
+
+
+@pytest.mark.parametrize("shape,tp", [("8b", 2), ("70b", 8)])
+def test_decode_step_communication(shape: str, tp: int):
+    """A Llama-3-8B / 70B-shaped layer in llama.cpp's Q4_K_M formats (Q6_K attn_v, ffn_down and
+    output), compiled for a decode step and a 512-token prefill on a mesh: two all-reduces of the
+    hidden state per layer (after attn_output and ffn_down) plus the vocabulary-split embedding
+    lookup; no weight is gathered, no activation resharded."""
     import re
 
-    model = _on_mesh("qwen2", root, 4)
-    cfg = model.cfg
-    cache = models.init_cache(cfg, 1, 16, jnp.float32, sharding.cache_sharding(model.params, cfg))
-    step = jax.jit(models.forward, static_argnames="cfg")
-    hlo = step.lower(model.params, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), cache,
-                     cfg=cfg).compile().as_text()
-    ops_ = re.findall(r"= \S+ (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)\(", hlo)
-    names = [m.group(1) for m in re.finditer(r'all-reduce\(.*op_name="([^"]*)"', hlo)]
-    assert "all-gather" not in ops_ and "all-to-all" not in ops_, ops_
-    assert sum("custom_partitioning" in n for n in names) == 2 * cfg.n_layers, names
+    from jaxquant.config import ModelConfig
+
+    dims = {"8b": (4096, 32, 14336), "70b": (8192, 64, 28672)}[shape]
+    cfg = ModelConfig(arch="llama", vocab_size=128256, hidden_size=dims[0], n_layers=1, n_heads=dims[1], n_kv_heads=8,
+                      head_dim=128, ffn_dim=dims[2], norm_eps=1e-5, rope_neox=False)
+    mesh = _mesh(tp)
+    fmt = {"attn_v": "Q6_K", "ffn_down": "Q6_K", "output": "Q6_K"}
+    layer = models.Layer(**{f: _abstract(cfg, f, mesh, fmt.get(f, "Q4_K")) for f in LLAMA_FIELDS})
+    params = models.Params(**{f: _abstract(cfg, f, mesh, fmt.get(f, "Q4_K")) for f in ("token_embd", "output_norm",
+                                                                                        "output")}, layers=[layer])
+    kv = jax.ShapeDtypeStruct((1, 1024, cfg.n_kv_heads, cfg.head_dim), jnp.bfloat16,
+                              sharding=jax.sharding.NamedSharding(sharding.auto_mesh(mesh)[0],
+                                                                  jax.sharding.PartitionSpec(None, None, "tp")))
+    for t in (1, 512):
+        tokens = jax.ShapeDtypeStruct((1, t), jnp.int32)
+        hlo = jax.jit(models.forward, static_argnames="cfg").lower(
+            params, tokens, tokens, models.KVCache([kv], [kv]), cfg=cfg).compile().as_text()
+        found = re.findall(r"= (?:\([^)]*\)|\S+) (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)\(",
+                           hlo)
+        reduces = re.findall(r"= (\S+) all-reduce\(.*custom_partitioning", hlo)
+        assert set(found) == {"all-reduce"}, found
+        assert reduces == [f"f32[{t},{cfg.hidden_size}]{{1,0}}"] * 2, reduces
