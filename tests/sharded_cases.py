@@ -173,6 +173,19 @@ def test_generation_identical(family: str, tp: int, root: str):
 
 
 @pytest.mark.slow
+def test_mesh_with_a_replica_axis(root: str):
+    """A 2 x 4 mesh ("dp", "tp"): the weights split over "tp" and repeat over "dp"."""
+    model = _one_device("qwen2", root)
+    mesh = jax.make_mesh((2, 4), ("dp", "tp"))
+    params = sharding.shard(model.params, model.cfg, mesh)
+    q = params.layers[0].attn_q.arrays["qs"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec("tp") and len(q.sharding.device_set) == 8
+    cache = sharding.cache_sharding(params, model.cfg)
+    rel = _rel(np.asarray(_logits(params, _tokens(model.cfg), model.cfg, cache)), _reference_logits("qwen2", root))
+    assert rel < TOL, rel
+
+
+@pytest.mark.slow
 def test_imatrix_on_a_mesh(root: str):
     """llama-imatrix's statistics (the squared inputs of every block matrix) collected on a mesh."""
     from jaxquant.isq.imatrix import collect_imatrix
