@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant import models
+from jaxquant import models, sharding
 from jaxquant.config import ModelConfig
 from jaxquant.errors import JaxquantError
 from jaxquant.model import Model
@@ -128,8 +128,8 @@ class _State:
     step: jax.Array  # [] int32: model calls so far (0: the prompts are not prefilled yet)
 
 
-def _init_state(cfg: ModelConfig, batch: int, max_len: int, max_new: int, dtype) -> _State:
-    return _State(models.init_cache(cfg, batch, max_len, dtype), jnp.full((batch, max_new), -1, jnp.int32),
+def _init_state(cfg: ModelConfig, batch: int, max_len: int, max_new: int, dtype, cache_sharding) -> _State:
+    return _State(models.init_cache(cfg, batch, max_len, dtype, cache_sharding), jnp.full((batch, max_new), -1, jnp.int32),
                   jnp.zeros(batch, jnp.int32), jnp.zeros(batch, bool), jnp.zeros(batch, bool), jnp.zeros((), jnp.int32))
 
 
@@ -239,7 +239,8 @@ def _prepare(model: Model, prompts: Sequence[Sequence[int]], max_tokens: int, sa
     for row, p in zip(padded, prompts):
         row[:len(p)] = p
     limits = np.minimum(max_tokens, max_len - lengths)
-    state = _init_state(model.cfg, len(prompts), max_len, _bucket(max_tokens), model.compute_dtype)
+    state = _init_state(model.cfg, len(prompts), max_len, _bucket(max_tokens), model.compute_dtype,
+                        sharding.cache_sharding(model.params, model.cfg))
     run = functools.partial(_run, model.params, state, padded, lengths, limits, stop_ids, jax.random.key(seed),
                             sampling.values, np.int32(-1 if channel is None else channel), cfg=model.cfg,
                             spec=sampling.spec, stream=channel is not None)

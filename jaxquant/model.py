@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant import models
+from jaxquant import models, sharding
 from jaxquant.config import ModelConfig
+from jaxquant.errors import JaxquantError
 from jaxquant.io import DEFAULT_MODEL, open_model
 from jaxquant.io.tokenizer import Tokenizer
 
@@ -65,7 +66,7 @@ def default_dtype() -> np.dtype:
 
 
 def load(path: str | os.PathLike | None = None, *, dtype=None, compute_dtype=None, fuse=None, isq=None,
-         imatrix=None) -> Model:
+         imatrix=None, mesh=None) -> Model:
     """Load a GGUF file or a Hugging Face checkpoint directory (None: the embedded Gemma-3-270M), or
     an opened model source (``jaxquant.io.open_model``, ``jaxquant.calib.calibrate``).
 
@@ -75,6 +76,8 @@ def load(path: str | os.PathLike | None = None, *, dtype=None, compute_dtype=Non
     and gate/up into one matmul each where their formats match (``models.fuse_projections``).
     ``isq``: quantize at load by a policy (a ``jaxquant.isq.Policy``, a llama.cpp mix such as
     ``"Q4_K_M"`` or a policy YAML), one tensor at a time, with ``imatrix`` (a file or ``Imatrix``).
+    ``mesh`` (a ``jax.sharding.Mesh``): tensor-parallel over it (``jaxquant.sharding``), each tensor
+    placed on its devices as it is loaded or requantized; q/k/v and gate/up stay apart there.
     A Gemma model without a chat template gets Gemma's official one.
     """
     source = path if hasattr(path, "tensor_names") else open_model(DEFAULT_MODEL if path is None else path)
@@ -86,9 +89,14 @@ def load(path: str | os.PathLike | None = None, *, dtype=None, compute_dtype=Non
         source = quantized_source(source, isq, imatrix)
         loading = progress(source)
     dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
+    if mesh is not None and fuse:
+        raise JaxquantError("load: fuse=True with a mesh; q/k/v and gate/up stay apart on a mesh so that each device "
+                            "holds its heads (jaxquant.sharding); leave fuse unset")
     with loading:
-        params = models.load_params(source, cfg, dtype)
-    if fuse if fuse is not None else jax.default_backend() == "gpu":
+        params = models.load_params(source, cfg, dtype, None if mesh is None else sharding.placer(cfg, mesh))
+    if mesh is not None:
+        params = sharding.unfuse(params, cfg, mesh)
+    elif fuse if fuse is not None else jax.default_backend() == "gpu":
         params = models.fuse_projections(params)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATES.get(cfg.arch)

@@ -5,17 +5,27 @@ bytes once; elsewhere, and for formats or shapes without a kernel, XLA dequantiz
 ``dot`` in float32. The backend is chosen when a function is traced (under ``jax.jit``: at
 compile time) from, in order: the ``backend=`` argument, the innermost ``use_backend(...)``
 block, the ``JAXQUANT_QDOT_BACKEND`` environment variable, and ``"auto"``.
+
+On several devices a QTensor product is one ``custom_partitioning`` op: whatever sharding the
+weight's arrays carry (rows = output features, axis 1 = input blocks, see ``jaxquant.sharding``),
+each device runs the same product (kernel or XLA) on its own shards, and a split input dimension
+is summed with one ``psum``. Shardings are not known while tracing under ``jit`` (Auto mesh
+axes), so ``shard_map`` could not be told them; the partitioner is, when it compiles.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import itertools
 import os
 from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxquant.errors import JaxquantError
 from jaxquant.qtensor import QTensor
@@ -84,19 +94,92 @@ def qdot(x: jax.Array, w, *, backend: str | None = None) -> jax.Array:
         x2 = jnp.take(x2, w.arrays["perm"], axis=1)
         w = QTensor({k: a for k, a in w.arrays.items() if k != "perm"}, w.fmt, w.shape, w.dtype)
     name = resolve_backend(backend)
-    y = None
-    if is_q and name != "xla":
+    if is_q and jax.device_count() > 1 and splittable(w):
+        names = tuple(w.arrays)
+        y = _on_shards(name, w.fmt, w.dtype, names, shape[1], x2, *(w.arrays[k] for k in names))
+    else:
+        y = _product(x2, w, name)
+    return y.reshape(*x.shape[:-1], shape[0]).astype(out_dtype)
+
+
+def splittable(w: QTensor) -> bool:
+    """Whether each array of ``w`` is ``(N, n_blocks[, count])``, so that any whole rows and whole
+    blocks of it form a QTensor of their own (every GGUF format; not per-tensor scales)."""
+    f = w.format
+    return len(w.shape) == 2 and f.scope == "row" and all(fld.layout == "rows" for fld in f.fields)
+
+
+def _product(x2: jax.Array, w, name: str) -> jax.Array:
+    """float32 ``x2 [M, K] @ w.T`` on one device: the format's kernel where there is one, else XLA."""
+    if isinstance(w, QTensor) and name != "xla":
         import pallas_kernels
 
         kern = pallas_kernels.select(w, x2.shape[0])
         if kern is not None:
-            y = kern.fn(x2, w, interpret=name == "interpret")
-        elif name == "pallas" and pallas_kernels.lookup(w.fmt, "qmm") is None:
+            return kern.fn(x2, w, interpret=name == "interpret")
+        if name == "pallas" and pallas_kernels.lookup(w.fmt, "qmm") is None:
             raise JaxquantError(f"qdot: no Pallas kernel for format {w.fmt}; kernels exist for "
                                 f"{sorted({k[0] for k in pallas_kernels.kernels()})} (use backend='auto')")
-    if y is None:
-        y = _xla_dot(x2, w)
-    return y.reshape(*x.shape[:-1], shape[0]).astype(out_dtype)
+    return _xla_dot(x2, w)
+
+
+# jit: a format's constant tables stay inside its own jaxpr (custom_partitioning takes no constants)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _local(backend: str, fmt: str, dtype: str, names: tuple[str, ...], x2: jax.Array, *arrays) -> jax.Array:
+    """``_product`` on the arrays of a splittable QTensor (whole, or one device's shards)."""
+    w = QTensor(dict(zip(names, arrays)), fmt, (arrays[0].shape[0], x2.shape[1]), dtype)
+    return _product(x2, w, backend)
+
+
+@functools.partial(custom_partitioning, static_argnums=(0, 1, 2, 3, 4))
+def _on_shards(backend: str, fmt: str, dtype: str, names: tuple[str, ...], k: int, x2: jax.Array, *arrays):
+    """``_local`` as one op that the partitioner splits with ``_partition`` (``k``: the row length)."""
+    return _local(backend, fmt, dtype, names, x2, *arrays)
+
+
+def _rule(backend, fmt, dtype, names, k, mesh, value_types, result_types):
+    """Shardy's view: x [m, (b s)], arrays [n, b(, c_i)] -> [m, n]; the blocks b are summed over."""
+    from jaxquant.formats import get_format
+
+    f = get_format(fmt)
+    counts = {fld.name: fld.count for fld in f.fields}
+    extra = tuple(f"c{i}" for i, name in enumerate(names) if counts[name] > 1)
+    arrays = ", ".join("n b" + (f" c{i}" if counts[name] > 1 else "") for i, name in enumerate(names))
+    factors = {"reduction_factors": ("b",), "need_replication_factors": ("s", *extra)}
+    if k == f.block_size:  # one block: Shardy refuses a size-1 factor inside a compound one
+        return f"m s, {arrays} -> m n", factors
+    return f"m (b s), {arrays} -> m n", {"s": f.block_size, **factors}
+
+
+def _spec(sharding, ndim: int, mesh) -> tuple:
+    """(axis of dim 0, axis of dim 1) of an operand's sharding, each one mesh axis or None; an
+    operand split otherwise (e.g. over sub-axes) counts as whole and is gathered."""
+    for a, b in itertools.product((None, *mesh.axis_names), repeat=2):
+        if (a is None or a != b) and sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec(a, b)), ndim):
+            return a, b
+    return None, None
+
+
+def _partition(backend, fmt, dtype, names, k, mesh, arg_shapes, result_shape):
+    """Each device multiplies its shards: rows split -> output columns split; blocks split -> the
+    partial products are summed (psum). Axes that do not divide evenly are gathered instead."""
+    x, first = arg_shapes[0], arg_shapes[1]
+    n_ax, k_ax = (ax if ax is None or size % mesh.shape[ax] == 0 else None
+                  for ax, size in zip(_spec(first.sharding, first.ndim, mesh), first.shape))
+    m_ax = _spec(x.sharding, 2, mesh)[0]
+    if m_ax is not None and (m_ax in (n_ax, k_ax) or x.shape[0] % mesh.shape[m_ax]):
+        m_ax = None
+
+    def lower(x2, *arrays):
+        y = _local(backend, fmt, dtype, names, x2, *arrays)
+        return y if k_ax is None else jax.lax.psum(y, k_ax)
+
+    args = (NamedSharding(mesh, PartitionSpec(m_ax, k_ax)),
+            *(NamedSharding(mesh, PartitionSpec(n_ax, k_ax)) for _ in arg_shapes[1:]))
+    return mesh, lower, NamedSharding(mesh, PartitionSpec(m_ax, n_ax)), args
+
+
+_on_shards.def_partition(_partition, sharding_rule=_rule, decode_shardings=False)
 
 
 def _xla_dot(x: jax.Array, w) -> jax.Array:

@@ -35,13 +35,13 @@ def _family(cfg: ModelConfig) -> ModuleType:
     return family
 
 
-def load_params(source, cfg: ModelConfig | None = None, dtype=jnp.float32) -> Params:
+def load_params(source, cfg: ModelConfig | None = None, dtype=jnp.float32, place=None) -> Params:
     """The parameters of an opened model (``jaxquant.io.open_model``). Quantized tensors stay
     QTensors exactly as ``source.load`` returns them; plain matrices are cast to ``dtype``, norms
-    and biases to float32."""
+    and biases to float32; ``place(field, tensor)`` puts each where it belongs as it is loaded."""
     cfg = cfg or source.config
     required = _family(cfg).REQUIRED + (("attn_q_norm", "attn_k_norm") if cfg.qk_norm else ())
-    return base.load_params(source, cfg, required, dtype)
+    return base.load_params(source, cfg, required, dtype, place)
 
 
 def hidden_states(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache,

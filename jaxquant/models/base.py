@@ -87,17 +87,19 @@ class KVCache:
         return self.k[0].shape[1]
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache for ``batch`` sequences of up to ``max_len`` positions."""
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, sharding=None) -> KVCache:
+    """An empty cache for ``batch`` sequences of up to ``max_len`` positions, created with
+    ``sharding`` (``jaxquant.sharding.cache_sharding``; None: the default device)."""
     shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    return KVCache([jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
-                   [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)])
+    return KVCache([jnp.zeros(shape, dtype, device=sharding) for _ in range(cfg.n_layers)],
+                   [jnp.zeros(shape, dtype, device=sharding) for _ in range(cfg.n_layers)])
 
 
-def load_params(source, cfg: ModelConfig, required: tuple[str, ...], dtype=jnp.float32) -> Params:
+def load_params(source, cfg: ModelConfig, required: tuple[str, ...], dtype=jnp.float32, place=None) -> Params:
     """Tensors of ``source`` (canonical names) into ``Params``. QTensors stay packed; plain
     matrices are cast to ``dtype``; vectors (norms, biases) to float32. ``required`` lists the
-    ``Layer`` fields the architecture cannot do without."""
+    ``Layer`` fields the architecture cannot do without. ``place(field, tensor)``, if given, puts
+    each tensor where it belongs as soon as it is loaded (``jaxquant.sharding.placer``)."""
     where = getattr(source, "path", source)
     fields = {f.name for f in dataclasses.fields(Layer)}
     top_names = ("token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight")
@@ -141,7 +143,8 @@ def load_params(source, cfg: ModelConfig, required: tuple[str, ...], dtype=jnp.f
     layers: list[dict] = [{} for _ in range(cfg.n_layers)]
     top = {}
     for name, (i, field) in plan.items():
-        (top if i is None else layers[i])[field] = load(name)
+        x = load(name)
+        (top if i is None else layers[i])[field] = x if place is None else place(field, x)
     return Params(layers=[Layer(**layer) for layer in layers], **top)
 
 
