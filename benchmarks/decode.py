@@ -130,6 +130,7 @@ def _llama8b(fmt: str, n_layers: int):
 
     import jaxquant as jq
     from jaxquant.config import ModelConfig
+    from jaxquant import models
     from jaxquant.models import FAMILIES, Layer, Params
 
     cfg = ModelConfig(arch="llama", vocab_size=128256, hidden_size=4096, n_layers=n_layers, n_heads=32, n_kv_heads=8,
@@ -151,6 +152,8 @@ def _llama8b(fmt: str, n_layers: int):
     layers = [Layer(**{f: weight(f"blk.{i}.{f}.weight") for f in FAMILIES["llama"].REQUIRED}) for i in range(n_layers)]
     params = Params(token_embd=weight("token_embd.weight"), output_norm=weight("output_norm.weight"), layers=layers,
                     output=weight("output.weight"))
+    if jax.default_backend() == "gpu":  # as jq.load does there
+        params = models.fuse_projections(params)
     return jq.Model(jax.block_until_ready(params), cfg, None, jnp.dtype(dtype))
 
 
