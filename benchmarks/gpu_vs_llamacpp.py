@@ -10,11 +10,15 @@ whole-model ISQ from an F16 file); then times on each file llama-bench (tg128, p
     python benchmarks/gpu_vs_llamacpp.py --prepare            # here: writes .scratch/llama.cpp.tar.gz
     python benchmarks/gpu_vs_llamacpp.py --src .scratch/llama.cpp.tar.gz [--layers 32] [--work /tmp/g]
     python benchmarks/gpu_vs_llamacpp.py --layers 1 --small --no-llama   # CPU smoke test of the pipeline
+
+It resumes: each finished stage (the build, each file, each row) is kept under ``--work``, so a run
+cut at the device's 10-minute limit goes on where it stopped when called again on a warm machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import io
 import json
@@ -55,14 +59,55 @@ def prepare(out: str) -> None:
     print(f"{out}: {os.path.getsize(out) / 1e6:.1f} MB")
 
 
-def start_build(src: str, work: str) -> subprocess.Popen:
-    """Configure and build llama-bench in a new process session (it outlives this command)."""
+def _alive(pid_file: str) -> bool:
+    try:
+        with open(pid_file) as f:
+            os.kill(int(f.read()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def start_build(src: str, work: str) -> str:
+    """Configure and build llama-bench in a new process session (it outlives this command, and a
+    later call finds it running or done); returns the binary's path."""
+    root = os.path.join(work, "llama.cpp")
+    binary = os.path.join(root, "build", "bin", "llama-bench")
+    pid_file = os.path.join(work, "build.pid")
+    if os.path.exists(binary) or _alive(pid_file):
+        return binary
     with tarfile.open(src) as t:
         t.extractall(work, filter="data")
-    root = os.path.join(work, "llama.cpp")
     cmd = (f"cmake -S {root} -B {root}/build {' '.join(CMAKE)} > {work}/build.log 2>&1 && "
            f"cmake --build {root}/build -j 15 --target llama-bench >> {work}/build.log 2>&1")
-    return subprocess.Popen(["bash", "-c", cmd], start_new_session=True)
+    proc = subprocess.Popen(["bash", "-c", cmd], start_new_session=True)
+    with open(pid_file, "w") as f:
+        f.write(str(proc.pid))
+    return binary
+
+
+def wait_build(binary: str, work: str) -> None:
+    while not os.path.exists(binary):
+        if not _alive(os.path.join(work, "build.pid")):
+            with open(os.path.join(work, "build.log")) as f:
+                raise SystemExit(f"llama.cpp build failed ({work}/build.log):\n{f.read()[-3000:]}")
+        time.sleep(5)
+
+
+def stage(work: str, key: str, fn):
+    """``fn()``'s result, computed once per ``--work`` folder (kept in its results.json)."""
+    path = os.path.join(work, "results.json")
+    done = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            done = json.load(f)
+    if key not in done:
+        done[key] = fn()
+        with open(path + ".part", "w") as f:
+            json.dump(done, f, indent=1)
+        os.replace(path + ".part", path)
+    print(key, done[key], flush=True)
+    return done[key]
 
 
 def write_f16_gguf(path: str, dims: dict, n_layers: int) -> None:
@@ -74,7 +119,7 @@ def write_f16_gguf(path: str, dims: dict, n_layers: int) -> None:
     import numpy as np
 
     h, kv = dims["hidden"], dims["kv_heads"] * dims["head_dim"]
-    w = gguf.GGUFWriter(path, "llama")
+    w = gguf.GGUFWriter(path + ".part", "llama")
     w.add_block_count(n_layers)
     w.add_context_length(8192)
     w.add_embedding_length(h)
@@ -113,6 +158,7 @@ def write_f16_gguf(path: str, dims: dict, n_layers: int) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    os.replace(path + ".part", path)
 
 
 def quantize(src: str, dst: str, mix: str) -> float:
@@ -120,7 +166,7 @@ def quantize(src: str, dst: str, mix: str) -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "jaxquant.cli", "quantize", src, dst, "--type", mix, "--no-progress"],
                    check=True)
-    return time.perf_counter() - start
+    return round(time.perf_counter() - start, 1)
 
 
 def llama_bench(binary: str, path: str) -> dict[str, float]:
@@ -172,7 +218,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--prepare", action="store_true", help="write the llama.cpp source tarball (here, with pip)")
     p.add_argument("--src", default=".scratch/llama.cpp.tar.gz")
-    p.add_argument("--work", default="/tmp/gpu_vs_llamacpp")
+    p.add_argument("--work", default=".scratch/gpu_vs_llamacpp")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--small", action="store_true", help="tiny dimensions (a smoke test of the pipeline)")
     p.add_argument("--no-llama", action="store_true", help="skip building and running llama.cpp")
@@ -186,26 +232,23 @@ def main() -> None:
     import jax
 
     os.makedirs(args.work, exist_ok=True)
-    build = None if args.no_llama else start_build(args.src, args.work)
+    binary = None if args.no_llama else start_build(args.src, args.work)
     f16 = os.path.join(args.work, "model-f16.gguf")
-    start = time.perf_counter()
-    write_f16_gguf(f16, SMALL if args.small else LLAMA_8B, args.layers)
-    print(f"wrote {f16} ({os.path.getsize(f16) / 1e9:.1f} GB) in {time.perf_counter() - start:.0f} s", flush=True)
+    if not os.path.exists(f16):
+        start = time.perf_counter()
+        write_f16_gguf(f16, SMALL if args.small else LLAMA_8B, args.layers)
+        print(f"wrote {f16} ({os.path.getsize(f16) / 1e9:.1f} GB) in {time.perf_counter() - start:.0f} s", flush=True)
     files = {"F16": f16}
     for mix in ("Q4_K_M", "Q8_0"):
         files[mix] = os.path.join(args.work, f"model-{mix}.gguf")
-        print(f"jaxquant quantize -> {mix}: {quantize(f16, files[mix], mix):.1f} s", flush=True)
-    rows = {}
-    for name, path in files.items():
-        rows[name] = ours(path, "bfloat16" if name == "F16" else None, args.tokens, args.prefill)
-        print(name, rows[name], flush=True)
-    if build is not None:
-        if build.wait() != 0:
-            raise SystemExit(f"llama.cpp build failed: see {args.work}/build.log")
-        binary = os.path.join(args.work, "llama.cpp", "build", "bin", "llama-bench")
+        stage(args.work, f"quantize {mix} s", functools.partial(quantize, f16, files[mix], mix))
+    rows = {name: stage(args.work, f"jaxquant {name}", functools.partial(
+                ours, path, "bfloat16" if name == "F16" else None, args.tokens, args.prefill))
+            for name, path in files.items()}
+    if binary is not None:
+        wait_build(binary, args.work)
         for name, path in files.items():
-            rows[name].update(llama_bench(binary, path))
-            print(name, rows[name], flush=True)
+            rows[name].update(stage(args.work, f"llama.cpp {name}", functools.partial(llama_bench, binary, path)))
     out = io.StringIO()
     out.write(f"{time.strftime('%Y-%m-%d')}, {jax.devices()[0].device_kind}, JAX {jax.__version__}, "
               f"{args.layers} layers\n\n| file | weights GB | jaxquant decode b1 | b8 (total) | "
