@@ -13,6 +13,7 @@ whole-model ISQ from an F16 file); then times on each file llama-bench (tg128, p
 
 It resumes: each finished stage (the build, each file, each row) is kept under ``--work``, so a run
 cut at the device's 10-minute limit goes on where it stopped when called again on a warm machine.
+``--build-only`` starts the build and returns, for other measurements to fill its six minutes.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def prepare(out: str) -> None:
                         rel.startswith("ggml/src/ggml-") and len(sub) > 3 and sub[2] not in GGML_BACKENDS):
                     continue
                 m.name = "llama.cpp/" + rel
+                m.pax_headers = {}  # a long name's PAX "path" record would override the new name
                 dst.addfile(m, src.extractfile(m) if m.isfile() else None)
     print(f"{out}: {os.path.getsize(out) / 1e6:.1f} MB")
 
@@ -164,8 +166,10 @@ def write_f16_gguf(path: str, dims: dict, n_layers: int) -> None:
 def quantize(src: str, dst: str, mix: str) -> float:
     """Seconds of ``jaxquant quantize`` (a fresh process: imports and compiles included)."""
     start = time.perf_counter()
+    # this process already holds most of the GPU (JAX preallocates): the child takes what it needs
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     subprocess.run([sys.executable, "-m", "jaxquant.cli", "quantize", src, dst, "--type", mix, "--no-progress"],
-                   check=True)
+                   check=True, env=env)
     return round(time.perf_counter() - start, 1)
 
 
@@ -222,6 +226,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--small", action="store_true", help="tiny dimensions (a smoke test of the pipeline)")
     p.add_argument("--no-llama", action="store_true", help="skip building and running llama.cpp")
+    p.add_argument("--build-only", action="store_true",
+                   help="start the llama.cpp build in the background and return (measure other things meanwhile)")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--prefill", type=int, default=512)
     args = p.parse_args()
@@ -233,6 +239,8 @@ def main() -> None:
 
     os.makedirs(args.work, exist_ok=True)
     binary = None if args.no_llama else start_build(args.src, args.work)
+    if args.build_only:
+        return
     f16 = os.path.join(args.work, "model-f16.gguf")
     if not os.path.exists(f16):
         start = time.perf_counter()
