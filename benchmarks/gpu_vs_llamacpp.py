@@ -37,7 +37,7 @@ KEEP = ("CMakeLists.txt", "cmake/", "ggml/", "src/", "include/", "common/", "too
         "LICENSE")
 GGML_BACKENDS = ("ggml-cuda", "ggml-cpu")  # of ggml/src/ggml-*/: the others are dropped
 CMAKE = ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90", "-DGGML_CUDA_NCCL=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=OFF"]
+         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=OFF"]
 LLAMA_8B = {"vocab": 128256, "hidden": 4096, "ffn": 14336, "heads": 32, "kv_heads": 8, "head_dim": 128}
 SMALL = {"vocab": 4096, "hidden": 256, "ffn": 512, "heads": 4, "kv_heads": 2, "head_dim": 64}
 
