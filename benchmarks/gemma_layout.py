@@ -15,6 +15,8 @@ import numpy as np
 import jaxquant as jq
 from jaxquant import models
 from jaxquant.config import ModelConfig
+from jaxquant.formats import get_format
+from jaxquant.io.source import TensorInfo
 from jaxquant.model import Model
 
 LAYOUT = Path(__file__).resolve().parent / "data" / "gemma3_270m_layout.json"
@@ -45,6 +47,12 @@ class RandomSource:
     @property
     def tensor_names(self) -> list[str]:
         return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        shape, fmt = self.tensors[name]
+        rows = int(np.prod(shape[:-1]))
+        return TensorInfo(name, tuple(shape), fmt, rows * (4 * shape[-1] if fmt == "F32" else
+                                                            get_format(fmt).row_bytes(shape[-1])))
 
     def load(self, name: str):
         shape, fmt = self.tensors[name]
