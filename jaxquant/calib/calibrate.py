@@ -116,7 +116,7 @@ def float_plan(source, policy: Policy | str) -> Plan:
 
 def layer_targets(plan: Plan, layer: models.Layer, index: int, calib: Calibration) -> tuple[tuple[str, Target], ...]:
     """(field, target) of each matrix of layer ``index`` that the plan quantizes; PolicyError for a
-    format calibration cannot round into."""
+    format calibration cannot round into (none for "rtn": ISQ rounds those)."""
     out = []
     for f in layerwise.MATRICES:
         name = layerwise.tensor_name(index, f)
@@ -128,6 +128,8 @@ def layer_targets(plan: Plan, layer: models.Layer, index: int, calib: Calibratio
         try:
             t = target_for(fmt, style="awq" if calib.method == "awq" else "gptq", sym=calib.sym)
         except FormatError as e:
+            if calib.method == "rtn":  # ISQ rounds it, as without calibration
+                continue
             raise PolicyError(f"tensor {name!r}: {e}; give it another format by a policy rule") from None
         if calib.act_order and not isinstance(t, IntTarget):
             raise PolicyError(f"tensor {name!r}: act order needs a GPTQ format, the policy gives {fmt}")

@@ -18,6 +18,7 @@ from jaxquant.calib import CalibratedSource, Calibration, calibrate
 from jaxquant.calib.dwq import DWQ
 from jaxquant.calib.pipeline import prepare
 from jaxquant.cli import main as cli
+from jaxquant.errors import PolicyError
 from jaxquant.eval.synthetic import english_text
 from jaxquant.io import open_model
 from jaxquant.isq.policy import Policy
@@ -51,6 +52,16 @@ def test_calibration_beats_round_to_nearest(tiny_llama, tiny_text, method):
         errors[name] = float(np.mean((logits(model, tokens) - ref) ** 2))
     print(errors)
     assert errors[method] < 0.9 * errors["rtn"]
+
+
+def test_rtn_leaves_formats_without_affine_view_to_isq(tiny_llama, tiny_text):
+    source = open_model(tiny_llama)
+    policy = Policy(default="IQ4_NL", embeddings="Q8_0", output="Q8_0")
+    calibrated = calibrate(source, policy, None, Calibration(method="rtn"))
+    assert calibrated.tensors == {}
+    assert jq.load(calibrated, isq=policy).params.layers[0].ffn_down.fmt == "IQ4_NL"
+    with pytest.raises(PolicyError, match="IQ4_NL: no affine view"):
+        calibrate(source, policy, tiny_text, Calibration(method="gptq", n_ctx=64, n_chunks=2))
 
 
 @pytest.mark.slow
