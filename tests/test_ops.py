@@ -91,7 +91,8 @@ def test_pallas_forced_without_kernel():
         ops.qdot(jnp.ones((1, 256)), w, backend="pallas")
 
 
-KERNEL_CASES = [(fmt, 1) for fmt in sorted(pallas_kernels.DECODERS)] + [("Q4_0", 16), ("Q6_K", 3), ("Q4_K", 300)]
+KERNEL_CASES = [(fmt, 1) for fmt in sorted(pallas_kernels.DECODERS)] + [("Q4_0", 16), ("Q6_K", 3), ("Q4_K", 300),
+                                                                           ("AFQ8_G32", 3), ("AFQ4_G64", 300)]
 
 
 @pytest.mark.parametrize("fmt,m", KERNEL_CASES)
