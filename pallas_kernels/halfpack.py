@@ -82,6 +82,15 @@ def sub_fma(t: jax.Array, c: int, s: jax.Array, o: jax.Array, interpret: bool) -
                 t, s, o)
 
 
+def sub2_mul(t: jax.Array, c: int, z: jax.Array, s: jax.Array, interpret: bool) -> jax.Array:
+    """``((t - c) - z) * s`` per half: ``t - c`` exact, then float16 ``(q - z) * s`` with its two
+    roundings. ``z`` and ``s`` packed."""
+    if interpret:
+        return _pack(((_view(t) - _view(jnp.asarray(c, U32))) - _view(z)) * _view(s))
+    return _asm(f"{{ .reg .b32 c; mov.b32 c, {c:#x}; sub.rn.f16x2 $0, $1, c; sub.rn.f16x2 $0, $0, $2; "
+                "mul.rn.f16x2 $0, $0, $3; }", t, z, s)
+
+
 def lut16(t: jax.Array, table, interpret: bool) -> jax.Array:
     """``1024 + 128 + table[n]`` per half, for the nibbles ``n`` at bits 0-3 and 16-19 of ``t``
     (other bits zero) and a table of 16 int8 values: byte permutes (``prmt``) read the table."""

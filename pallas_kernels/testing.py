@@ -11,11 +11,14 @@ from jaxquant.qtensor import QTensor
 
 def random_qtensor(fmt: str, n: int, k: int, key: jax.Array, dtype: str = "float32") -> QTensor:
     """A ``[n, k]`` QTensor of random bytes: every bit pattern of a block is valid, so kernels
-    must match ``dequantize`` on all of them; float16 scales are normal * 0.01."""
+    must match ``dequantize`` on all of them; float16 scales are normal * 0.01 (and so are HQQ's
+float16 zeros: any value is valid)."""
     f = get_format(fmt)
     nb = k // f.block_size
     arrays = {}
     for i, fld in enumerate(f.fields):
+        if fld.layout != "rows":  # per-tensor extras (GPTQ's act-order perm): none in a random weight
+            continue
         shape = (n, nb, fld.count) if fld.count > 1 else (n, nb)
         sub = jax.random.fold_in(key, i)
         dt = jnp.dtype(fld.dtype)
