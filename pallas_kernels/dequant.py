@@ -18,7 +18,7 @@ from jax.experimental.pallas import triton as plt
 
 from jaxquant.qtensor import QTensor
 from pallas_kernels.qmm import step_blocks
-from pallas_kernels.tile import Decoder, field_arrays, fragment_tile, prepare_activations, step_loader
+from pallas_kernels.tile import Decoder, field_arrays, fragment_tile, output_scale, prepare_activations, step_loader
 
 BLOCK_N = 64
 
@@ -56,4 +56,4 @@ def dequant_dot(x: jax.Array, w: QTensor, dec: Decoder, interpret: bool = False)
     """``x [M, K] @ dequantize(w).T`` -> ``[M, N]`` float32 through a transient float16 copy."""
     wf = dequantize_f16(w, dec, interpret)
     xp, scale = prepare_activations(x, dec, step_blocks(dec, w.shape[1] // dec.block_size), x.shape[0])
-    return lax.dot_general(xp, wf, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+    return lax.dot_general(xp, wf, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale * output_scale(dec, w)

@@ -91,6 +91,21 @@ def sub2_mul(t: jax.Array, c: int, z: jax.Array, s: jax.Array, interpret: bool) 
                 "mul.rn.f16x2 $0, $0, $3; }", t, z, s)
 
 
+def fp8_pair(w: jax.Array, p: int, e4m3: bool, interpret: bool) -> jax.Array:
+    """Bytes ``p`` and ``p + 2`` of each word, FP8 codes, as two float16 values (exact: float16
+    holds every E4M3 and E5M2 value). E5M2 is float16's upper byte; E4M3 takes Hopper's
+    ``cvt.rn.f16x2.e4m3x2``."""
+    if not e4m3:
+        return ((w >> U32(8 * p)) & U32(0x00FF00FF)) << U32(8)
+    if interpret:
+        def half(b):
+            f = lax.bitcast_convert_type(b.astype(jnp.uint8), jnp.float8_e4m3fn).astype(jnp.float16)
+            return lax.bitcast_convert_type(f, jnp.uint16).astype(U32)
+        return half((w >> U32(8 * p)) & U32(0xFF)) | half((w >> U32(8 * p + 16)) & U32(0xFF)) << U32(16)
+    return _asm(f"{{ .reg .b32 t; .reg .b16 lo, hi; prmt.b32 t, $1, 0, {p | (p + 2) << 4:#x}; mov.b32 {{lo, hi}}, t; "
+                "cvt.rn.f16x2.e4m3x2 $0, lo; }", w)
+
+
 def lut16(t: jax.Array, table, interpret: bool) -> jax.Array:
     """``1024 + 128 + table[n]`` per half, for the nibbles ``n`` at bits 0-3 and 16-19 of ``t``
     (other bits zero) and a table of 16 int8 values: byte permutes (``prmt``) read the table."""

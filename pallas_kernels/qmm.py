@@ -24,7 +24,7 @@ from jax.experimental.pallas import triton as plt
 
 from jaxquant.errors import JaxquantError
 from jaxquant.qtensor import QTensor
-from pallas_kernels.tile import Decoder, field_arrays, fragment_tile, prepare_activations, step_loader
+from pallas_kernels.tile import Decoder, field_arrays, fragment_tile, output_scale, prepare_activations, step_loader
 
 NUM_SMS = 132  # H100 / H200
 
@@ -116,4 +116,4 @@ def qmm(x: jax.Array, w: QTensor, dec: Decoder, config: QmmConfig | None = None,
         name=f"qmm_{dec.fmt.lower()}",
     )
     y = call(*arrays, xp).sum(0)[:, :m].T
-    return y * scale
+    return y * scale * output_scale(dec, w)

@@ -1,19 +1,22 @@
-"""Random packed weights for kernel checks and benchmarks (built on the device, no quantizer)."""
+"""Random packed weights for kernel checks and benchmarks (built on the device)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from jaxquant.formats import get_format
+from jaxquant.formats import get_format, quantize
 from jaxquant.qtensor import QTensor
 
 
 def random_qtensor(fmt: str, n: int, k: int, key: jax.Array, dtype: str = "float32") -> QTensor:
     """A ``[n, k]`` QTensor of random bytes: every bit pattern of a block is valid, so kernels
-    must match ``dequantize`` on all of them; float16 scales are normal * 0.01 (and so are HQQ's
-float16 zeros: any value is valid)."""
+    must match ``dequantize`` on all of them; float16 scales are normal * 0.01. Formats quantized
+    whole-tensor (HQQ, FP8) are quantized from normal weights instead, their arrays shaped as
+    their quantizers make them (FP8 bytes include NaN codes)."""
     f = get_format(fmt)
+    if f.scope == "tensor":  # HQQ, FP8: arrays shaped as their quantizer makes them, from normal weights
+        return quantize(jax.random.normal(key, (n, k), jnp.float32) * 0.02, fmt)
     nb = k // f.block_size
     arrays = {}
     for i, fld in enumerate(f.fields):
