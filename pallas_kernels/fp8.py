@@ -10,12 +10,17 @@ decoding words ``8c ..``; pair ``p`` of a word holds bytes ``p`` and ``p + 2``.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.halfpack import fp8_pair
 from pallas_kernels.tile import Decoder, Loader
 
 PART = 128  # weights a part
+
+
+def _scale(a: dict[str, jax.Array]) -> jax.Array:
+    return a["scale"].astype(jnp.float32)
 
 
 def _decoder(kind: str, suffix: str) -> Decoder:
@@ -29,7 +34,8 @@ def _decoder(kind: str, suffix: str) -> Decoder:
         q, c, u, p, e = np.meshgrid(*(np.arange(n) for n in (bb // PART, 4, 8, 2, 2)), indexing="ij")
         return PART * q + 32 * c + 4 * u + p + 2 * e
 
-    return Decoder(f"FP8_{kind}{suffix}", 1, decode, elems, words=("q",), min_blocks=PART, out_scale="scale")
+    return Decoder(f"FP8_{kind}{suffix}", 1, decode, elems, words=("q",), min_blocks=PART, out_scale=_scale,
+                   out_fields=("scale",))
 
 
 DECODERS = tuple(_decoder(kind, suffix) for kind in ("E4M3", "E5M2") for suffix in ("", "_CH"))

@@ -41,8 +41,9 @@ class Decoder:
     ``decode(ld, bb, interpret)`` -> per part of 128 weights, ``P`` packed-pair tensors
     ``[BN, 4, U]``, for a step of ``bb`` blocks; ``elems(bb)`` -> int array ``[parts, 4, U, P, 2]``
     of the weights they hold; ``words`` names the byte fields read as little-endian uint32 words;
-    ``min_blocks`` is the smallest step; ``out_scale`` names a float field of one value per tensor
-    or per row that multiplies the output instead of the weights (the kernel does not read it).
+    ``min_blocks`` is the smallest step; ``out_scale(arrays)`` -> one value per tensor or per row
+    that multiplies the output instead of the weights, made from the fields in ``out_fields`` (which
+    the kernel does not read).
     """
 
     fmt: str
@@ -51,7 +52,8 @@ class Decoder:
     elems: Callable[[int], np.ndarray]
     words: tuple[str, ...] = ()
     min_blocks: int = 1
-    out_scale: str | None = None
+    out_scale: Callable[[dict[str, jax.Array]], jax.Array] | None = None
+    out_fields: tuple[str, ...] = ()
 
     def view(self, name: str, a: jax.Array) -> jax.Array:
         """A field array ``(N, nb[, count])`` as the kernel reads it: ``(N, nb * count)``, byte
@@ -105,13 +107,13 @@ def activation_perm(dec: Decoder, bb: int) -> np.ndarray:
 
 def field_arrays(dec: Decoder, w: QTensor) -> tuple[tuple[str, ...], list[jax.Array]]:
     """The QTensor's fields as the kernels read them, each ``(N, nb * count)``."""
-    names = tuple(sorted(n for n in w.arrays if n != dec.out_scale))
+    names = tuple(sorted(n for n in w.arrays if n not in dec.out_fields))
     return names, [dec.view(name, w.arrays[name]) for name in names]
 
 
 def output_scale(dec: Decoder, w: QTensor) -> jax.Array | float:
-    """What the ``[M, N]`` product is multiplied by: the ``out_scale`` field (per tensor or per row)."""
-    return 1.0 if dec.out_scale is None else w.arrays[dec.out_scale].astype(jnp.float32).reshape(-1)
+    """What the ``[M, N]`` product is multiplied by (one value, or one per row)."""
+    return 1.0 if dec.out_scale is None else jnp.reshape(dec.out_scale(w.arrays), (-1,))
 
 
 def step_loader(refs: dict, i, steps: int) -> Loader:
