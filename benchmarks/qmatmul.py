@@ -30,7 +30,7 @@ from jaxquant.formats import get_format
 
 SHAPES = ("4096x4096", "4096x1024", "4096x14336", "14336x4096", "4096x128256")
 FORMATS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "AFQ4_G64",
-           "AFQ8_G64", "GPTQ4_G128", "HQQ4_G64", "FP8_E4M3_CH", "NVFP4")
+           "AFQ8_G64", "GPTQ4_G128", "HQQ4_G64", "FP8_E4M3_CH", "NVFP4", "NF4")
 DOT = (((1,), (1,)), ((), ()))
 
 

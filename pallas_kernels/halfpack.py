@@ -125,3 +125,35 @@ def lut16(t: jax.Array, table, interpret: bool) -> jax.Array:
         " prmt.b32 lo, t0, t1, s; prmt.b32 hi, t2, t3, s;"
         " shr.b32 m, $1, 3; and.b32 m, m, 0x00010001; mul.lo.u32 m, m, 0xFF;"  # bit 3 of each nibble: upper half
         " lop3.b32 lo, lo, hi, m, 0xD8; lop3.b32 $0, lo, 0x00FF00FF, 0x64006400, 0xEA; }", t)
+
+
+def mul2(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
+    """``a * b`` per half, one rounding."""
+    if interpret:
+        return _pack(_view(a) * _view(b))
+    return _asm("mul.rn.f16x2 $0, $1, $2;", a, b)
+
+
+def lut16_f16(t: jax.Array, table, interpret: bool) -> jax.Array:
+    """``table[n]`` per half as float16, for the nibbles ``n`` at bits 0-3 and 16-19 of ``t`` (other
+    bits zero) and a table of 16 floats: four byte permutes each read four entries (their two bytes
+    side by side), bits 2 and 3 of ``n`` choose among them."""
+    bits = [f16_bits(float(v)) for v in np.asarray(table, np.float32).astype(np.float16)]
+    if interpret:
+        def look(n):
+            out = jnp.zeros_like(n)
+            for i, v in enumerate(bits):
+                out = jnp.where(n == U32(i), U32(v), out)
+            return out
+        return look(t & U32(0xF)) | look((t >> U32(16)) & U32(0xF)) << U32(16)
+    words = [bits[2 * i] | bits[2 * i + 1] << 16 for i in range(8)]
+    movs = " ".join(f"mov.b32 t{i}, {w:#x};" for i, w in enumerate(words))
+    return _asm(
+        "{ .reg .b32 a, x, y, s, r0, r1, r2, r3, m2, m3, lo, hi, t0, t1, t2, t3, t4, t5, t6, t7; " + movs +
+        " and.b32 a, $1, 0x00030003; shl.b32 a, a, 1; shr.b32 x, a, 8; and.b32 x, x, 0xF00; and.b32 a, a, 0xF;"
+        " or.b32 x, x, a; shl.b32 y, x, 4; or.b32 s, x, y; or.b32 s, s, 0x1010;"  # bytes 2n, 2n + 1 of each half
+        " prmt.b32 r0, t0, t1, s; prmt.b32 r1, t2, t3, s; prmt.b32 r2, t4, t5, s; prmt.b32 r3, t6, t7, s;"
+        " shr.b32 m2, $1, 2; and.b32 m2, m2, 0x00010001; mul.lo.u32 m2, m2, 0xFFFF;"
+        " shr.b32 m3, $1, 3; and.b32 m3, m3, 0x00010001; mul.lo.u32 m3, m3, 0xFFFF;"
+        " lop3.b32 lo, r0, r1, m2, 0xD8; lop3.b32 hi, r2, r3, m2, 0xD8; lop3.b32 $0, lo, hi, m3, 0xD8; }", t)
+
