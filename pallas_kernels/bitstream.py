@@ -14,16 +14,18 @@ A part of 128 weights spans 1, 2 or 4 groups.
 Pairs and arithmetic:
 - A 4-bit pair ``p`` of a word holds the nibbles at bits ``4p`` and ``16 + 4p`` (elements ``p``
   and ``p + 4``); an 8-bit pair ``p`` holds bytes ``p`` and ``p + 2``.
-- One mask-and-or makes ``1024 + q`` of both (``halfpack``). Then one fused multiply-add, or two
-  subtractions and a product, all float16 as the reference libraries round them.
+- One mask-and-or makes ``1024 + q`` of both (``halfpack``). Then AFQ takes one fused multiply-add,
+  HQQ two subtractions and a product, GPTQ one subtraction of ``1024 + zero`` (exact for its integer
+  zero) and a product: float16, as the reference libraries round them.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.halfpack import MAGIC2, U32, dup, f16_bits, splat, sub2_mul, sub_fma
+from pallas_kernels.halfpack import MAGIC2, U32, dup, f16_bits, splat, sub2_mul, sub_fma, sub_mul
 from pallas_kernels.tile import Decoder, Loader
 
 PART = 128  # weights a part
@@ -38,13 +40,26 @@ def _zero_point(t, s, z, interpret):
     return sub2_mul(t, ONE, z, s, interpret)
 
 
-# family -> (name prefix, code field, scale field, offset field, arithmetic)
-FAMILIES = {"afq": ("AFQ", "q", "scales", "biases", _affine), "hqq": ("HQQ", "q", "scale", "zero", _zero_point),
-            "gptq": ("GPTQ", "qs", "scale", "zero", _zero_point)}
+def _int_zero_point(t, s, z, interpret):  # z packed as 1024 + zero: exact for an integer zero
+    return sub_mul(t, z, s, interpret)
+
+
+def _as_is(v: jax.Array) -> jax.Array:
+    return v
+
+
+def _plus_1024(z: jax.Array) -> jax.Array:
+    return z.astype(jnp.float32) + 1024
+
+
+# family -> (name prefix, code field, scale field, offset field, offset before packing, arithmetic)
+FAMILIES = {"afq": ("AFQ", "q", "scales", "biases", _as_is, _affine),
+            "hqq": ("HQQ", "q", "scale", "zero", _as_is, _zero_point),
+            "gptq": ("GPTQ", "qs", "scale", "zero", _plus_1024, _int_zero_point)}
 
 
 def _decoder(family: str, bits: int, group: int) -> Decoder:
-    prefix, code, scale, offset, apply = FAMILIES[family]
+    prefix, code, scale, offset, prep, apply = FAMILIES[family]
     per_word = 32 // bits  # codes a word
     groups = PART // group  # groups a part
     words = group // per_word  # words a group
@@ -61,13 +76,13 @@ def _decoder(family: str, bits: int, group: int) -> Decoder:
         for q in range(bb // groups):
             if by_slot:
                 w = ld(code, PART // per_word * q, 1, PART // per_word).reshape(-1, 4, words)
-                s, o = (splat(ld(name, 4 * q, 1, 4))[:, :, None] for name in (scale, offset))
+                s, o = splat(ld(scale, 4 * q, 1, 4))[:, :, None], splat(prep(ld(offset, 4 * q, 1, 4)))[:, :, None]
                 out.append(pairs_of(w, s, o, interpret))
                 continue
             part = []  # 1 or 2 groups: a quarter of each group's words a slot, one scale a pair tensor
             for g in range(groups * q, groups * (q + 1)):
                 w = ld(code, words * g, 1, words).reshape(-1, 4, words // 4)
-                s, o = (splat(ld(name, g, 1, 1))[:, :, None] for name in (scale, offset))
+                s, o = splat(ld(scale, g, 1, 1))[:, :, None], splat(prep(ld(offset, g, 1, 1)))[:, :, None]
                 part += pairs_of(w, s, o, interpret)
             out.append(part)
         return out

@@ -65,11 +65,13 @@ def _asm(body: str, *args: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(out, U32)
 
 
-def sub_mul(t: jax.Array, c: int, s: jax.Array, interpret: bool) -> jax.Array:
+def sub_mul(t: jax.Array, c: int | jax.Array, s: jax.Array, interpret: bool) -> jax.Array:
     """``(t - c) * s`` per half: ``t - c`` exact (small integers), one rounding in the product.
-    ``c`` is a packed constant, ``s`` packed scales."""
+    ``c`` is a packed constant or packed per-row values, ``s`` packed scales."""
     if interpret:
         return _pack((_view(t) - _view(jnp.asarray(c, U32))) * _view(s))
+    if not isinstance(c, int):
+        return _asm("sub.rn.f16x2 $0, $1, $3; mul.rn.f16x2 $0, $0, $2;", t, s, c)
     return _asm(f"{{ .reg .b32 c; mov.b32 c, {c:#x}; sub.rn.f16x2 $0, $1, c; mul.rn.f16x2 $0, $0, $2; }}", t, s)
 
 
