@@ -18,16 +18,28 @@ from jax.experimental.pallas import triton as plt
 
 from jaxquant.qtensor import QTensor
 from pallas_kernels.qmm import step_blocks
-from pallas_kernels.tile import Decoder, field_arrays, fragment_tile, output_scale, prepare_activations, step_loader
+from pallas_kernels.tile import (
+    Decoder,
+    field_arrays,
+    field_spec,
+    fragment_tile,
+    output_scale,
+    part_pairs,
+    prepare_activations,
+    step_loader,
+)
 
 BLOCK_N = 64
 
 
 def _kernel(*refs, dec: Decoder, names: tuple[str, ...], bb: int, interpret: bool):
     fields = dict(zip(names, refs[:-1]))
-    tiles = [fragment_tile(pairs) for pairs in dec.decode(step_loader(fields, 0, 1), bb, interpret)]
     col = 0
-    for t in tiles:
+    for part in dec.decode(step_loader(fields, 0, 1), bb, interpret):
+        pairs, scale = part_pairs(part)
+        t = fragment_tile(pairs)
+        if scale is not None:
+            t = (t.astype(jnp.float32) * scale).astype(jnp.float16)
         refs[-1][:, pl.ds(col, t.shape[1])] = t
         col += t.shape[1]
 
@@ -42,7 +54,7 @@ def dequantize_f16(w: QTensor, dec: Decoder, interpret: bool = False) -> jax.Arr
     return pl.pallas_call(
         functools.partial(_kernel, dec=dec, names=names, bb=bb, interpret=interpret),
         grid=(n // BLOCK_N, nb // bb),
-        in_specs=[pl.BlockSpec((BLOCK_N, a.shape[1] // (nb // bb)), lambda j, b: (j, b)) for a in arrays],
+        in_specs=[field_spec(dec, name, a, BLOCK_N, nb // bb, lambda j, b: (j, b)) for name, a in zip(names, arrays)],
         out_specs=pl.BlockSpec((BLOCK_N, bb * dec.block_size), lambda j, b: (j, b)),
         out_shape=jax.ShapeDtypeStruct((n, k), jnp.float16),
         compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),

@@ -24,7 +24,16 @@ from jax.experimental.pallas import triton as plt
 
 from jaxquant.errors import JaxquantError
 from jaxquant.qtensor import QTensor
-from pallas_kernels.tile import Decoder, field_arrays, fragment_tile, output_scale, prepare_activations, step_loader
+from pallas_kernels.tile import (
+    Decoder,
+    field_arrays,
+    field_spec,
+    fragment_tile,
+    output_scale,
+    part_pairs,
+    prepare_activations,
+    step_loader,
+)
 
 NUM_SMS = 132  # H100 / H200
 
@@ -75,10 +84,12 @@ def _kernel(*refs, dec: Decoder, names: tuple[str, ...], cfg: QmmConfig, steps: 
     def step(i, acc):
         start = pl.multiple_of(i * bk, bk) if steps > 1 else 0
         col = 0
-        for pairs in dec.decode(step_loader(fields, i, steps), cfg.block_b, interpret):
+        for part in dec.decode(step_loader(fields, i, steps), cfg.block_b, interpret):
+            pairs, scale = part_pairs(part)
             w = fragment_tile(pairs)
             x = x_ref[:, pl.ds(start + col, w.shape[1])]
-            acc = acc + lax.dot_general(w, x, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            d = lax.dot_general(w, x, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            acc = acc + (d if scale is None else d * scale)
             col += w.shape[1]
         return acc
 
@@ -107,7 +118,8 @@ def qmm(x: jax.Array, w: QTensor, dec: Decoder, config: QmmConfig | None = None,
         functools.partial(_kernel, dec=dec, names=names, cfg=cfg, steps=nbs // cfg.block_b, interpret=interpret,
                           reduce_cols=m == 1),
         grid=(n // cfg.block_n, mp // cfg.block_m, cfg.splits),
-        in_specs=[*(pl.BlockSpec((cfg.block_n, a.shape[1] // cfg.splits), lambda j, i, s: (j, s)) for a in arrays),
+        in_specs=[*(field_spec(dec, name, a, cfg.block_n, cfg.splits, lambda j, i, s: (j, s))
+                    for name, a in zip(names, arrays)),
                   pl.BlockSpec((cfg.block_m, nbs * dec.block_size), lambda j, i, s: (i, s))],
         out_specs=pl.BlockSpec((None, cfg.block_n, cols), lambda j, i, s: (s, j, i)),
         out_shape=jax.ShapeDtypeStruct((cfg.splits, n, cols if m == 1 else mp), jnp.float32),

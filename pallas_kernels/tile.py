@@ -20,12 +20,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from jaxquant.errors import JaxquantError
 from jaxquant.qtensor import QTensor
 from pallas_kernels.halfpack import halves
 
@@ -34,16 +36,30 @@ from pallas_kernels.halfpack import halves
 Loader = Callable[..., jax.Array]
 
 
+class Scaled(NamedTuple):
+    """A part whose product (or dequantized tile) a float32 factor multiplies, ``[BN, 1]`` or
+    ``[1, 1]``: for scales float16 cannot hold exactly (FP8 block scales)."""
+
+    pairs: list[jax.Array]
+    scale: jax.Array
+
+
+def part_pairs(part) -> tuple[list[jax.Array], jax.Array | None]:
+    """(packed pairs, float32 factor or None) of a decoded part."""
+    return (part.pairs, part.scale) if isinstance(part, Scaled) else (part, None)
+
+
 @dataclasses.dataclass(frozen=True)
 class Decoder:
     """A block format's kernel view.
 
     ``decode(ld, bb, interpret)`` -> per part of 128 weights, ``P`` packed-pair tensors
-    ``[BN, 4, U]``, for a step of ``bb`` blocks; ``elems(bb)`` -> int array ``[parts, 4, U, P, 2]``
+    ``[BN, 4, U]`` (or a ``Scaled`` of them), for a step of ``bb`` blocks; ``elems(bb)`` -> int array ``[parts, 4, U, P, 2]``
     of the weights they hold; ``words`` names the byte fields read as little-endian uint32 words;
     ``min_blocks`` is the smallest step; ``out_scale(arrays)`` -> one value per tensor or per row
     that multiplies the output instead of the weights, made from the fields in ``out_fields`` (which
-    the kernel does not read).
+    the kernel does not read); ``row_groups`` pairs a field with the weight rows each of its rows
+    covers (FP8_B128's scale: 128).
     """
 
     fmt: str
@@ -54,6 +70,7 @@ class Decoder:
     min_blocks: int = 1
     out_scale: Callable[[dict[str, jax.Array]], jax.Array] | None = None
     out_fields: tuple[str, ...] = ()
+    row_groups: tuple[tuple[str, int], ...] = ()
 
     def view(self, name: str, a: jax.Array) -> jax.Array:
         """A field array ``(N, nb[, count])`` as the kernel reads it: ``(N, nb * count)``, byte
@@ -109,6 +126,17 @@ def field_arrays(dec: Decoder, w: QTensor) -> tuple[tuple[str, ...], list[jax.Ar
     """The QTensor's fields as the kernels read them, each ``(N, nb * count)``."""
     names = tuple(sorted(n for n in w.arrays if n not in dec.out_fields))
     return names, [dec.view(name, w.arrays[name]) for name in names]
+
+
+def field_spec(dec: Decoder, name: str, a: jax.Array, block_n: int, parts: int, index) -> pl.BlockSpec:
+    """A field's BlockSpec: ``block_n`` rows (or the one row of a ``row_groups`` field that covers
+    them) and ``1 / parts`` of its columns; ``index(*grid)`` -> (row block, column block)."""
+    rows = dict(dec.row_groups).get(name, 1)
+    if rows == 1:
+        return pl.BlockSpec((block_n, a.shape[1] // parts), index)
+    if rows % block_n:
+        raise JaxquantError(f"{dec.fmt}: programs of {block_n} rows straddle the {rows}-row groups of {name!r}")
+    return pl.BlockSpec((1, a.shape[1] // parts), lambda *g: (index(*g)[0] * block_n // rows, index(*g)[1]))
 
 
 def output_scale(dec: Decoder, w: QTensor) -> jax.Array | float:

@@ -94,7 +94,8 @@ def test_pallas_forced_without_kernel():
 KERNEL_CASES = [(fmt, 1) for fmt in sorted(pallas_kernels.DECODERS)] + [("Q4_0", 16), ("Q6_K", 3), ("Q4_K", 300),
                                                                            ("AFQ8_G32", 3), ("AFQ4_G64", 300), ("GPTQ4_G128", 16),
                                                                            ("HQQ8_G64", 300), ("FP8_E4M3_CH", 300),
-                                                                           ("NVFP4", 16), ("NF4", 300)]
+                                                                           ("NVFP4", 16), ("NF4", 300),
+                                                                           ("FP8_E5M2_B128", 300), ("FP8_E4M3_B128", 16)]
 
 
 @pytest.mark.parametrize("fmt,m", KERNEL_CASES)
