@@ -17,17 +17,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from jaxquant.qtensor import QTensor
+from pallas_kernels import tile
 from pallas_kernels.qmm import step_blocks
-from pallas_kernels.tile import (
-    Decoder,
-    field_arrays,
-    field_spec,
-    fragment_tile,
-    output_scale,
-    part_pairs,
-    prepare_activations,
-    step_loader,
-)
+from pallas_kernels.tile import Decoder
 
 BLOCK_N = 64
 
@@ -35,9 +27,7 @@ BLOCK_N = 64
 def _kernel(*refs, dec: Decoder, names: tuple[str, ...], bb: int, interpret: bool):
     fields = dict(zip(names, refs[:-1]))
     col = 0
-    for part in dec.decode(step_loader(fields, 0, 1), bb, interpret):
-        pairs, scale = part_pairs(part)
-        t = fragment_tile(pairs)
+    for t, scale in tile.step_tiles(dec, tile.step_loader(fields, 0, 1), bb, interpret):
         if scale is not None:
             t = (t.astype(jnp.float32) * scale).astype(jnp.float16)
         refs[-1][:, pl.ds(col, t.shape[1])] = t
@@ -50,11 +40,12 @@ def dequantize_f16(w: QTensor, dec: Decoder, interpret: bool = False) -> jax.Arr
     n, k = w.shape
     nb = k // dec.block_size
     bb = step_blocks(dec, nb)
-    names, arrays = field_arrays(dec, w)
+    names, arrays = tile.field_arrays(dec, w)
     return pl.pallas_call(
         functools.partial(_kernel, dec=dec, names=names, bb=bb, interpret=interpret),
         grid=(n // BLOCK_N, nb // bb),
-        in_specs=[field_spec(dec, name, a, BLOCK_N, nb // bb, lambda j, b: (j, b)) for name, a in zip(names, arrays)],
+        in_specs=[tile.field_spec(dec, name, a, BLOCK_N, nb // bb, lambda j, b: (j, b))
+                  for name, a in zip(names, arrays)],
         out_specs=pl.BlockSpec((BLOCK_N, bb * dec.block_size), lambda j, b: (j, b)),
         out_shape=jax.ShapeDtypeStruct((n, k), jnp.float16),
         compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
@@ -67,5 +58,5 @@ def dequantize_f16(w: QTensor, dec: Decoder, interpret: bool = False) -> jax.Arr
 def dequant_dot(x: jax.Array, w: QTensor, dec: Decoder, interpret: bool = False) -> jax.Array:
     """``x [M, K] @ dequantize(w).T`` -> ``[M, N]`` float32 through a transient float16 copy."""
     wf = dequantize_f16(w, dec, interpret)
-    xp, scale = prepare_activations(x, dec, step_blocks(dec, w.shape[1] // dec.block_size), x.shape[0])
-    return lax.dot_general(xp, wf, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale * output_scale(dec, w)
+    xp, scale = tile.prepare_activations(x, dec, step_blocks(dec, w.shape[1] // dec.block_size), x.shape[0])
+    return lax.dot_general(xp, wf, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale * tile.output_scale(dec, w)

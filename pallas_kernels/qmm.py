@@ -28,11 +28,10 @@ from pallas_kernels.tile import (
     Decoder,
     field_arrays,
     field_spec,
-    fragment_tile,
     output_scale,
-    part_pairs,
     prepare_activations,
     step_loader,
+    step_tiles,
 )
 
 NUM_SMS = 132  # H100 / H200
@@ -84,9 +83,7 @@ def _kernel(*refs, dec: Decoder, names: tuple[str, ...], cfg: QmmConfig, steps: 
     def step(i, acc):
         start = pl.multiple_of(i * bk, bk) if steps > 1 else 0
         col = 0
-        for part in dec.decode(step_loader(fields, i, steps), cfg.block_b, interpret):
-            pairs, scale = part_pairs(part)
-            w = fragment_tile(pairs)
+        for w, scale in step_tiles(dec, step_loader(fields, i, steps), cfg.block_b, interpret):
             x = x_ref[:, pl.ds(start + col, w.shape[1])]
             d = lax.dot_general(w, x, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
             acc = acc + (d if scale is None else d * scale)

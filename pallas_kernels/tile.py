@@ -44,9 +44,6 @@ class Scaled(NamedTuple):
     scale: jax.Array
 
 
-def part_pairs(part) -> tuple[list[jax.Array], jax.Array | None]:
-    """(packed pairs, float32 factor or None) of a decoded part."""
-    return (part.pairs, part.scale) if isinstance(part, Scaled) else (part, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +102,15 @@ def fragment_tile(pairs: list[jax.Array]) -> jax.Array:
     t = t.reshape(bn, 4, u, 2, *(2,) * k)  # P as bits, high first
     t = jnp.transpose(t, (0, 2, *range(4, 4 + k), 1, 3))  # [BN, U, p bits, c, e]
     return t.reshape(bn, u * p * 8)
+
+
+def step_tiles(dec: Decoder, ld: Loader, bb: int, interpret: bool) -> list[tuple[jax.Array, jax.Array | None]]:
+    """A step's parts as (float16 tile ``[BN, 128]`` in fragment order, float32 factor or None)."""
+    out = []
+    for part in dec.decode(ld, bb, interpret):
+        pairs, scale = (part.pairs, part.scale) if isinstance(part, Scaled) else (part, None)
+        out.append((fragment_tile(pairs), scale))
+    return out
 
 
 @functools.cache
