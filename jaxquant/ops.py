@@ -38,7 +38,8 @@ _taps: contextvars.ContextVar[tuple[Callable[[jax.Array, object], None], ...]] =
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force ``qdot``'s backend inside the block: ``"auto"`` (Pallas on GPU, XLA elsewhere),
+    """Force ``qdot``'s backend inside the block: ``"auto"`` (Pallas on GPU where the kernel has
+    been checked on one, XLA elsewhere),
     ``"xla"``, ``"pallas"`` (error for a format without kernels; shapes a kernel does not
     take still run in XLA) or ``"interpret"`` (the Pallas
     kernels run by the Pallas interpreter, on any platform: slow, for tests)."""
@@ -68,10 +69,12 @@ def _check(name: str) -> str:
 
 
 def resolve_backend(backend: str | None = None) -> str:
-    """The backend ``qdot`` uses now: ``"xla"``, ``"pallas"`` or ``"interpret"``."""
+    """The backend ``qdot`` uses now: ``"xla"``, ``"pallas"``, ``"interpret"``, or ``"gpu"`` ("auto"
+    on a GPU: the Pallas kernels that have passed tests/gpu/check_kernels.py on a GPU, i.e. not
+    those in ``pallas_kernels.PENDING_GPU_CHECK``, and XLA for the rest)."""
     name = _check(backend or _backend.get() or os.environ.get("JAXQUANT_QDOT_BACKEND") or "auto")
     if name == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
+        return "gpu" if jax.default_backend() == "gpu" else "xla"
     return name
 
 
@@ -115,7 +118,7 @@ def _product(x2: jax.Array, w, name: str) -> jax.Array:
         import pallas_kernels
 
         kern = pallas_kernels.select(w, x2.shape[0])
-        if kern is not None:
+        if kern is not None and not (name == "gpu" and kern.fmt in pallas_kernels.PENDING_GPU_CHECK):
             return kern.fn(x2, w, interpret=name == "interpret")
         if name == "pallas" and pallas_kernels.lookup(w.fmt, "qmm") is None:
             raise JaxquantError(f"qdot: no Pallas kernel for format {w.fmt}; kernels exist for "

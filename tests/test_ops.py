@@ -8,6 +8,8 @@ GPU runs them compiled: tests/gpu/check_kernels.py).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,7 +70,7 @@ def test_plain_weight():
 
 
 def test_backend_switch(monkeypatch):
-    assert ops.resolve_backend() == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    assert ops.resolve_backend() == ("gpu" if jax.default_backend() == "gpu" else "xla")
     with ops.use_backend("interpret"):
         assert ops.resolve_backend() == "interpret"
         assert ops.resolve_backend("xla") == "xla"  # the argument wins over the block
@@ -107,6 +109,27 @@ def test_kernels_in_interpreter(fmt, m):
     assert pallas_kernels.select(w, m).op == ("qmm" if m <= pallas_kernels.QMM_MAX_M else "dequant")
     y = ops.qdot(x, w, backend="interpret")
     assert _rel(y.astype(jnp.float32), _ref(x.astype(jnp.float32), w)) < 2e-3
+
+
+@pytest.mark.parametrize("fmt,runs", [("Q4_0", True), ("AFQ4_G64", False)])
+def test_auto_backend_on_a_gpu_runs_only_gpu_checked_kernels(monkeypatch, fmt, runs):
+    """"auto" on a GPU (resolved "gpu") runs a kernel that has passed check_kernels on a GPU and
+    leaves one still in PENDING_GPU_CHECK to XLA; backend="pallas" runs both."""
+    assert ("AFQ4_G64" in pallas_kernels.PENDING_GPU_CHECK, "Q4_0" in pallas_kernels.PENDING_GPU_CHECK) == (True, False)
+    calls = []
+    real = pallas_kernels.select
+
+    def select(w, m):
+        kern = real(w, m)
+        return dataclasses.replace(kern, fn=lambda x, w, interpret: calls.append(w.fmt) or kern.fn(x, w, interpret=True))
+
+    monkeypatch.setattr(pallas_kernels, "select", select)
+    w = random_qtensor(fmt, 64, 256, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (1, 256), jnp.float32)
+    for backend, expect in (("gpu", runs), ("pallas", True)):
+        calls.clear()
+        assert _rel(ops._product(x, w, backend), _ref(x, w)) < 2e-3
+        assert calls == ([fmt] if expect else [])
 
 
 def test_kernel_activations_beyond_float16_range():
