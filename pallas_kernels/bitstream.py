@@ -25,19 +25,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.halfpack import MAGIC2, U32, dup, f16_bits, splat, sub2_mul, sub_fma, sub_mul
+from pallas_kernels.halfpack import MAGIC2, U32, splat, sub2_mul, sub_fma, sub_mul
 from pallas_kernels.tile import Decoder, Loader
 
 PART = 128  # weights a part
-ONE = dup(f16_bits(1024))
 
 
 def _affine(t, s, b, interpret):
-    return sub_fma(t, ONE, s, b, interpret)
+    return sub_fma(t, MAGIC2, s, b, interpret)
 
 
 def _zero_point(t, s, z, interpret):
-    return sub2_mul(t, ONE, z, s, interpret)
+    return sub2_mul(t, MAGIC2, z, s, interpret)
 
 
 def _int_zero_point(t, s, z, interpret):  # z packed as 1024 + zero: exact for an integer zero

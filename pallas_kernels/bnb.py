@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.formats.bnb import BLOCK, FP4_DEQUANT_TABLE, INT8_INV, NF4_TABLE
-from pallas_kernels.halfpack import MAGIC2, U32, dup, f16_bits, lut16_f16, mul2, splat, sub_mul
+from pallas_kernels.ggml_legacy import byte_pair_elems
+from pallas_kernels.halfpack import OFFSET2, U32, dup, f16_bits, int8_pairs, lut16_f16, mul2, splat, sub_mul
 from pallas_kernels.tile import Decoder, Loader
 
 PART = 128  # weights a part
@@ -51,15 +52,10 @@ def _int8_scale(a: dict[str, jax.Array]) -> jax.Array:
 
 
 def _int8(ld: Loader, bb: int, interpret: bool) -> list[list[jax.Array]]:
-    return [[sub_mul((ld("q", 32 * q, 1, 32).reshape(-1, 4, 8) >> U32(8 * p)) & U32(0x00FF00FF)
-                     ^ U32(MAGIC2 | 0x00800080), dup(f16_bits(1152)), U32(dup(f16_bits(1.0))), interpret)
-             for p in range(2)] for q in range(bb // PART)]
-
-
-def _int8_elems(bb: int) -> np.ndarray:
-    q, c, u, p, e = np.meshgrid(*(np.arange(n) for n in (bb // PART, 4, 8, 2, 2)), indexing="ij")
-    return PART * q + 32 * c + 4 * u + p + 2 * e
+    return [[sub_mul(t, OFFSET2, U32(dup(f16_bits(1.0))), interpret)
+             for t in int8_pairs(ld("q", 32 * q, 1, 32).reshape(-1, 4, 8))] for q in range(bb // PART)]
 
 
 DECODERS = (_decoder("NF4", NF4_TABLE), _decoder("FP4", FP4_DEQUANT_TABLE),
-            Decoder("INT8", 1, _int8, _int8_elems, ("q",), min_blocks=PART, out_scale=_int8_scale, out_fields=("scb",)))
+            Decoder("INT8", 1, _int8, lambda bb: byte_pair_elems(bb // PART), ("q",), min_blocks=PART,
+                    out_scale=_int8_scale, out_fields=("scb",)))

@@ -59,4 +59,5 @@ def dequant_dot(x: jax.Array, w: QTensor, dec: Decoder, interpret: bool = False)
     """``x [M, K] @ dequantize(w).T`` -> ``[M, N]`` float32 through a transient float16 copy."""
     wf = dequantize_f16(w, dec, interpret)
     xp, scale = tile.prepare_activations(x, dec, step_blocks(dec, w.shape[1] // dec.block_size), x.shape[0])
-    return lax.dot_general(xp, wf, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale * tile.output_scale(dec, w)
+    y = lax.dot_general(xp, wf, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return y * scale * tile.output_scale(dec, w)

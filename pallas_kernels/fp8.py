@@ -4,8 +4,9 @@
 The codes become float16 exactly (``halfpack.fp8_pair``: E5M2 by a shift, E4M3 by Hopper's
 conversion, two weights an instruction). A scale per tensor or per row multiplies the float32
 product (``Decoder.out_scale``); a block's scale multiplies the float32 product of the part it
-covers (``tile.Scaled``; a 64-row program lies inside one 128-row block: ``Decoder.row_groups``). A part of 128 weights is 32 words of codes, lane slot ``c``
-decoding words ``8c ..``; pair ``p`` of a word holds bytes ``p`` and ``p + 2``.
+covers (``tile.Scaled``; a 64-row program lies inside one 128-row block: ``Decoder.row_groups``).
+A part of 128 weights is 32 words of codes, lane slot ``c`` decoding words ``8c ..``; pair ``p``
+of a word holds bytes ``p`` and ``p + 2`` (``ggml_legacy.byte_pair_elems``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.ggml_legacy import byte_pair_elems
 from pallas_kernels.halfpack import fp8_pair
 from pallas_kernels.tile import Decoder, Loader, Scaled
 
@@ -37,8 +39,7 @@ def _decoder(kind: str, suffix: str) -> Decoder:
         return out
 
     def elems(bb: int) -> np.ndarray:
-        q, c, u, p, e = np.meshgrid(*(np.arange(n) for n in (bb * size // PART, 4, 8, 2, 2)), indexing="ij")
-        return PART * q + 32 * c + 4 * u + p + 2 * e
+        return byte_pair_elems(bb * size // PART)
 
     if blocks:
         return Decoder(f"FP8_{kind}{suffix}", PART, decode, elems, words=("q",), row_groups=(("scale", PART),))

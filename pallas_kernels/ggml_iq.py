@@ -15,15 +15,14 @@ import numpy as np
 
 from jaxquant.formats.ggml_iq import KVALUES
 from pallas_kernels.ggml_legacy import PART, per_block
-from pallas_kernels.halfpack import U32, dup, f16_bits, lut16, splat, sub_mul
+from pallas_kernels.halfpack import OFFSET2, U32, lut16, splat, sub_mul
 from pallas_kernels.tile import Decoder, Loader
 
 F32 = jnp.float32
-OFFSET = dup(f16_bits(1152))
 
 
 def _pairs(w: jax.Array, scale: jax.Array, interpret: bool) -> list[jax.Array]:
-    return [sub_mul(lut16((w >> U32(4 * p)) & U32(0x000F000F), KVALUES, interpret), OFFSET, scale, interpret)
+    return [sub_mul(lut16((w >> U32(4 * p)) & U32(0x000F000F), KVALUES, interpret), OFFSET2, scale, interpret)
             for p in range(4)]
 
 

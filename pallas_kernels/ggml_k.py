@@ -25,7 +25,6 @@ from pallas_kernels.tile import Decoder, Loader
 
 QK_K = 256
 F32 = jnp.float32
-ONE = dup(f16_bits(1024))
 
 
 def _slot() -> jax.Array:
@@ -75,7 +74,7 @@ def _q45_k(high_bit: bool):
                     sb = U32(4 * h + hi) + 2 * (_slot() // U32(2))
                     hb = ((qh << U32(4)) >> sb) if p < 2 else (qh >> (sb + U32(4)))
                     t = t | hb & U32(0x00100010)
-                out.append(sub_fma(t, ONE, scale, mins, interpret))
+                out.append(sub_fma(t, MAGIC2, scale, mins, interpret))
             parts.append(out)
         return parts
     return decode
@@ -134,7 +133,7 @@ def _q2_k(ld: Loader, bb: int, interpret: bool) -> list[list[jax.Array]]:
             b = _field(wv, U32(16 * (j % 2)) + U32(8) * (_slot() // U32(2)), 8)
             s = splat(d[:, :, None] * (b & U32(0xF)).astype(F32))
             o = splat(-dmin[:, :, None] * (b >> U32(4)).astype(F32))
-            out.append(sub_fma(t, ONE, s, o, interpret))
+            out.append(sub_fma(t, MAGIC2, s, o, interpret))
         parts.append(out)
     return parts
 

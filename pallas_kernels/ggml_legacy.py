@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.halfpack import MAGIC2, U32, dup, f16_bits, splat, sub_fma, sub_mul
+from pallas_kernels.halfpack import MAGIC2, OFFSET2, U32, dup, f16_bits, int8_pairs, splat, sub_fma, sub_mul
 from pallas_kernels.tile import Decoder, Loader
 
 QK = 32
@@ -62,8 +62,7 @@ def _symmetric(offset: int, high_bits: bool):
 def _with_min(high_bits: bool):
     """``q * d + m``: Q4_1, Q5_1."""
     def decode(ld: Loader, bb: int, interpret: bool) -> list[list[jax.Array]]:
-        one = dup(f16_bits(1024))
-        return [[sub_fma(t, one, per_block(ld, "d", q, 4), per_block(ld, "m", q, 4), interpret)
+        return [[sub_fma(t, MAGIC2, per_block(ld, "d", q, 4), per_block(ld, "m", q, 4), interpret)
                  for t in _nibble_pairs(ld, q, high_bits)] for q in _parts(bb)]
     return decode
 
@@ -73,15 +72,15 @@ def _q8_0(ld: Loader, bb: int, interpret: bool) -> list[list[jax.Array]]:
     for q in _parts(bb):
         w = ld("qs", 8 * PART * q, 1, 8 * PART).reshape(-1, 4, 8)  # slot c: the 8 words of block c
         d = per_block(ld, "d", q, 8)
-        # int8 b -> 1024 + (b + 128): the sign bit flipped inside the mask-and-or
-        out.append([sub_mul((w >> U32(8 * p)) & U32(0x00FF00FF) ^ U32(MAGIC2 | 0x00800080), dup(f16_bits(1152)), d,
-                            interpret) for p in range(2)])
+        out.append([sub_mul(t, OFFSET2, d, interpret) for t in int8_pairs(w)])
     return out
 
 
-def _q8_0_elems(bb: int) -> np.ndarray:
-    q, c, t, p, e = np.meshgrid(*(np.arange(n) for n in (bb // PART, 4, 8, 2, 2)), indexing="ij")
-    return QK * (PART * q + c) + 4 * t + p + 2 * e
+def byte_pair_elems(parts: int) -> np.ndarray:
+    """Elements of ``parts`` parts of 128 bytes, slot ``c`` decoding words ``8c ..`` and pair ``p``
+    of a word bytes ``p`` and ``p + 2`` (Q8_0, and INT8 and FP8 codes)."""
+    q, c, t, p, e = np.meshgrid(*(np.arange(n) for n in (parts, 4, 8, 2, 2)), indexing="ij")
+    return 128 * q + 32 * c + 4 * t + p + 2 * e
 
 
 DECODERS = (
@@ -89,5 +88,5 @@ DECODERS = (
     Decoder("Q4_1", QK, _with_min(False), _nibble_elems, ("qs",), min_blocks=PART),
     Decoder("Q5_0", QK, _symmetric(16, True), _nibble_elems, ("qs", "qh"), min_blocks=PART),
     Decoder("Q5_1", QK, _with_min(True), _nibble_elems, ("qs", "qh"), min_blocks=PART),
-    Decoder("Q8_0", QK, _q8_0, _q8_0_elems, ("qs",), min_blocks=PART),
+    Decoder("Q8_0", QK, _q8_0, lambda bb: byte_pair_elems(bb // PART), ("qs",), min_blocks=PART),
 )

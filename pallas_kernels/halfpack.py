@@ -22,6 +22,7 @@ from jax.experimental.pallas import triton as plt
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*", category=DeprecationWarning)
 
 MAGIC2 = 0x64006400  # 1024.0 in both halves
+OFFSET2 = 0x64806480  # 1152.0 in both halves: lut16's values and int8_pairs' bytes sit 1152 above their own
 U32 = jnp.uint32
 
 
@@ -106,6 +107,12 @@ def fp8_pair(w: jax.Array, p: int, e4m3: bool, interpret: bool) -> jax.Array:
         return half((w >> U32(8 * p)) & U32(0xFF)) | half((w >> U32(8 * p + 16)) & U32(0xFF)) << U32(16)
     return _asm(f"{{ .reg .b32 t; .reg .b16 lo, hi; prmt.b32 t, $1, 0, {p | (p + 2) << 4:#x}; mov.b32 {{lo, hi}}, t; "
                 "cvt.rn.f16x2.e4m3x2 $0, lo; }", w)
+
+
+def int8_pairs(w: jax.Array) -> list[jax.Array]:
+    """The int8 bytes ``p`` and ``p + 2`` of each word (``p`` = 0, 1) as ``1152 + b`` per half: the
+    sign bit flipped inside the mask-and-or."""
+    return [(w >> U32(8 * p)) & U32(0x00FF00FF) ^ U32(MAGIC2 | 0x00800080) for p in range(2)]
 
 
 def lut16(t: jax.Array, table, interpret: bool) -> jax.Array:

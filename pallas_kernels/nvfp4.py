@@ -18,12 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.formats.nvfp4 import E2M1
-from pallas_kernels.halfpack import U32, dup, f16_bits, lut16, splat, sub_mul
+from pallas_kernels.halfpack import OFFSET2, U32, lut16, splat, sub_mul
 from pallas_kernels.tile import Decoder, Loader
 
 PART = 128  # weights a part
 TABLE = (2 * E2M1).astype(np.int8)  # -0 becomes 0: it adds nothing to a sum
-OFFSET = dup(f16_bits(1152))
 
 
 def _scale(a: dict[str, jax.Array]) -> jax.Array:
@@ -37,7 +36,7 @@ def _decode(ld: Loader, bb: int, interpret: bool) -> list[list[jax.Array]]:
         for g in range(2):
             w = ld("qs", 16 * q + 8 * g, 1, 8).reshape(-1, 4, 2)
             s = splat(ld("scales", 8 * q + 4 * g, 1, 4))[:, :, None]  # slot c: block 4g + c's scale
-            part += [sub_mul(lut16((w >> U32(4 * p)) & U32(0x000F000F), TABLE, interpret), OFFSET, s, interpret)
+            part += [sub_mul(lut16((w >> U32(4 * p)) & U32(0x000F000F), TABLE, interpret), OFFSET2, s, interpret)
                      for p in range(4)]
         out.append(part)
     return out

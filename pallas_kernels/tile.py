@@ -44,19 +44,17 @@ class Scaled(NamedTuple):
     scale: jax.Array
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class Decoder:
     """A block format's kernel view.
 
     ``decode(ld, bb, interpret)`` -> per part of 128 weights, ``P`` packed-pair tensors
-    ``[BN, 4, U]`` (or a ``Scaled`` of them), for a step of ``bb`` blocks; ``elems(bb)`` -> int array ``[parts, 4, U, P, 2]``
-    of the weights they hold; ``words`` names the byte fields read as little-endian uint32 words;
-    ``min_blocks`` is the smallest step; ``out_scale(arrays)`` -> one value per tensor or per row
-    that multiplies the output instead of the weights, made from the fields in ``out_fields`` (which
-    the kernel does not read); ``row_groups`` pairs a field with the weight rows each of its rows
-    covers (FP8_B128's scale: 128).
+    ``[BN, 4, U]`` (or a ``Scaled`` of them), for a step of ``bb`` blocks; ``elems(bb)`` -> int
+    array ``[parts, 4, U, P, 2]`` of the weights they hold; ``words`` names the byte fields read as
+    little-endian uint32 words; ``min_blocks`` is the smallest step; ``out_scale(arrays)`` -> one
+    value per tensor or per row that multiplies the output instead of the weights, made from the
+    fields in ``out_fields`` (which the kernel does not read); ``row_groups`` pairs a field with the
+    weight rows each of its rows covers (FP8_B128's scale: 128).
     """
 
     fmt: str
