@@ -75,8 +75,7 @@ def bench(fmt: str, k: int, n: int, m: int, args, matmul=None) -> dict:
     x = jax.random.normal(jax.random.key(2), (m, k), jnp.float32).astype(jnp.bfloat16)
     if matmul is None:  # qdot as models call it; JAXQUANT_QDOT_BACKEND=interpret dry-runs it on a CPU
         kern, backend = pk.select(ws[0], m), ops.resolve_backend()
-        op = kern.op if kern is not None and backend != "xla" and not (
-            backend == "gpu" and fmt in pk.PENDING_GPU_CHECK) else "xla"
+        op = kern.op if kern is not None and backend != "xla" else "xla"
         matmul = ops.qdot
     else:
         op = "sweep"

@@ -70,8 +70,7 @@ def _check(name: str) -> str:
 
 def resolve_backend(backend: str | None = None) -> str:
     """The backend ``qdot`` uses now: ``"xla"``, ``"pallas"``, ``"interpret"``, or ``"gpu"`` ("auto"
-    on a GPU: the Pallas kernels that have passed tests/gpu/check_kernels.py on a GPU, i.e. not
-    those in ``pallas_kernels.PENDING_GPU_CHECK``, and XLA for the rest)."""
+    on a GPU: the Pallas kernel where one takes the format and shape, XLA for the rest)."""
     name = _check(backend or _backend.get() or os.environ.get("JAXQUANT_QDOT_BACKEND") or "auto")
     if name == "auto":
         return "gpu" if jax.default_backend() == "gpu" else "xla"
@@ -118,7 +117,7 @@ def _product(x2: jax.Array, w, name: str) -> jax.Array:
         import pallas_kernels
 
         kern = pallas_kernels.select(w, x2.shape[0])
-        if kern is not None and not (name == "gpu" and kern.fmt in pallas_kernels.PENDING_GPU_CHECK):
+        if kern is not None:
             return kern.fn(x2, w, interpret=name == "interpret")
         if name == "pallas" and pallas_kernels.lookup(w.fmt, "qmm") is None:
             raise JaxquantError(f"qdot: no Pallas kernel for format {w.fmt}; kernels exist for "

@@ -111,25 +111,26 @@ def test_kernels_in_interpreter(fmt, m):
     assert _rel(y.astype(jnp.float32), _ref(x.astype(jnp.float32), w)) < 2e-3
 
 
-@pytest.mark.parametrize("fmt,runs", [("Q4_0", True), ("AFQ4_G64", False)])
-def test_auto_backend_on_a_gpu_runs_only_gpu_checked_kernels(monkeypatch, fmt, runs):
-    """"auto" on a GPU (resolved "gpu") runs a kernel that has passed check_kernels on a GPU and
-    leaves one still in PENDING_GPU_CHECK to XLA; backend="pallas" runs both."""
-    assert ("AFQ4_G64" in pallas_kernels.PENDING_GPU_CHECK, "Q4_0" in pallas_kernels.PENDING_GPU_CHECK) == (True, False)
+@pytest.mark.parametrize("fmt,runs", [("AFQ4_G64", True), ("IQ2_XS", False)])
+def test_auto_backend_on_a_gpu_runs_a_kernel_where_one_exists(monkeypatch, fmt, runs):
+    """"auto" on a GPU (resolved "gpu") runs the format's kernel, or XLA for a format without one;
+    backend="pallas" refuses the latter."""
     calls = []
     real = pallas_kernels.select
 
     def select(w, m):
         kern = real(w, m)
-        return dataclasses.replace(kern, fn=lambda x, w, interpret: calls.append(w.fmt) or kern.fn(x, w, interpret=True))
+        return kern and dataclasses.replace(
+            kern, fn=lambda x, w, interpret: calls.append(w.fmt) or kern.fn(x, w, interpret=True))
 
     monkeypatch.setattr(pallas_kernels, "select", select)
     w = random_qtensor(fmt, 64, 256, jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (1, 256), jnp.float32)
-    for backend, expect in (("gpu", runs), ("pallas", True)):
-        calls.clear()
-        assert _rel(ops._product(x, w, backend), _ref(x, w)) < 2e-3
-        assert calls == ([fmt] if expect else [])
+    assert _rel(ops._product(x, w, "gpu"), _ref(x, w)) < 2e-3
+    assert calls == ([fmt] if runs else [])
+    if not runs:
+        with pytest.raises(JaxquantError, match="no Pallas kernel"):
+            ops._product(x, w, "pallas")
 
 
 def test_kernel_activations_beyond_float16_range():
