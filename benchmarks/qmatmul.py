@@ -96,11 +96,20 @@ def bench_bf16(k: int, n: int, m: int, args) -> dict:
 
 
 def sweep_configs(fmt: str, k: int, n: int, m: int):
-    """Tilings tried by ``--sweep``: (label, matmul) pairs around ``qmm``'s default for M (large M
-    runs the dequantize + dot path, which has no tiling to sweep)."""
+    """Tilings tried by ``--sweep``: (label, matmul) pairs around the default of ``gemv`` (M = 1) or
+    ``qmm`` (large M runs the dequantize + dot path, which has no tiling to sweep)."""
     import pallas_kernels as pk
-    from pallas_kernels import qmm
+    from pallas_kernels import gemv, gemv_ggml, qmm
 
+    gdec = {d.fmt: d for d in gemv_ggml.DECODERS}.get(fmt)
+    if m == 1 and gdec is not None:
+        g = gemv.default_config(gdec, n, k)
+        for v in ({}, {"num_stages": 2}, {"num_stages": 4}, {"num_warps": 2}, {"num_warps": 8},
+                  {"block_n": 16}, {"block_n": 64}, {"splits": 2 * g.splits}, {"splits": max(1, g.splits // 2)},
+                  {"steps_blocks": 2 * g.steps_blocks}, {"steps_blocks": max(1, g.steps_blocks // 2)}):
+            cfg = dataclasses.replace(g, **v)
+            yield str(cfg), (lambda x, w, cfg=cfg: gemv.gemv(x, w, gdec, config=cfg))
+        return
     dec = pk.DECODERS[fmt]
     base = qmm.default_config(dec, m, n, k)
     for v in ({}, {"num_stages": 3}, {"num_stages": 4}, {"num_warps": 8}, {"splits": 2 * base.splits},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from pallas_kernels import bitstream, bnb, dequant, fp8, ggml_iq, ggml_k, ggml_legacy, nvfp4, qmm
+from pallas_kernels import bitstream, bnb, dequant, fp8, gemv, gemv_ggml, ggml_iq, ggml_k, ggml_legacy, nvfp4, qmm
 from pallas_kernels.registry import QMM_MAX_M, Kernel, kernels, lookup, register, select
 
 # Every decoder passes tests/gpu/check_kernels.py on the H200 (benchmarks/RESULTS.md).
@@ -15,5 +15,8 @@ for _dec in DECODERS.values():
                     functools.partial(qmm.supports, _dec)))
     register(Kernel(_dec.fmt, "dequant", "triton", functools.partial(dequant.dequant_dot, dec=_dec),
                     functools.partial(qmm.supports, _dec)))
+for _gdec in gemv_ggml.DECODERS:
+    register(Kernel(_gdec.fmt, "gemv", "triton", functools.partial(gemv.gemv, dec=_gdec),
+                    functools.partial(gemv.supports, _gdec)))
 
 __all__ = ["DECODERS", "QMM_MAX_M", "Kernel", "kernels", "lookup", "register", "select"]

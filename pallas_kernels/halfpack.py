@@ -57,13 +57,17 @@ def _pack(h: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(h, U32)
 
 
-def _asm(body: str, *args: jax.Array) -> jax.Array:
-    """``$0 = body($1, $2, ...)`` on uint32 registers, elementwise (pack 1)."""
+def asm_i32(body: str, *args: jax.Array) -> jax.Array:
+    """int32 ``$0 = body($1, $2, ...)`` on 32-bit registers, elementwise (pack 1)."""
     shape = jnp.broadcast_shapes(*(a.shape for a in args))
     args = [jnp.broadcast_to(a, shape) for a in args]
-    out = plt.elementwise_inline_asm(body, args=args, constraints="=r" + ",r" * len(args), pack=1,
-                                     result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.int32)])[0]
-    return lax.bitcast_convert_type(out, U32)
+    return plt.elementwise_inline_asm(body, args=args, constraints="=r" + ",r" * len(args), pack=1,
+                                      result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.int32)])[0]
+
+
+def _asm(body: str, *args: jax.Array) -> jax.Array:
+    """``asm_i32`` as uint32."""
+    return lax.bitcast_convert_type(asm_i32(body, *args), U32)
 
 
 def sub_mul(t: jax.Array, c: int | jax.Array, s: jax.Array, interpret: bool) -> jax.Array:

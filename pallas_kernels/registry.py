@@ -1,6 +1,7 @@
 """Kernel registry: (format, op, backend) -> kernel.
 
-``op`` is ``"qmm"`` (up to ``QMM_MAX_M`` activation rows: packed weights decoded into the tensor
+``op`` is ``"gemv"`` (one activation row, integer dot products on the CUDA cores, ``gemv.py``, for
+the formats it has), ``"qmm"`` (up to ``QMM_MAX_M`` activation rows: packed weights decoded into the tensor
 cores' registers, ``qmm.py``) or ``"dequant"`` (more rows: one pass to a transient float16 copy,
 then XLA's dot). ``jaxquant.ops.qdot`` asks ``select`` for a kernel and falls back to XLA
 (dequantize + dot) where none applies.
@@ -70,6 +71,9 @@ def select(w: QTensor, m: int, backend: str = "triton") -> Kernel | None:
     if len(w.shape) != 2:
         return None
     n, k = w.shape
+    gemv = lookup(w.fmt, "gemv", backend) if m == 1 else None
+    if gemv is not None and gemv.supports(m, n, k):
+        return gemv
     op = "qmm" if m <= QMM_MAX_M else "dequant"
     kern = lookup(w.fmt, op, backend)
     return kern if kern is not None and kern.supports(m, n, k) else None

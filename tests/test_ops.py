@@ -103,10 +103,12 @@ KERNEL_CASES = [(fmt, 1) for fmt in sorted(pallas_kernels.DECODERS)] + [("Q4_0",
 @pytest.mark.parametrize("fmt,m", KERNEL_CASES)
 def test_kernels_in_interpreter(fmt, m):
     """Every decoder and the tile/activation permutation of the Pallas kernels, run by the Pallas
-    interpreter (the PTX lines have jnp twins): ``qmm`` for M <= 256, dequantize + dot above."""
+    interpreter (the PTX lines have jnp twins): ``gemv`` for M = 1 where the format has one, ``qmm``
+    for M <= 256, dequantize + dot above."""
     w = random_qtensor(fmt, 64, 512, jax.random.key(m))
     x = jax.random.normal(jax.random.key(9), (m, 512), jnp.float32).astype(jnp.bfloat16)
-    assert pallas_kernels.select(w, m).op == ("qmm" if m <= pallas_kernels.QMM_MAX_M else "dequant")
+    gemv = m == 1 and pallas_kernels.lookup(fmt, "gemv") is not None
+    assert pallas_kernels.select(w, m).op == ("gemv" if gemv else "qmm" if m <= pallas_kernels.QMM_MAX_M else "dequant")
     y = ops.qdot(x, w, backend="interpret")
     assert _rel(y.astype(jnp.float32), _ref(x.astype(jnp.float32), w)) < 2e-3
 
@@ -142,6 +144,21 @@ def test_kernel_activations_beyond_float16_range():
     assert np.isfinite(y).all() and _rel(y, _ref(x, w)) < 2e-3
     y = np.asarray(ops.qdot(x.at[1, 5].set(jnp.nan), w, backend="interpret"))
     assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_K", "Q6_K"])
+def test_gemv_activation_blocks_of_any_magnitude(fmt):
+    """gemv's int16 activations take a scale per block of 32: blocks 1e6 and 1e-4 apart, and a
+    zero block, keep the 2e-3 bound; NaN and inf give non-finite outputs, not numbers."""
+    w = random_qtensor(fmt, 64, 512, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (1, 512), jnp.float32)
+    x = x * jnp.repeat(jnp.array([1e4, 1e-2, 0.0, 1.0] * 4), 32)[None]
+    assert pallas_kernels.select(w, 1).op == "gemv"
+    y = np.asarray(ops.qdot(x, w, backend="interpret"))
+    assert np.isfinite(y).all() and _rel(y, _ref(x, w)) < 2e-3
+    for bad in (jnp.nan, jnp.inf):
+        y = np.asarray(ops.qdot(x.at[0, 40].set(bad), w, backend="interpret"))
+        assert not np.isfinite(y).any()
 
 
 NON_GGUF = ["AFQ4_G64", "AFQ3_G32", "HQQ4_G64", "HQQ2_G32_AX0", "NF4", "FP4_DQ", "INT8", "FP8_E4M3", "FP8_E5M2_CH",

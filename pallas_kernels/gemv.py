@@ -1,0 +1,183 @@
+"""Matrix-vector products (M = 1: decoding one sequence) on the CUDA cores, with integer dot products.
+
+At M = 1 ``qmm`` keeps the tensor cores' tiles 1/16 used, and turning every weight into float16
+costs ~3.4 instructions a weight. Here, as in llama.cpp's ``mmvq``, the activations are quantized
+once per call and the weights' codes stay integers:
+- activations: per block of 32, int16 with a float32 scale (rounding error <= 1.5e-5 of the
+  block's largest value, so the 2e-3 check holds; int8, as llama.cpp uses, would not), and the
+  integer sums of each ``group`` of them, for the formats' offsets and mins;
+- weights: a nibble plane is one mask (and a shift), and ``dp2a`` multiplies two int16 activations
+  by two int8 codes and adds: about one instruction a weight;
+- scales, mins and offsets apply per group to the integer sums, in float32.
+
+The weight rows are spread over the threads and ``S`` blocks are taken per step; the ``splits``
+programs of a row block sum K slices, added by XLA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from jaxquant.errors import JaxquantError
+from jaxquant.qtensor import QTensor
+from pallas_kernels.halfpack import asm_i32
+
+NUM_SMS = 132
+F32 = jnp.float32
+XB = 32  # activation block
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvDecoder:
+    """A block format's integer view.
+
+    ``step(ld, xpair, xs, interpret)`` -> float32 ``[BN, S]``: each row's product with the
+    activations over each of the step's ``S`` blocks. ``ld(name, start=0, size=None)`` gives a
+    field's ``[BN, S]`` (one value a block) or ``[BN, S, size]`` (uint32 words of byte fields in
+    ``words``); ``xpair(elem, n)`` the int16 activations of elements ``elem + 4 i .. + 3``
+    (``i < n``, within one block of 32) as two packed words ``(lo, hi)`` of ``[1, S, n]``;
+    ``xs("dx" | "sum", i)`` a ``[1, S]`` per-block column: the scale of activation block ``i`` of
+    the weight block, or the integer sum of its ``i``-th ``group``.
+    """
+
+    fmt: str
+    block_size: int
+    group: int
+    step: Callable
+    words: tuple[str, ...]
+
+
+def idot(b: jax.Array, lo: jax.Array, hi: jax.Array, interpret: bool) -> jax.Array:
+    """Per word, the int32 dot of the 4 signed bytes of ``b`` with 4 int16 values packed two a word
+    in ``lo`` (for bytes 0, 1) and ``hi`` (bytes 2, 3): two ``dp2a``."""
+    if interpret:
+        def byte(k):
+            return lax.bitcast_convert_type(((b >> (8 * k)) & 0xFF).astype(jnp.uint8), jnp.int8).astype(jnp.int32)
+
+        def half(v, k):
+            return lax.bitcast_convert_type(((v >> (16 * k)) & 0xFFFF).astype(jnp.uint16), jnp.int16).astype(jnp.int32)
+        return byte(0) * half(lo, 0) + byte(1) * half(lo, 1) + byte(2) * half(hi, 0) + byte(3) * half(hi, 1)
+    return asm_i32("{ .reg .b32 t; dp2a.lo.s32.s32 t, $1, $3, 0; dp2a.hi.s32.s32 $0, $2, $3, t; }", lo, hi, b)
+
+
+def quantize_activations(x: jax.Array, block_size: int, group: int) -> tuple[jax.Array, ...]:
+    """``x [K]`` -> (uint32 words ``[nb, block_size / 2]``: int16 pairs, in each 32 the 8 words
+    of even pairs then the 8 of odd pairs; float32 scales ``[nb, block_size / 32]``; int32 sums
+    ``[nb, block_size / group]``). Non-finite activations give non-finite scales, so non-finite
+    outputs."""
+    xb = x.astype(F32).reshape(-1, XB)
+    amax = jnp.max(jnp.abs(xb), axis=1, keepdims=True)
+    dx = amax / 32767.0
+    q = jnp.where(dx > 0, jnp.round(xb / jnp.where(dx > 0, dx, 1.0)), 0.0)
+    q = jnp.clip(jnp.nan_to_num(q), -32767, 32767).astype(jnp.int32)
+    u = q.astype(jnp.uint32) & 0xFFFF
+    words = u[:, 0::2] | u[:, 1::2] << 16  # [K/32, 16]: word w holds elements 2w, 2w + 1
+    words = jnp.concatenate([words[:, 0::2], words[:, 1::2]], axis=1)  # elements 4i, 4i + 1, then 4i + 2, 4i + 3
+    nb = x.shape[0] // block_size
+    sums = q.reshape(-1, group).sum(axis=1, dtype=jnp.int32)
+    return words.reshape(nb, -1), dx.reshape(nb, -1), sums.reshape(nb, -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    block_n: int = 32
+    steps_blocks: int = 1  # S
+    splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_config(dec: GemvDecoder, n: int, k: int) -> GemvConfig:
+    """512 weights a step for 32 rows, the fewest K-splits giving 4 programs per SM."""
+    nb = k // dec.block_size
+    s = max(1, 512 // dec.block_size)
+    while nb % s:
+        s //= 2
+    splits = 1
+    while (n // 32) * splits < 4 * NUM_SMS and nb % (2 * splits * s) == 0:
+        splits *= 2
+    return GemvConfig(32, s, splits)
+
+
+def supports(dec: GemvDecoder, m: int, n: int, k: int) -> bool:
+    return m == 1 and n % 32 == 0 and k % dec.block_size == 0
+
+
+def _views(dec: GemvDecoder, w: QTensor) -> tuple[tuple[str, ...], list[jax.Array]]:
+    names = tuple(sorted(w.arrays))
+    out = []
+    for name in names:
+        a = w.arrays[name]
+        if name in dec.words:
+            a = lax.bitcast_convert_type(a.reshape(*a.shape[:2], -1, 4), jnp.uint32)
+        out.append(a)
+    return names, out
+
+
+def _kernel(*refs, dec: GemvDecoder, names: tuple[str, ...], cfg: GemvConfig, steps: int, interpret: bool):
+    fields = dict(zip(names, refs[:len(names)]))
+    xw_ref, dx_ref, sum_ref, o_ref = refs[len(names):]
+    s = cfg.steps_blocks
+
+    def step(i, acc):
+        b0 = pl.multiple_of(i * s, s) if steps > 1 else 0
+
+        def ld(name: str, start: int = 0, size: int | None = None) -> jax.Array:
+            r = fields[name]
+            if len(r.shape) == 2:
+                return r[:, pl.ds(b0, s)]
+            return r[:, pl.ds(b0, s), pl.ds(start, size or r.shape[2])]
+
+        def xpair(elem: int, n: int) -> tuple[jax.Array, jax.Array]:
+            base = 16 * (elem // XB) + (elem % XB) // 4
+            return xw_ref[pl.ds(b0, s), pl.ds(base, n)][None], xw_ref[pl.ds(b0, s), pl.ds(base + 8, n)][None]
+
+        def xs(name: str, col: int) -> jax.Array:
+            r = dx_ref if name == "dx" else sum_ref
+            return r[pl.ds(b0, s), pl.ds(col, 1)].reshape(1, s)
+
+        return acc + jnp.sum(dec.step(ld, xpair, xs, interpret), axis=1)
+
+    acc = jnp.zeros((cfg.block_n,), F32)
+    o_ref[...] = lax.fori_loop(0, steps, step, acc) if steps > 1 else step(0, acc)
+
+
+@functools.partial(jax.jit, static_argnames=("dec", "config", "interpret"))
+def gemv(x: jax.Array, w: QTensor, dec: GemvDecoder, config: GemvConfig | None = None,
+         interpret: bool = False) -> jax.Array:
+    """``x [1, K] @ dequantize(w).T`` -> ``[1, N]`` float32."""
+    _, k = x.shape
+    n = w.shape[0]
+    cfg = config or default_config(dec, n, k)
+    nb = k // dec.block_size
+    if n % cfg.block_n or nb % (cfg.splits * cfg.steps_blocks):
+        raise JaxquantError(f"gemv tiling {cfg} does not divide {n} rows x {nb} blocks of {dec.fmt}")
+    xw, dx, sums = quantize_activations(x[0], dec.block_size, dec.group)
+    names, arrays = _views(dec, w)
+    nbs = nb // cfg.splits
+
+    def spec(a):
+        if a.ndim == 2:
+            return pl.BlockSpec((cfg.block_n, nbs), lambda j, sp: (j, sp))
+        return pl.BlockSpec((cfg.block_n, nbs, a.shape[2]), lambda j, sp: (j, sp, 0))
+
+    call = pl.pallas_call(
+        functools.partial(_kernel, dec=dec, names=names, cfg=cfg, steps=nbs // cfg.steps_blocks, interpret=interpret),
+        grid=(n // cfg.block_n, cfg.splits),
+        in_specs=[*(spec(a) for a in arrays),
+                  *(pl.BlockSpec((nbs, a.shape[1]), lambda j, sp: (sp, 0)) for a in (xw, dx, sums))],
+        out_specs=pl.BlockSpec((None, cfg.block_n), lambda j, sp: (sp, j)),
+        out_shape=jax.ShapeDtypeStruct((cfg.splits, n), F32),
+        compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=f"gemv_{dec.fmt.lower()}",
+    )
+    return call(*arrays, xw, dx, sums).sum(0)[None]

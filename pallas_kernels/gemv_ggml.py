@@ -1,0 +1,98 @@
+"""``gemv`` decoders of llama.cpp's formats: Q4_0, Q4_1, Q8_0 (blocks of 32), Q4_K, Q6_K (256).
+
+Each weight word's 4 bytes are 4 consecutive elements (a nibble plane of Q4_0 / Q4_K, Q6_K's 4
+low bits with its 2 high ones, Q8_0's bytes), so ``xpair`` pairs it with its activations without a
+permutation. Offsets (Q4_0's 8, Q6_K's 32) and mins come off the integer sums through the
+activations' group sums.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gemv import GemvDecoder, idot
+
+U32 = jnp.uint32
+F32 = jnp.float32
+LOW = 0x0F0F0F0F
+
+
+def _nibbles(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A word's low and high nibble planes, one byte a nibble."""
+    return w & U32(LOW), (w >> U32(4)) & U32(LOW)
+
+
+def _q4_32(ld, xpair, interpret) -> jax.Array:
+    """Integer sums ``[BN, S]`` of a block of 32 nibbles: word j holds elements 4j.. (low) and 16 + 4j.. (high)."""
+    lo, hi = _nibbles(ld("qs"))
+    return (idot(lo, *xpair(0, 4), interpret) + idot(hi, *xpair(16, 4), interpret)).sum(-1).astype(F32)
+
+
+def _q4_0(ld, xpair, xs, interpret) -> jax.Array:
+    return ld("d").astype(F32) * xs("dx", 0) * (_q4_32(ld, xpair, interpret) - 8 * xs("sum", 0).astype(F32))
+
+
+def _q4_1(ld, xpair, xs, interpret) -> jax.Array:
+    dx = xs("dx", 0)
+    return dx * (ld("d").astype(F32) * _q4_32(ld, xpair, interpret) + ld("m").astype(F32) * xs("sum", 0).astype(F32))
+
+
+def _q8_0(ld, xpair, xs, interpret) -> jax.Array:
+    isum = idot(ld("qs"), *xpair(0, 8), interpret).sum(-1).astype(F32)
+    return ld("d").astype(F32) * xs("dx", 0) * isum
+
+
+def _scale_min_k4(w: list[jax.Array], j: int) -> tuple[jax.Array, jax.Array]:
+    """ggml's ``get_scale_min_k4`` of sub-block ``j`` from the 3 scale words, as float32."""
+    if j < 4:
+        sc, mn = (w[0] >> U32(8 * j)) & U32(63), (w[1] >> U32(8 * j)) & U32(63)
+    else:
+        k = 8 * (j - 4)
+        sc = (w[2] >> U32(k)) & U32(0xF) | ((w[0] >> U32(k + 6)) & U32(3)) << U32(4)
+        mn = (w[2] >> U32(k + 4)) & U32(0xF) | ((w[1] >> U32(k + 6)) & U32(3)) << U32(4)
+    return sc.astype(F32), mn.astype(F32)
+
+
+def _q4_k(ld, xpair, xs, interpret) -> jax.Array:
+    """Group g (64 weights, qs words 8g ..): low nibbles are sub-block 2g, high ones 2g + 1."""
+    sw = [ld("scales", i, 1)[..., 0] for i in range(3)]
+    acc_s = acc_m = 0.0
+    for g in range(4):
+        for h, plane in enumerate(_nibbles(ld("qs", 8 * g, 8))):
+            j = 2 * g + h
+            isum = idot(plane, *xpair(32 * j, 8), interpret).sum(-1).astype(F32)
+            sc, mn = _scale_min_k4(sw, j)
+            dx = xs("dx", j)
+            acc_s = acc_s + sc * (dx * isum)
+            acc_m = acc_m + mn * (dx * xs("sum", j).astype(F32))
+    return ld("d").astype(F32) * acc_s - ld("dmin").astype(F32) * acc_m
+
+
+def _q6_k(ld, xpair, xs, interpret) -> jax.Array:
+    """Half h, quarter j (elements 128h + 32j + l): ql byte 64h + 32 (j % 2) + l, nibble j // 2;
+    qh byte 32h + l, bits 2j, 2j + 1; scale 8h + 2j + l // 16."""
+    sw = [ld("scales", i, 1)[..., 0] for i in range(4)]
+    acc = 0.0
+    for h in range(2):
+        for j in range(4):
+            for half in range(2):
+                ql = ld("ql", 16 * h + 8 * (j % 2) + 4 * half, 4)
+                qh = ld("qh", 8 * h + 4 * half, 4)
+                s = 4 - 2 * j  # qh bits 2j, 2j + 1 -> bits 4, 5 of each byte
+                hb = qh << U32(s) if s > 0 else qh >> U32(-s) if s < 0 else qh
+                q = (ql >> U32(4 * (j // 2))) & U32(LOW) | hb & U32(0x30303030)
+                g = 8 * h + 2 * j + half
+                isum = idot(q, *xpair(128 * h + 32 * j + 16 * half, 4), interpret).sum(-1)
+                sc = (((sw[g // 4] >> U32(8 * (g % 4))) & U32(0xFF)) ^ U32(0x80)).astype(jnp.int32) - 128
+                acc = acc + sc.astype(F32) * xs("dx", 4 * h + j) * (isum - 32 * xs("sum", g)).astype(F32)
+    return ld("d").astype(F32) * acc
+
+
+DECODERS = (
+    GemvDecoder("Q4_0", 32, 32, _q4_0, ("qs",)),
+    GemvDecoder("Q4_1", 32, 32, _q4_1, ("qs",)),
+    GemvDecoder("Q8_0", 32, 32, _q8_0, ("qs",)),
+    GemvDecoder("Q4_K", 256, 32, _q4_k, ("qs", "scales")),
+    GemvDecoder("Q6_K", 256, 16, _q6_k, ("ql", "qh", "scales")),
+)
