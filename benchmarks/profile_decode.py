@@ -23,9 +23,9 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from decode import _llama8b  # noqa: E402
+from decode import _llama8b
 
-from jaxquant.generate import generate_tokens  # noqa: E402
+from jaxquant.generate import generate_tokens
 
 
 def kernel_times(trace_dir: str) -> dict[str, list[float]]:
