@@ -53,6 +53,7 @@ class GemvDecoder:
     group: int
     step: Callable
     words: tuple[str, ...]
+    block_n: int = 64
 
 
 def idot(b: jax.Array, lo: jax.Array, hi: jax.Array, interpret: bool) -> jax.Array:
@@ -68,27 +69,59 @@ def idot(b: jax.Array, lo: jax.Array, hi: jax.Array, interpret: bool) -> jax.Arr
     return asm_i32("{ .reg .b32 t; dp2a.lo.s32.s32 t, $1, $3, 0; dp2a.hi.s32.s32 $0, $2, $3, t; }", lo, hi, b)
 
 
-def quantize_activations(x: jax.Array, block_size: int, group: int) -> tuple[jax.Array, ...]:
+def _quantize_kernel(x_ref, w_ref, dx_ref, s_ref):
+    """Rows of 32 activations -> 16 words (int16 pairs 4i, 4i + 1, then 4i + 2, 4i + 3), a scale,
+    and the integer sums of each half or of the whole row (``s_ref``'s width)."""
+    # parts[hf][k]: elements 16 hf + 4 i + k (i < 4)
+    parts = [[x_ref[:, pl.ds(16 * hf + k, 4, 4)].astype(F32) for k in range(4)] for hf in range(2)]
+    flat = [p for half in parts for p in half]
+    amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(p), axis=1) for p in flat])
+    nan = functools.reduce(jnp.add, [jnp.sum(jnp.isnan(p).astype(jnp.int32), axis=1) for p in flat]) > 0
+    dx = jnp.where(nan, jnp.nan, amax / 32767.0)  # a NaN the max may skip still reaches the output
+    inv = jnp.where(dx > 0, 1.0 / dx, 0.0)[:, None]
+    q = [[jnp.clip(jnp.floor(p * inv + 0.5), -32767.0, 32767.0).astype(jnp.int32) for p in half] for half in parts]
+    for hf in range(2):
+        u = [v.astype(jnp.uint32) & 0xFFFF for v in q[hf]]
+        w_ref[:, pl.ds(4 * hf, 4)] = u[0] | u[1] << 16
+        w_ref[:, pl.ds(8 + 4 * hf, 4)] = u[2] | u[3] << 16
+    sums = [sum(jnp.sum(v, axis=1) for v in half) for half in q]
+    dx_ref[...] = dx[:, None]
+    if s_ref.shape[1] == 2:
+        for hf in range(2):
+            s_ref[:, pl.ds(hf, 1)] = sums[hf][:, None]
+    else:
+        s_ref[...] = (sums[0] + sums[1])[:, None]
+
+
+def quantize_activations(x: jax.Array, block_size: int, group: int, interpret: bool = False) -> tuple[jax.Array, ...]:
     """``x [K]`` -> (uint32 words ``[nb, block_size / 2]``: int16 pairs, in each 32 the 8 words
-    of even pairs then the 8 of odd pairs; float32 scales ``[nb, block_size / 32]``; int32 sums
-    ``[nb, block_size / group]``). Non-finite activations give non-finite scales, so non-finite
-    outputs."""
-    xb = x.astype(F32).reshape(-1, XB)
-    amax = jnp.max(jnp.abs(xb), axis=1, keepdims=True)
-    dx = amax / 32767.0
-    q = jnp.where(dx > 0, jnp.round(xb / jnp.where(dx > 0, dx, 1.0)), 0.0)
-    q = jnp.clip(jnp.nan_to_num(q), -32767, 32767).astype(jnp.int32)
-    u = q.astype(jnp.uint32) & 0xFFFF
-    words = u[:, 0::2] | u[:, 1::2] << 16  # [K/32, 16]: word w holds elements 2w, 2w + 1
-    words = jnp.concatenate([words[:, 0::2], words[:, 1::2]], axis=1)  # elements 4i, 4i + 1, then 4i + 2, 4i + 3
+    of pairs ``4i, 4i + 1`` then the 8 of ``4i + 2, 4i + 3``; float32 scales ``[nb, block_size / 32]``;
+    int32 sums ``[nb, block_size / group]``), in one small kernel. Non-finite activations give
+    non-finite scales, so non-finite outputs."""
+    rows = x.shape[0] // XB
+    r = 64
+    while rows % r:
+        r //= 2
     nb = x.shape[0] // block_size
-    sums = q.reshape(-1, group).sum(axis=1, dtype=jnp.int32)
+    per = XB // group
+    words, dx, sums = pl.pallas_call(
+        _quantize_kernel,
+        grid=(rows // r,),
+        in_specs=[pl.BlockSpec((r, XB), lambda i: (i, 0))],
+        out_specs=[pl.BlockSpec((r, 16), lambda i: (i, 0)), pl.BlockSpec((r, 1), lambda i: (i, 0)),
+                   pl.BlockSpec((r, per), lambda i: (i, 0))],
+        out_shape=[jax.ShapeDtypeStruct((rows, 16), jnp.uint32), jax.ShapeDtypeStruct((rows, 1), F32),
+                   jax.ShapeDtypeStruct((rows, per), jnp.int32)],
+        compiler_params=plt.CompilerParams(num_warps=2, num_stages=1),
+        interpret=interpret,
+        name="gemv_quantize_x",
+    )(x.reshape(rows, XB))
     return words.reshape(nb, -1), dx.reshape(nb, -1), sums.reshape(nb, -1)
 
 
 @dataclasses.dataclass(frozen=True)
 class GemvConfig:
-    block_n: int = 32
+    block_n: int = 64
     steps_blocks: int = 1  # S
     splits: int = 1
     num_warps: int = 4
@@ -96,15 +129,16 @@ class GemvConfig:
 
 
 def default_config(dec: GemvDecoder, n: int, k: int) -> GemvConfig:
-    """512 weights a step for 32 rows, the fewest K-splits giving 4 programs per SM."""
+    """The decoder's rows a program, 512 weights a step, the fewest K-splits giving 4 programs per SM."""
     nb = k // dec.block_size
     s = max(1, 512 // dec.block_size)
     while nb % s:
         s //= 2
+    bn = dec.block_n if n % dec.block_n == 0 else 32
     splits = 1
-    while (n // 32) * splits < 4 * NUM_SMS and nb % (2 * splits * s) == 0:
+    while (n // bn) * splits < 4 * NUM_SMS and nb % (2 * splits * s) == 0:
         splits *= 2
-    return GemvConfig(32, s, splits)
+    return GemvConfig(bn, s, splits)
 
 
 def supports(dec: GemvDecoder, m: int, n: int, k: int) -> bool:
@@ -160,7 +194,7 @@ def gemv(x: jax.Array, w: QTensor, dec: GemvDecoder, config: GemvConfig | None =
     nb = k // dec.block_size
     if n % cfg.block_n or nb % (cfg.splits * cfg.steps_blocks):
         raise JaxquantError(f"gemv tiling {cfg} does not divide {n} rows x {nb} blocks of {dec.fmt}")
-    xw, dx, sums = quantize_activations(x[0], dec.block_size, dec.group)
+    xw, dx, sums = quantize_activations(x[0], dec.block_size, dec.group, interpret)
     names, arrays = _views(dec, w)
     nbs = nb // cfg.splits
 

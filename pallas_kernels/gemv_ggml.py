@@ -55,16 +55,20 @@ def _scale_min_k4(w: list[jax.Array], j: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _q4_k(ld, xpair, xs, interpret) -> jax.Array:
-    """Group g (64 weights, qs words 8g ..): low nibbles are sub-block 2g, high ones 2g + 1."""
+    """Group g (64 weights, qs words 8g ..): low nibbles are sub-block 2g, high ones 2g + 1. Words
+    are taken 4 at a time (one 16-byte load a row), so a thread holds a whole row's chunk."""
     sw = [ld("scales", i, 1)[..., 0] for i in range(3)]
     acc_s = acc_m = 0.0
     for g in range(4):
-        for h, plane in enumerate(_nibbles(ld("qs", 8 * g, 8))):
+        sums = [0, 0]
+        for c in range(2):
+            for h, plane in enumerate(_nibbles(ld("qs", 8 * g + 4 * c, 4))):
+                sums[h] = sums[h] + idot(plane, *xpair(32 * (2 * g + h) + 16 * c, 4), interpret).sum(-1)
+        for h in range(2):
             j = 2 * g + h
-            isum = idot(plane, *xpair(32 * j, 8), interpret).sum(-1).astype(F32)
             sc, mn = _scale_min_k4(sw, j)
             dx = xs("dx", j)
-            acc_s = acc_s + sc * (dx * isum)
+            acc_s = acc_s + sc * (dx * sums[h].astype(F32))
             acc_m = acc_m + mn * (dx * xs("sum", j).astype(F32))
     return ld("d").astype(F32) * acc_s - ld("dmin").astype(F32) * acc_m
 
@@ -75,13 +79,13 @@ def _q6_k(ld, xpair, xs, interpret) -> jax.Array:
     sw = [ld("scales", i, 1)[..., 0] for i in range(4)]
     acc = 0.0
     for h in range(2):
-        for j in range(4):
-            for half in range(2):
-                ql = ld("ql", 16 * h + 8 * (j % 2) + 4 * half, 4)
-                qh = ld("qh", 8 * h + 4 * half, 4)
+        for half in range(2):
+            qh = ld("qh", 8 * h + 4 * half, 4)
+            ql = [ld("ql", 16 * h + 8 * src + 4 * half, 4) for src in range(2)]
+            for j in range(4):
                 s = 4 - 2 * j  # qh bits 2j, 2j + 1 -> bits 4, 5 of each byte
                 hb = qh << U32(s) if s > 0 else qh >> U32(-s) if s < 0 else qh
-                q = (ql >> U32(4 * (j // 2))) & U32(LOW) | hb & U32(0x30303030)
+                q = (ql[j % 2] >> U32(4 * (j // 2))) & U32(LOW) | hb & U32(0x30303030)
                 g = 8 * h + 2 * j + half
                 isum = idot(q, *xpair(128 * h + 32 * j + 16 * half, 4), interpret).sum(-1)
                 sc = (((sw[g // 4] >> U32(8 * (g % 4))) & U32(0xFF)) ^ U32(0x80)).astype(jnp.int32) - 128
@@ -92,7 +96,7 @@ def _q6_k(ld, xpair, xs, interpret) -> jax.Array:
 DECODERS = (
     GemvDecoder("Q4_0", 32, 32, _q4_0, ("qs",)),
     GemvDecoder("Q4_1", 32, 32, _q4_1, ("qs",)),
-    GemvDecoder("Q8_0", 32, 32, _q8_0, ("qs",)),
+    GemvDecoder("Q8_0", 32, 32, _q8_0, ("qs",), block_n=32),  # 64 rows take 166 registers
     GemvDecoder("Q4_K", 256, 32, _q4_k, ("qs", "scales")),
     GemvDecoder("Q6_K", 256, 16, _q6_k, ("ql", "qh", "scales")),
 )
