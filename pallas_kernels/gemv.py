@@ -5,7 +5,8 @@ costs ~3.4 instructions a weight. Here, as in llama.cpp's ``mmvq``, the activati
 once per call and the weights' codes stay integers:
 - activations: per block of 32, int16 with a float32 scale (rounding error <= 1.5e-5 of the
   block's largest value, so the 2e-3 check holds; int8, as llama.cpp uses, would not), and the
-  integer sums of each ``group`` of them, for the formats' offsets and mins;
+  integer sums of each 16 of them, for the formats' offsets and mins; one small kernel, the same
+  for every format, so the q/k/v products of one input share it;
 - weights: a nibble plane is one mask (and a shift), and ``dp2a`` multiplies two int16 activations
   by two int8 codes and adds: about one instruction a weight;
 - scales, mins and offsets apply per group to the integer sums, in float32.
@@ -44,13 +45,12 @@ class GemvDecoder:
     field's ``[BN, S]`` (one value a block) or ``[BN, S, size]`` (uint32 words of byte fields in
     ``words``); ``xpair(elem, n)`` the int16 activations of elements ``elem + 4 i .. + 3``
     (``i < n``, within one block of 32) as two packed words ``(lo, hi)`` of ``[1, S, n]``;
-    ``xs("dx" | "sum", i)`` a ``[1, S]`` per-block column: the scale of activation block ``i`` of
-    the weight block, or the integer sum of its ``i``-th ``group``.
+    ``xs("dx" | "sum" | "sum16", i)`` a ``[1, S]`` per-block column: the scale of activation
+    block ``i`` (of 32) of the weight block, the integer sum of that block, or of its ``i``-th 16.
     """
 
     fmt: str
     block_size: int
-    group: int
     step: Callable
     words: tuple[str, ...]
     block_n: int = 64
@@ -71,7 +71,7 @@ def idot(b: jax.Array, lo: jax.Array, hi: jax.Array, interpret: bool) -> jax.Arr
 
 def _quantize_kernel(x_ref, w_ref, dx_ref, s_ref):
     """Rows of 32 activations -> 16 words (int16 pairs 4i, 4i + 1, then 4i + 2, 4i + 3), a scale,
-    and the integer sums of each half or of the whole row (``s_ref``'s width)."""
+    and the integer sums of each half."""
     # parts[hf][k]: elements 16 hf + 4 i + k (i < 4)
     parts = [[x_ref[:, pl.ds(16 * hf + k, 4, 4)].astype(F32) for k in range(4)] for hf in range(2)]
     flat = [p for half in parts for p in half]
@@ -86,37 +86,31 @@ def _quantize_kernel(x_ref, w_ref, dx_ref, s_ref):
         w_ref[:, pl.ds(8 + 4 * hf, 4)] = u[2] | u[3] << 16
     sums = [sum(jnp.sum(v, axis=1) for v in half) for half in q]
     dx_ref[...] = dx[:, None]
-    if s_ref.shape[1] == 2:
-        for hf in range(2):
-            s_ref[:, pl.ds(hf, 1)] = sums[hf][:, None]
-    else:
-        s_ref[...] = (sums[0] + sums[1])[:, None]
+    for hf in range(2):
+        s_ref[:, pl.ds(hf, 1)] = sums[hf][:, None]
 
 
-def quantize_activations(x: jax.Array, block_size: int, group: int, interpret: bool = False) -> tuple[jax.Array, ...]:
-    """``x [K]`` -> (uint32 words ``[nb, block_size / 2]``: int16 pairs, in each 32 the 8 words
-    of pairs ``4i, 4i + 1`` then the 8 of ``4i + 2, 4i + 3``; float32 scales ``[nb, block_size / 32]``;
-    int32 sums ``[nb, block_size / group]``), in one small kernel. Non-finite activations give
+def quantize_activations(x: jax.Array, interpret: bool = False) -> tuple[jax.Array, ...]:
+    """``x [K]`` -> per block of 32: (uint32 words ``[K / 32, 16]``: int16 pairs, the 8 words of
+    pairs ``4i, 4i + 1`` then the 8 of ``4i + 2, 4i + 3``; float32 scales ``[K / 32, 1]``; int32
+    sums of each half ``[K / 32, 2]``), in one small kernel. Non-finite activations give
     non-finite scales, so non-finite outputs."""
     rows = x.shape[0] // XB
     r = 64
     while rows % r:
         r //= 2
-    nb = x.shape[0] // block_size
-    per = XB // group
-    words, dx, sums = pl.pallas_call(
+    return pl.pallas_call(
         _quantize_kernel,
         grid=(rows // r,),
         in_specs=[pl.BlockSpec((r, XB), lambda i: (i, 0))],
         out_specs=[pl.BlockSpec((r, 16), lambda i: (i, 0)), pl.BlockSpec((r, 1), lambda i: (i, 0)),
-                   pl.BlockSpec((r, per), lambda i: (i, 0))],
+                   pl.BlockSpec((r, 2), lambda i: (i, 0))],
         out_shape=[jax.ShapeDtypeStruct((rows, 16), jnp.uint32), jax.ShapeDtypeStruct((rows, 1), F32),
-                   jax.ShapeDtypeStruct((rows, per), jnp.int32)],
+                   jax.ShapeDtypeStruct((rows, 2), jnp.int32)],
         compiler_params=plt.CompilerParams(num_warps=2, num_stages=1),
         interpret=interpret,
         name="gemv_quantize_x",
     )(x.reshape(rows, XB))
-    return words.reshape(nb, -1), dx.reshape(nb, -1), sums.reshape(nb, -1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +169,8 @@ def _kernel(*refs, dec: GemvDecoder, names: tuple[str, ...], cfg: GemvConfig, st
             return xw_ref[pl.ds(b0, s), pl.ds(base, n)][None], xw_ref[pl.ds(b0, s), pl.ds(base + 8, n)][None]
 
         def xs(name: str, col: int) -> jax.Array:
+            if name == "sum":
+                return xs("sum16", 2 * col) + xs("sum16", 2 * col + 1)
             r = dx_ref if name == "dx" else sum_ref
             return r[pl.ds(b0, s), pl.ds(col, 1)].reshape(1, s)
 
@@ -194,7 +190,7 @@ def gemv(x: jax.Array, w: QTensor, dec: GemvDecoder, config: GemvConfig | None =
     nb = k // dec.block_size
     if n % cfg.block_n or nb % (cfg.splits * cfg.steps_blocks):
         raise JaxquantError(f"gemv tiling {cfg} does not divide {n} rows x {nb} blocks of {dec.fmt}")
-    xw, dx, sums = quantize_activations(x[0], dec.block_size, dec.group, interpret)
+    xw, dx, sums = (a.reshape(nb, -1) for a in quantize_activations(x[0], interpret))
     names, arrays = _views(dec, w)
     nbs = nb // cfg.splits
 

@@ -3,7 +3,7 @@
 Each weight word's 4 bytes are 4 consecutive elements (a nibble plane of Q4_0 / Q4_K, Q6_K's 4
 low bits with its 2 high ones, Q8_0's bytes), so ``xpair`` pairs it with its activations without a
 permutation. Offsets (Q4_0's 8, Q6_K's 32) and mins come off the integer sums through the
-activations' group sums.
+activations' sums per 16 or 32.
 """
 
 from __future__ import annotations
@@ -89,14 +89,14 @@ def _q6_k(ld, xpair, xs, interpret) -> jax.Array:
                 g = 8 * h + 2 * j + half
                 isum = idot(q, *xpair(128 * h + 32 * j + 16 * half, 4), interpret).sum(-1)
                 sc = (((sw[g // 4] >> U32(8 * (g % 4))) & U32(0xFF)) ^ U32(0x80)).astype(jnp.int32) - 128
-                acc = acc + sc.astype(F32) * xs("dx", 4 * h + j) * (isum - 32 * xs("sum", g)).astype(F32)
+                acc = acc + sc.astype(F32) * xs("dx", 4 * h + j) * (isum - 32 * xs("sum16", g)).astype(F32)
     return ld("d").astype(F32) * acc
 
 
 DECODERS = (
-    GemvDecoder("Q4_0", 32, 32, _q4_0, ("qs",)),
-    GemvDecoder("Q4_1", 32, 32, _q4_1, ("qs",)),
-    GemvDecoder("Q8_0", 32, 32, _q8_0, ("qs",), block_n=32),  # 64 rows take 166 registers
-    GemvDecoder("Q4_K", 256, 32, _q4_k, ("qs", "scales")),
-    GemvDecoder("Q6_K", 256, 16, _q6_k, ("ql", "qh", "scales")),
+    GemvDecoder("Q4_0", 32, _q4_0, ("qs",)),
+    GemvDecoder("Q4_1", 32, _q4_1, ("qs",)),
+    GemvDecoder("Q8_0", 32, _q8_0, ("qs",), block_n=32),  # 64 rows take 166 registers
+    GemvDecoder("Q4_K", 256, _q4_k, ("qs", "scales")),
+    GemvDecoder("Q6_K", 256, _q6_k, ("ql", "qh", "scales")),
 )
