@@ -1,10 +1,11 @@
 """Quantized matmul on the GPU: device time per call, GB/s of bytes read, ratio to XLA's bf16 dot.
 
 Shapes are ``KxN`` (in x out features: ``x [M, K] @ W.T`` with ``W [N, K]``), Llama-3-8B's by
-default. Each timing runs one jitted function over enough distinct weights to exceed the 50 MB
-L2 (at least ``--min-mb`` per call), subtracts an empty call with the same arguments (host
-dispatch is ~80 us) and divides by the number of weights; XLA's bf16 dot of the same shapes is
-timed the same way in the same run. Weights hold random bytes (``pallas_kernels.testing``);
+default. Each timing runs one jitted function over enough distinct weights to exceed the 60 MB
+L2 (at least ``--min-mb`` per call) and sums its GPU kernels' durations from the profiler
+(``gpu_trace``), divided by the number of weights: host dispatch and timer jitter (which made
+single wall-clock timings wander by 2x) do not count. XLA's bf16 dot of the same shapes is timed
+the same way in the same run. Weights hold random bytes (``pallas_kernels.testing``);
 each result is checked against dequantize + f32 dot.
 
     python benchmarks/qmatmul.py [--formats Q4_0,Q4_K] [--shapes 4096x14336,14336x4096] [--m 1,16,2048]
@@ -24,6 +25,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from gpu_trace import traced
 
 from jaxquant import ops
 from jaxquant.formats import get_format
@@ -34,28 +36,12 @@ FORMATS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K
 DOT = (((1,), (1,)), ((), ()))
 
 
-def _min_time(f, args, reps: int) -> float:
-    for _ in range(5):
-        jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
-    return min(ts)
-
-
 def device_us(matmul, x, ws, reps: int) -> tuple[float, list]:
-    """Microseconds per matmul over the distinct weights ``ws``, dispatch subtracted.
-
-    Host timing of a blocking call is device time plus dispatch; the minimum over ``reps``
-    calls of each function drops host jitter, and the empty call's minimum is subtracted.
-    """
+    """Microseconds of GPU kernels per matmul over the distinct weights ``ws`` (profiler
+    timestamps, mean over ``reps`` calls): the kernel and the XLA work around it, no dispatch."""
     full = jax.jit(lambda x, ws: tuple(matmul(x, w) for w in ws))
-    empty = jax.jit(lambda x, ws: x[:1, :1] * 2)
-    outs = full(x, ws)
-    t = _min_time(full, (x, ws), reps) - _min_time(empty, (x, ws), reps)
-    return 1e6 * t / len(ws), outs
+    times = traced(full, x, ws, reps=reps)
+    return sum(map(sum, times.values())) / reps / len(ws), full(x, ws)
 
 
 def rel_err(y, x, w) -> float:
