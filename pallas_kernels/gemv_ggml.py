@@ -1,8 +1,9 @@
-"""``gemv`` decoders of llama.cpp's formats: Q4_0, Q4_1, Q8_0 (blocks of 32), Q4_K, Q6_K (256).
+"""``gemv`` decoders of llama.cpp's formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (blocks of 32), Q4_K,
+Q5_K, Q6_K (256).
 
-Each weight word's 4 bytes are 4 consecutive elements (a nibble plane of Q4_0 / Q4_K, Q6_K's 4
-low bits with its 2 high ones, Q8_0's bytes), so ``xpair`` pairs it with its activations without a
-permutation. Offsets (Q4_0's 8, Q6_K's 32) and mins come off the integer sums through the
+Each weight word's 4 bytes are 4 consecutive elements (a nibble plane of Q4_0 / Q4_K with Q5's
+fifth bits, Q6_K's 4 low bits with its 2 high ones, Q8_0's bytes), so ``xpair`` pairs it with its
+activations without a permutation. Offsets (Q4_0's 8, Q6_K's 32) and mins come off the integer sums through the
 activations' sums per 16 or 32.
 """
 
@@ -23,6 +24,27 @@ def _nibbles(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     return w & U32(LOW), (w >> U32(4)) & U32(LOW)
 
 
+def _bit4(v: jax.Array, k: int) -> jax.Array:
+    """Bit ``k`` of each byte of ``v`` moved to bit 4 (the fifth bit of a 5-bit code), others 0."""
+    v = v << U32(4 - k) if k < 4 else v >> U32(k - 4)
+    return v & U32(0x10101010)
+
+
+def _spread4(bits: jax.Array) -> jax.Array:
+    """Bits 0-3 of ``bits`` (others 0) to bit 4 of bytes 0-3: four shifted copies that do not overlap."""
+    return (bits * U32(0x02040810)) & U32(0x10101010)
+
+
+def _q5_32(ld, xpair, interpret) -> jax.Array:
+    """Integer sums of a block of 32 5-bit codes: nibbles as ``_q4_32``, bit i of qh the fifth bit
+    of element i."""
+    w, qh = ld("qs"), ld("qh")  # [BN, S, 4], [BN, S, 1]
+    shift = U32(4) * jnp.arange(4, dtype=U32)  # word j: elements 4j .. and 16 + 4j ..
+    lo = w & U32(LOW) | _spread4((qh >> shift) & U32(0xF))
+    hi = (w >> U32(4)) & U32(LOW) | _spread4((qh >> (shift + U32(16))) & U32(0xF))
+    return (idot(lo, *xpair(0, 4), interpret) + idot(hi, *xpair(16, 4), interpret)).sum(-1).astype(F32)
+
+
 def _q4_32(ld, xpair, interpret) -> jax.Array:
     """Integer sums ``[BN, S]`` of a block of 32 nibbles: word j holds elements 4j.. (low) and 16 + 4j.. (high)."""
     lo, hi = _nibbles(ld("qs"))
@@ -36,6 +58,15 @@ def _q4_0(ld, xpair, xs, interpret) -> jax.Array:
 def _q4_1(ld, xpair, xs, interpret) -> jax.Array:
     dx = xs("dx", 0)
     return dx * (ld("d").astype(F32) * _q4_32(ld, xpair, interpret) + ld("m").astype(F32) * xs("sum", 0).astype(F32))
+
+
+def _q5_0(ld, xpair, xs, interpret) -> jax.Array:
+    return ld("d").astype(F32) * xs("dx", 0) * (_q5_32(ld, xpair, interpret) - 16 * xs("sum", 0).astype(F32))
+
+
+def _q5_1(ld, xpair, xs, interpret) -> jax.Array:
+    dx = xs("dx", 0)
+    return dx * (ld("d").astype(F32) * _q5_32(ld, xpair, interpret) + ld("m").astype(F32) * xs("sum", 0).astype(F32))
 
 
 def _q8_0(ld, xpair, xs, interpret) -> jax.Array:
@@ -54,23 +85,30 @@ def _scale_min_k4(w: list[jax.Array], j: int) -> tuple[jax.Array, jax.Array]:
     return sc.astype(F32), mn.astype(F32)
 
 
-def _q4_k(ld, xpair, xs, interpret) -> jax.Array:
-    """Group g (64 weights, qs words 8g ..): low nibbles are sub-block 2g, high ones 2g + 1. Words
-    are taken 4 at a time (one 16-byte load a row), so a thread holds a whole row's chunk."""
-    sw = [ld("scales", i, 1)[..., 0] for i in range(3)]
-    acc_s = acc_m = 0.0
-    for g in range(4):
-        sums = [0, 0]
-        for c in range(2):
-            for h, plane in enumerate(_nibbles(ld("qs", 8 * g + 4 * c, 4))):
-                sums[h] = sums[h] + idot(plane, *xpair(32 * (2 * g + h) + 16 * c, 4), interpret).sum(-1)
-        for h in range(2):
-            j = 2 * g + h
-            sc, mn = _scale_min_k4(sw, j)
-            dx = xs("dx", j)
-            acc_s = acc_s + sc * (dx * sums[h].astype(F32))
-            acc_m = acc_m + mn * (dx * xs("sum", j).astype(F32))
-    return ld("d").astype(F32) * acc_s - ld("dmin").astype(F32) * acc_m
+def _q45_k(high_bit: bool):
+    def step(ld, xpair, xs, interpret) -> jax.Array:
+        """Group g (64 weights, qs words 8g ..): low nibbles are sub-block 2g, high ones 2g + 1 (Q5_K:
+        fifth bits 2g, 2g + 1 of qh byte l, l the qs byte's index in its group). Words are taken 4
+        at a time (one 16-byte load a row), so a thread holds a whole row's chunk."""
+        sw = [ld("scales", i, 1)[..., 0] for i in range(3)]
+        acc_s = acc_m = 0.0
+        for g in range(4):
+            sums = [0, 0]
+            for c in range(2):
+                planes = _nibbles(ld("qs", 8 * g + 4 * c, 4))
+                if high_bit:
+                    qh = ld("qh", 4 * c, 4)
+                    planes = [p | _bit4(qh, 2 * g + h) for h, p in enumerate(planes)]
+                for h, plane in enumerate(planes):
+                    sums[h] = sums[h] + idot(plane, *xpair(32 * (2 * g + h) + 16 * c, 4), interpret).sum(-1)
+            for h in range(2):
+                j = 2 * g + h
+                sc, mn = _scale_min_k4(sw, j)
+                dx = xs("dx", j)
+                acc_s = acc_s + sc * (dx * sums[h].astype(F32))
+                acc_m = acc_m + mn * (dx * xs("sum", j).astype(F32))
+        return ld("d").astype(F32) * acc_s - ld("dmin").astype(F32) * acc_m
+    return step
 
 
 def _q6_k(ld, xpair, xs, interpret) -> jax.Array:
@@ -96,7 +134,10 @@ def _q6_k(ld, xpair, xs, interpret) -> jax.Array:
 DECODERS = (
     GemvDecoder("Q4_0", 32, _q4_0, ("qs",)),
     GemvDecoder("Q4_1", 32, _q4_1, ("qs",)),
+    GemvDecoder("Q5_0", 32, _q5_0, ("qs", "qh"), block_n=32),  # 64 rows take 128 registers
+    GemvDecoder("Q5_1", 32, _q5_1, ("qs", "qh"), block_n=32),
     GemvDecoder("Q8_0", 32, _q8_0, ("qs",), block_n=32),  # 64 rows take 166 registers
-    GemvDecoder("Q4_K", 256, _q4_k, ("qs", "scales")),
+    GemvDecoder("Q4_K", 256, _q45_k(False), ("qs", "scales")),
+    GemvDecoder("Q5_K", 256, _q45_k(True), ("qs", "qh", "scales")),
     GemvDecoder("Q6_K", 256, _q6_k, ("ql", "qh", "scales")),
 )
