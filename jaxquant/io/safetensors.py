@@ -164,6 +164,8 @@ class HFSource:
         return f"HFSource({str(self.path)!r}, {len(self._infos)} tensors)"
 
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's ``LlamaModel.permute``: within each head, rows (i, i + d/2) become adjacent."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def _permute(w: np.ndarray, n_head: int, inverse: bool = False) -> np.ndarray:
+    """llama.cpp's ``LlamaModel.permute``: within each head, rows (i, i + d/2) become adjacent
+    (``inverse``: back to HF's order)."""
+    pair = (n_head, 2, w.shape[0] // n_head // 2)
+    return w.reshape(*(pair[::2] + pair[1:2] if inverse else pair), *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
