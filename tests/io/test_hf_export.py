@@ -1,0 +1,285 @@
+"""Export to Hugging Face GPTQ and AWQ checkpoints (jaxquant.io.hf_export) against the outside world.
+
+Bytes: AutoGPTQ's and AutoAWQ's packing of a layer (``quantized_layers``) loads into a QTensor and
+writes back (``to_gptq`` / ``to_awq``) byte for byte; and the written tensors of jaxquant's own
+QTensors (act order included) are read by the reference layers (AutoGPTQ's forward, AutoAWQ's
+``dequantize_gemm``) as jaxquant's dequantization, bit for bit.
+
+Checkpoints: transformers 5 loads the exported directory with ``AutoModelForCausalLM`` through
+gptqmodel (transformers' GPTQ and AWQ backend), on its pure-torch CPU layers (backends
+``gptq_torch`` / ``torch_awq``; the default picks torch's int4 ATen kernel, which rounds scales to
+bfloat16). Every linear layer's weight (its forward of the identity) equals jaxquant's
+dequantization bit for bit, and the logits equal jaxquant's forward of the same quantized model:
+within 1e-5 of the largest for GPTQ (float32 on both sides: the order of sums differs), 3e-3 for
+AWQ (gptqmodel's AWQ layer casts its input to float16: 2^-11 relative per matrix, 7 per layer). The
+tiny models' float tensors are float16 numbers, so the float16 checkpoint holds them exactly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from quantized_layers import AUTO_GPTQ, AWQ_PACKING, awq_layer, gptq_layer
+
+import jaxquant as jq
+from jaxquant import models
+from jaxquant.calib import CalibratedSource
+from jaxquant.cli import main
+from jaxquant.errors import FormatError, JaxquantError
+from jaxquant.formats import gptq
+from jaxquant.io import open_model
+from jaxquant.io.hf_export import MATRIX, save_hf
+from jaxquant.io.hf_names import hf_name
+from jaxquant.io.hf_quantized import QuantizedHFSource
+from jaxquant.io.safetensors import _permute
+from jaxquant.qtensor import QTensor
+
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+              # gptqmodel calls transformers' deprecated is_gradient_checkpointing while it loads
+              pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+              # the loading backend passed to from_pretrained: what it means
+              pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")]
+DEQUANTIZE = jax.jit(QTensor.dequantize)
+SMALL = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 64,
+         "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+MODELS = {
+    "llama": (transformers.LlamaConfig, {}),
+    "qwen2": (transformers.Qwen2Config, {"tie_word_embeddings": True}),
+    "gemma3": (transformers.Gemma3TextConfig, {
+        "sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"], "query_pre_attn_scalar": 24,
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}}}),
+}
+TOKENIZER = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+             "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+             "model": {"type": "WordLevel", "vocab": {"<unk>": 0, "hello": 1, "world": 2}, "unk_token": "<unk>"}}
+
+
+# ---- bytes ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,group,act,sym,v2", [(2, 32, True, False, False), (3, 64, False, False, True),
+                                                   (4, 32, True, False, True), (4, -1, False, True, False),
+                                                   (8, 32, True, False, False)])
+def test_gptq_bytes_equal_autogptq(bits, group, act, sym, v2):
+    """AutoGPTQ's packing of a layer (act order: its g_idx) reads and writes back byte for byte."""
+    tensors, _ = gptq_layer(np.random.default_rng(bits), 64, 128, bits=bits, group=group, act=act, sym=sym, v2=v2)
+    q = gptq.from_gptq(*(tensors[k] for k in ("qweight", "qzeros", "scales", "g_idx")), bits=bits, group_size=group,
+                       v1=not v2)
+    out = gptq.to_gptq(q, v1=not v2)
+    assert out.keys() == tensors.keys()
+    for key, ref in tensors.items():
+        assert out[key].dtype == ref.dtype and out[key].shape == ref.shape and np.array_equal(out[key], ref), key
+
+
+def test_awq_bytes_equal_autoawq():
+    tensors, _ = awq_layer(np.random.default_rng(0), 64, 128, bits=4, group=32)
+    out = gptq.to_awq(gptq.from_awq(tensors["qweight"], tensors["qzeros"], tensors["scales"], bits=4, group_size=32))
+    assert out.keys() == tensors.keys()
+    for key, ref in tensors.items():
+        assert out[key].dtype == ref.dtype and np.array_equal(out[key], ref), key
+
+
+def _qtensor(w: np.ndarray, fmt: str, act: bool = False, rng=None) -> QTensor:
+    """jaxquant's round-to-nearest of ``w``; act order: its columns in a random order."""
+    if not act:
+        return jq.quantize(w, fmt)
+    perm = rng.permutation(w.shape[1]).astype(np.int32)
+    q = jq.quantize(w[:, perm], fmt)
+    return QTensor({**q.arrays, "perm": jnp.asarray(perm)}, q.fmt, q.shape)
+
+
+def _random(rng, n: int, k: int) -> np.ndarray:
+    return rng.standard_normal((n, k)).astype(np.float32)
+
+
+@pytest.mark.parametrize("fmt,act", [("GPTQ2_G32", True), ("GPTQ3_G64", False), ("GPTQ4_G32", True),
+                                     ("GPTQ8_G128", True)])
+def test_autogptq_reads_written_gptq(fmt, act):
+    """AutoGPTQ's layer loaded with ``to_gptq``'s tensors computes jaxquant's dequantization."""
+    rng = np.random.default_rng(1)
+    q = _qtensor(_random(rng, 64, 128), fmt, act, rng)
+    bits, group = gptq.bits_of(q), q.format.block_size
+    layer = AUTO_GPTQ.QuantLinear(bits, group, 128, 64, False)
+    for key, a in gptq.to_gptq(q, v1=True).items():
+        getattr(layer, key).copy_(torch.tensor(a))
+    with torch.no_grad():
+        ref = layer.half()(torch.eye(128, dtype=torch.float16)).T.float().numpy()
+    np.testing.assert_array_equal(np.asarray(DEQUANTIZE(q)).view(np.uint32), ref.view(np.uint32))
+
+
+def test_autoawq_reads_written_awq():
+    q = _qtensor(_random(np.random.default_rng(2), 64, 128), "GPTQ4_G64")
+    t = {k: torch.tensor(a) for k, a in gptq.to_awq(q).items()}
+    ref = AWQ_PACKING.dequantize_gemm(t["qweight"], t["qzeros"], t["scales"], 4, 64).T.float().numpy()
+    np.testing.assert_array_equal(np.asarray(DEQUANTIZE(q)).view(np.uint32), ref.view(np.uint32))
+
+
+def test_v1_zero_point_zero():
+    """A zero point of 0 (a group with nothing below zero) has no v1 code: an error for v1, v2 by default."""
+    w = _random(np.random.default_rng(3), 32, 64)
+    w[5, :32] = np.abs(w[5, :32])
+    q = jq.quantize(w, "GPTQ4_G32")
+    with pytest.raises(FormatError, match=r"zero point 0 \(group 0, row 5\).*gptq_v2"):
+        gptq.to_gptq(q, v1=True)
+    out = gptq.to_gptq(q, v1=False)
+    back = gptq.from_gptq(out["qweight"], out["qzeros"], out["scales"], out["g_idx"], bits=4, group_size=32, v1=False)
+    assert all(np.array_equal(back.arrays[k], q.arrays[k]) for k in q.arrays)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+
+def _float_model(arch: str, path) -> None:
+    """A random HF model whose weights are float16 numbers (larger than HF's init), saved in float32."""
+    cls, extra = MODELS[arch]
+    model = transformers.AutoModelForCausalLM.from_config(cls(**{**SMALL, **extra})).eval()
+    g = torch.Generator().manual_seed(len(arch))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            scale = 1.0 if p.ndim == 1 or "embed" in name else p.shape[1] ** -0.5
+            p.copy_((noise * (0.2 if p.ndim == 1 else scale) + (1.0 if "norm" in name and arch != "gemma3" else 0.0))
+                    .half().float())
+    model.save_pretrained(path)
+    (path / "tokenizer.json").write_text(json.dumps(TOKENIZER))
+
+
+def _quantized(src, fmt: str, act: bool, rng) -> CalibratedSource:
+    """``src`` with every block matrix a ``fmt`` QTensor (act order: random column orders), as
+    ``calibrate`` returns a model."""
+    return CalibratedSource(src, {n: _qtensor(np.asarray(src.load(n)), fmt, act, rng)
+                                  for n in src.tensor_names if MATRIX.match(n)})
+
+
+def _logits(params, cfg, ids: np.ndarray) -> np.ndarray:
+    logits, _ = models.forward(params, jnp.asarray(ids)[None], jnp.arange(len(ids))[None],
+                               models.init_cache(cfg, 1, len(ids)), cfg)
+    return np.asarray(logits[0])
+
+
+def _hf_weight(layer: torch.nn.Module) -> np.ndarray:
+    """A loaded linear layer's weight [N, K]: its forward of the identity, without its bias."""
+    bias, layer.bias = layer.bias, None
+    try:
+        with torch.no_grad():
+            return layer(torch.eye(layer.in_features)).T.numpy()
+    finally:
+        layer.bias = bias
+
+
+CASES = {  # arch, method, format, act order, a zero point of 0 (-> gptq_v2)
+    "llama-gptq4-act": ("llama", "gptq", "GPTQ4_G32", True, False),
+    "qwen2-gptq8-v2": ("qwen2", "gptq", "GPTQ8_G64", False, True),
+    "gemma3-awq": ("gemma3", "awq", "GPTQ4_G32", False, False),
+}
+
+
+@pytest.fixture
+def eager_torch():
+    """gptqmodel's torch layers torch.compile their dequantization (with inductor: ~15 s of C++ on
+    CPU); eager torch runs the same operations."""
+    with torch._dynamo.config.patch(disable=True):
+        yield
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_transformers_loads_export(tmp_path, case, eager_torch):
+    """transformers (gptqmodel) loads the export: each layer's weight is jaxquant's bit for bit and
+    the logits are jaxquant's; jaxquant reads it back as the same model."""
+    arch, method, fmt, act, zero = CASES[case]
+    _float_model(arch, tmp_path / "f")
+    src = open_model(tmp_path / "f")
+    rng = np.random.default_rng(0)
+    model = _quantized(src, fmt, act, rng)
+    if zero:  # one group with nothing below zero
+        w = np.asarray(src.load("blk.1.ffn_up.weight")).copy()
+        w[3, :64] = np.abs(w[3, :64])
+        model.tensors["blk.1.ffn_up.weight"] = jq.quantize(w, fmt)
+    config = save_hf(model, tmp_path / "q", method)
+    qc = config["quantization_config"]
+    if method == "gptq":
+        assert (qc["checkpoint_format"], qc["desc_act"], qc["sym"]) == ("gptq_v2" if zero else "gptq", act, False)
+    assert (tmp_path / "q" / "tokenizer.json").read_text() == json.dumps(TOKENIZER)
+
+    backend = transformers.GPTQConfig(bits=4, backend="gptq_torch") if method == "gptq" else \
+        transformers.AwqConfig(bits=4, backend="torch_awq")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32,
+                                                           quantization_config=backend).eval()
+    cfg = src.config
+    modules = dict(hf.named_modules())
+    for name, q in model.tensors.items():
+        want = np.asarray(DEQUANTIZE(q))
+        if arch == "llama" and (".attn_q." in name or ".attn_k." in name):  # back to HF's rope row order
+            want = _permute(want, cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads, inverse=True)
+        got = _hf_weight(modules[hf_name(arch, name).removesuffix(".weight")])
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=name)
+
+    ids = np.random.default_rng(1).integers(0, SMALL["vocab_size"], 12)
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)[None]).logits[0].numpy()
+    ours = _logits(models.load_params(model, cfg), cfg, ids)
+    rel = np.abs(ours - ref).max() / np.abs(ref).max()
+    print(f"{case}: logits within {rel:.2e} of the largest")
+    assert rel < (1e-5 if method == "gptq" else 3e-3)
+
+    back = open_model(tmp_path / "q")
+    assert isinstance(back, QuantizedHFSource) and back.config == cfg
+    for name in src.tensor_names:
+        got, want = back.load(name), model.load(name)
+        if isinstance(want, QTensor) and "perm" not in want.arrays:
+            assert got.fmt == want.fmt and all(np.array_equal(got.arrays[k], want.arrays[k]) for k in want.arrays)
+        else:
+            got, want = (np.asarray(DEQUANTIZE(x) if isinstance(x, QTensor) else x) for x in (got, want))
+            np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_export_errors(tmp_path):
+    """What a GPTQ/AWQ checkpoint cannot hold fails before anything is written, naming the tensor."""
+    _float_model("llama", tmp_path / "f")
+    src = open_model(tmp_path / "f")
+    model = _quantized(src, "GPTQ4_G32", False, None)
+    w = np.asarray(src.load("blk.0.ffn_down.weight"))
+    positive = np.abs(w)
+    cases = [
+        ({"blk.0.ffn_down.weight": jq.quantize(w, "Q4_0")}, {},
+         r"'blk.0.ffn_down.weight' is Q4_0; a GPTQ checkpoint needs every block matrix in a GPTQ\{b\}_G\{g\}"),
+        ({"blk.0.ffn_down.weight": None}, {}, r"'blk.0.ffn_down.weight' is float"),
+        ({"blk.0.ffn_down.weight": jq.quantize(w, "GPTQ8_G32")}, {},
+         r"'blk.0.ffn_down.weight' has 8 bits in groups of 32, .* a GPTQ checkpoint holds one bit width"),
+        ({"blk.1.ffn_up.weight": _qtensor(np.asarray(src.load("blk.1.ffn_up.weight")), "GPTQ4_G32", True,
+                                          np.random.default_rng(0))},
+         {"method": "awq"}, r"blk.1.ffn_up.weight: AWQ GEMM packs 4-bit codes in input order"),
+        ({"blk.0.ffn_down.weight": jq.quantize(positive, "GPTQ4_G32")}, {"checkpoint_format": "gptq"},
+         r"blk.0.ffn_down.weight: zero point 0 \(group 0, row 0\) cannot be stored in GPTQ v1"),
+    ]
+    for change, kw, match in cases:
+        tensors = {k: v for k, v in {**model.tensors, **change}.items() if v is not None}
+        with pytest.raises(FormatError, match=match):
+            save_hf(CalibratedSource(src, tensors), tmp_path / "q", **kw)
+        assert not (tmp_path / "q").exists()
+    with pytest.raises(JaxquantError, match="save_hf: method 'exl2'"):
+        save_hf(model, tmp_path / "q", "exl2")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(JaxquantError, match="exists and is a file"):
+        save_hf(model, tmp_path / "file")
+
+
+def test_cli_quantize_hf(tmp_path):
+    """``jaxquant quantize --hf awq`` by a policy of GPTQ formats: an AWQ checkpoint with the tokenizer."""
+    _float_model("qwen2", tmp_path / "f")
+    (tmp_path / "policy.yaml").write_text("default: GPTQ4_G32\nembeddings: F16\n")
+    args = ["quantize", str(tmp_path / "f"), str(tmp_path / "q"), "--policy", str(tmp_path / "policy.yaml"),
+            "--hf", "awq", "--no-progress"]
+    assert main(args) == 0
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+                                             "version": "gemm"}
+    back = open_model(tmp_path / "q")
+    assert back.info("blk.1.attn_k.weight").type == "GPTQ4_G32" and back.info("token_embd.weight").type == "F16"
+    assert (tmp_path / "q" / "tokenizer.json").is_file()
