@@ -89,9 +89,9 @@ def save_hf(source, directory: str | os.PathLike, method: str = "gptq", *, dtype
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     with atomic_output(directory / "config.json") as out, open(out, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
-    if not _write_tokenizer(source.path, directory) and log is not None:
-        log(f"{directory}: no tokenizer written (converting a GGUF tokenizer needs transformers); copy the original "
-            "model's tokenizer files there")
+    missing = _write_tokenizer(source.path, directory)
+    if missing and log is not None:
+        log(f"{directory}: no tokenizer written ({missing}); copy the original model's tokenizer files there")
     return config
 
 
@@ -152,22 +152,25 @@ def _zero_biases(tensors: dict[str, np.ndarray], cfg, dtype: str) -> None:
             tensors.setdefault(name, np.zeros(rows, DTYPES[dtype]))
 
 
-def _write_tokenizer(path, directory: Path) -> bool:
+def _write_tokenizer(path, directory: Path) -> str | None:
     """Copy an HF source's tokenizer files, or convert a GGUF source's tokenizer with transformers;
-    False when none could be written."""
+    why none was written, or None."""
     path = Path(str(path))
     if path.is_dir():
         found = [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
         for f in found:
             shutil.copyfile(f, directory / f.name)
-        return bool(found)
+        return None if found else f"{path} holds no tokenizer files"
     try:
         import transformers
     except ImportError:
-        return False
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return "converting a GGUF tokenizer needs transformers"
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # noqa: BLE001 (transformers' GGUF converter knows fewer tokenizers than llama.cpp)
+        return f"transformers cannot convert the tokenizer of {path.name}: {e}"
     tokenizer.save_pretrained(str(directory))
-    return True
+    return None
 
 
 __all__ = ["save_hf"]

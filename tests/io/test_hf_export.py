@@ -273,6 +273,11 @@ def test_export_errors(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(JaxquantError, match="exists and is a file"):
         save_hf(model, tmp_path / "file")
+    (tmp_path / "f" / "tokenizer.json").unlink()
+    logged = []
+    save_hf(model, tmp_path / "q", log=logged.append)
+    assert logged == [f"{tmp_path / 'q'}: no tokenizer written ({tmp_path / 'f'} holds no tokenizer files); copy the "
+                      "original model's tokenizer files there"]
 
 
 def test_cli_quantize_hf(tmp_path):
