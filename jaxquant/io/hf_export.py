@@ -48,8 +48,9 @@ FORMATS = ("auto", "gptq", "gptq_v2")
 DTYPES = {"float16": np.float16, "bfloat16": jnp.bfloat16, "float32": np.float32}
 MATRIX = re.compile(r"^blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$")
 BIASES = ("attn_q", "attn_k", "attn_v", "attn_output")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "chat_template.json", "generation_config.json", "vocab.json", "merges.txt")
+TOKENIZERS = ("tokenizer.json", "tokenizer.model", "vocab.json")  # an HF tokenizer has one of these
+TOKENIZER_FILES = (*TOKENIZERS, "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "merges.txt", "generation_config.json")
 
 _dequantize = jax.jit(lambda q: q.dequantize(jnp.float32))
 
@@ -160,7 +161,7 @@ def _write_tokenizer(path, directory: Path) -> str | None:
         found = [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
         for f in found:
             shutil.copyfile(f, directory / f.name)
-        return None if found else f"{path} holds no tokenizer files"
+        return None if any(f.name in TOKENIZERS for f in found) else f"{path} holds no tokenizer files"
     try:
         import transformers
     except ImportError:

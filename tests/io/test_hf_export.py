@@ -276,8 +276,8 @@ def test_export_errors(tmp_path):
     (tmp_path / "f" / "tokenizer.json").unlink()
     logged = []
     save_hf(model, tmp_path / "q", log=logged.append)
-    assert logged == [f"{tmp_path / 'q'}: no tokenizer written ({tmp_path / 'f'} holds no tokenizer files); copy the "
-                      "original model's tokenizer files there"]
+    want = f"{tmp_path / 'q'}: no tokenizer written ({tmp_path / 'f'} holds no tokenizer files); copy the original"
+    assert logged == [want + " model's tokenizer files there"]
 
 
 def test_cli_quantize_hf(tmp_path):
