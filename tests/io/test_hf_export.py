@@ -7,8 +7,8 @@ QTensors (act order included) are read by the reference layers (AutoGPTQ's forwa
 
 Checkpoints: transformers 5 loads the exported directory with ``AutoModelForCausalLM`` through
 gptqmodel (transformers' GPTQ and AWQ backend), on its pure-torch CPU layers (backends
-``gptq_torch`` / ``torch_awq``; the default picks torch's int4 ATen kernel, which rounds scales to
-bfloat16). Every linear layer's weight (its forward of the identity) equals jaxquant's
+``gptq_torch`` / ``torch_awq``; the default picks torch's int4 ATen kernel, which rounds scales and
+activations to bfloat16). Every linear layer's weight (its forward of the identity) equals jaxquant's
 dequantization bit for bit, and the logits equal jaxquant's forward of the same quantized model,
 relative to the largest: GPTQ within 1e-5 on the tiny models, 1e-4 on SmolLM2's 30 layers (float32
 on both sides, only the order of sums differs; measured 6e-7 and 7e-6); AWQ within 3e-3 and 1e-2
