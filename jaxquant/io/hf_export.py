@@ -66,6 +66,9 @@ def save_hf(source, directory: str | os.PathLike, method: str = "gptq", *, dtype
     directory = check_output_path(directory, directory=True)
     cfg = source.config
     names = list(source.tensor_names)
+    bias = any(n.endswith(".attn_q.bias") for n in names)
+    config = cfg.to_hf(attention_bias=bias)  # what cannot be written fails before any work
+    hf = {name: _hf_name(cfg.arch, name, source.path) for name in names}
     layers = {n: source.load(n) for n in names if MATRIX.match(n)}
     quant = _quantization_config(layers, method, checkpoint_format, f"{source.path}")
     tensors: dict[str, np.ndarray] = {}
@@ -73,17 +76,15 @@ def save_hf(source, directory: str | os.PathLike, method: str = "gptq", *, dtype
         kind = hf_names.transform(cfg.arch, name)
         if kind in ("permute_q", "permute_k"):
             q = _permute_rows(q, cfg.n_heads if kind == "permute_q" else cfg.n_kv_heads, name, inverse=True)
-        module = hf_names.hf_name(cfg.arch, name).removesuffix(".weight")
         packed = (gptq.to_gptq(q, v1=quant.get("checkpoint_format") == "gptq", where=name) if method == "gptq"
                   else gptq.to_awq(q, where=name))
-        tensors.update({f"{module}.{part}": a for part, a in packed.items()})
+        tensors.update({f"{hf[name].removesuffix('.weight')}.{part}": a for part, a in packed.items()})
     for name in names:
         if name not in layers:
-            tensors[_hf_name(cfg.arch, name, source.path)] = _float(source.load(name), cfg, name, dtype)
-    bias = any(n.endswith(".attn_q.bias") for n in names)
+            tensors[hf[name]] = _float(source.load(name), cfg, name, dtype)
     if bias or cfg.arch == "qwen2":  # the HF class has every bias of its attention: absent ones are zero
         _zero_biases(tensors, cfg, dtype)
-    config = {**cfg.to_hf(attention_bias=bias), "torch_dtype": dtype, "quantization_config": quant}
+    config.update(torch_dtype=dtype, quantization_config=quant)
     directory.mkdir(exist_ok=True)
     # safetensors writes an array's memory as it lies: C order first; save_file is itself atomic
     tensors = {k: np.ascontiguousarray(a) for k, a in tensors.items()}

@@ -268,6 +268,9 @@ def test_export_errors(tmp_path):
         with pytest.raises(FormatError, match=match):
             save_hf(CalibratedSource(src, tensors), tmp_path / "q", **kw)
         assert not (tmp_path / "q").exists()
+    transformers.AutoModelForCausalLM.from_config(transformers.Phi3Config(**SMALL)).save_pretrained(tmp_path / "phi3")
+    with pytest.raises(JaxquantError, match="writing a phi3 config.json is not supported"):
+        save_hf(open_model(tmp_path / "phi3"), tmp_path / "q")
     with pytest.raises(JaxquantError, match="save_hf: method 'exl2'"):
         save_hf(model, tmp_path / "q", "exl2")
     (tmp_path / "file").write_text("")
