@@ -10,11 +10,11 @@ gptqmodel (transformers' GPTQ and AWQ backend), on its pure-torch CPU layers (ba
 ``gptq_torch`` / ``torch_awq``; the default picks torch's int4 ATen kernel, which rounds scales and
 activations to bfloat16). Every linear layer's weight (its forward of the identity) equals jaxquant's
 dequantization bit for bit, and the logits equal jaxquant's forward of the same quantized model,
-relative to the largest: GPTQ within 1e-5 on the tiny models, 1e-4 on SmolLM2's 30 layers (float32
-on both sides, only the order of sums differs; measured 6e-7 and 7e-6); AWQ within 3e-3 and 1e-2
+relative to the largest: GPTQ within 1e-5 on the tiny models, 1e-4 on SmolLM2 and Gemma-3-270M (slow;
+float32 on both sides, only the order of sums differs; measured 6e-7, 7e-6, 1.7e-6); AWQ within 3e-3 and 1e-2
 (gptqmodel's AWQ layer casts its input to float16: 2^-11 relative per matrix, 7 matrices a layer;
 measured 1.2e-4 and 3.3e-3). The tiny models' float tensors are float16 numbers, so the float16
-checkpoint holds them exactly; the SmolLM2 export writes float32.
+checkpoint holds them exactly; the real models' exports write float32.
 """
 
 from __future__ import annotations
@@ -333,3 +333,24 @@ def test_smollm2_export(tmp_path, smollm2_path, method, eager_torch):
     agree = (ours.argmax(-1) == ref.argmax(-1)).mean()
     print(f"SmolLM2 {method}: logits within {rel:.2e} of the largest, argmax agrees at {agree:.0%} of positions")
     assert rel < (1e-4 if method == "gptq" else 1e-2) and agree > 0.95
+
+
+@pytest.mark.slow
+def test_gemma_export(tmp_path, gemma_path, eager_torch):
+    """The embedded Gemma-3-270M (Q4_K_M GGUF; norms as 1 + w) rounded to GPTQ4_G128 by a policy and
+    exported with float32 floats: transformers' converted SentencePiece tokenizer gives llama.cpp's
+    ids, and its logits are jaxquant's."""
+    src = open_model(gemma_path)
+    policy = Policy(default="GPTQ4_G128", embeddings="F16")
+    save_quantized_hf(src, policy, tmp_path / "q", "gptq", show_progress=False, dtype="float32")
+    text = "The capital of France is Paris. The capital of Germany is"
+    ids = src.tokenizer.encode(text, add_bos=None)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "q")(text)["input_ids"] == ids
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "q", dtype=torch.float32, quantization_config=transformers.GPTQConfig(bits=4, backend="gptq_torch"))
+    with torch.no_grad():
+        ref = hf.eval()(torch.tensor(ids)[None]).logits[0].numpy()
+    ours = _logits(models.load_params(quantized_source(src, policy), src.config), src.config, np.asarray(ids))
+    rel = np.abs(ours - ref).max() / np.abs(ref).max()
+    print(f"Gemma-3-270M GPTQ4_G128: logits within {rel:.2e} of the largest")
+    assert rel < 1e-4 and (ours.argmax(-1) == ref.argmax(-1)).all()
