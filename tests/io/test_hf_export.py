@@ -28,6 +28,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from quantized_layers import AUTO_GPTQ, AWQ_PACKING, awq_layer, gptq_layer
 
 import jaxquant as jq
@@ -36,6 +38,7 @@ from jaxquant.calib import CalibratedSource, Calibration, calibrate
 from jaxquant.cli import main
 from jaxquant.errors import FormatError, JaxquantError
 from jaxquant.formats import gptq
+from jaxquant.formats.packing import pack_bits
 from jaxquant.io import open_model
 from jaxquant.io.hf_export import MATRIX, save_hf
 from jaxquant.io.hf_names import hf_name
@@ -124,6 +127,36 @@ def test_autoawq_reads_written_awq():
     t = {k: torch.tensor(a) for k, a in gptq.to_awq(q).items()}
     ref = AWQ_PACKING.dequantize_gemm(t["qweight"], t["qzeros"], t["scales"], 4, 64).T.float().numpy()
     np.testing.assert_array_equal(np.asarray(DEQUANTIZE(q)).view(np.uint32), ref.view(np.uint32))
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(st.sampled_from([2, 3, 4, 8]), st.sampled_from([32, 64, 128]), st.integers(1, 3), st.integers(1, 5),
+       st.sampled_from(["v1", "v2", "awq"]), st.booleans(), st.integers(0, 2**32 - 1))
+def test_round_trip(bits, group, groups, n8, kind, act, seed):
+    """Any GPTQ QTensor -> checkpoint tensors -> QTensor is the same QTensor (act order: with each
+    group's columns ascending, the order the loaders make; any row count for GPTQ, whose qzeros rows
+    end padded to whole words)."""
+    rng = np.random.default_rng(seed)
+    if kind == "awq":
+        bits, act = 4, False
+    n, k, maxq = 8 * n8 + (0 if kind == "awq" else int(rng.integers(0, 8))), group * groups, (1 << bits) - 1
+    codes = rng.integers(0, maxq + 1, (n, k // group, group))
+    arrays = {"qs": pack_bits(codes, bits, np), "scale": rng.standard_normal((n, k // group)).astype(np.float16),
+              "zero": rng.integers(kind == "v1", maxq + 1, (n, k // group)).astype(np.uint8)}
+    perm = np.sort(rng.permutation(k).reshape(-1, group), axis=1).reshape(-1).astype(np.int32)
+    if act and (perm != np.arange(k)).any():  # (an order that keeps every group is none)
+        arrays["perm"] = perm
+    q = QTensor({key: jnp.asarray(a) for key, a in arrays.items()}, gptq.gptq_format(bits, group).name, (n, k))
+    if kind == "awq":
+        t = gptq.to_awq(q)
+        back = gptq.from_awq(t["qweight"], t["qzeros"], t["scales"], bits=4, group_size=group)
+    else:
+        t = gptq.to_gptq(q, v1=kind == "v1")
+        back = gptq.from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=bits, group_size=group,
+                              v1=kind == "v1")
+    assert back.fmt == q.fmt and back.shape == q.shape and back.arrays.keys() == q.arrays.keys()
+    for key in q.arrays:
+        np.testing.assert_array_equal(np.asarray(back.arrays[key]), np.asarray(q.arrays[key]), err_msg=key)
 
 
 def test_v1_zero_point_zero():
