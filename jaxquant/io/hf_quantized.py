@@ -417,8 +417,9 @@ class QuantizedHFSource(HFSource):
 
 def _permute_rows(q: QTensor, n_head: int, where: str, inverse: bool = False) -> QTensor:
     """Llama's q/k row order (``safetensors._permute``; ``inverse``: back to HF's) applied to a
-    QTensor: per-row arrays are permuted; per-tensor ones (and GPTQ's column order) kept; FP8's 128-row scale blocks kept when
-    every row stays in its block (head sizes dividing 128); bnb's nested absmax dequantized first."""
+    QTensor: per-row arrays are permuted; per-tensor ones (and GPTQ's column order) kept; FP8's
+    128-row scale blocks kept when every row stays in its block (head sizes dividing 128); bnb's
+    nested absmax dequantized first."""
     if q.fmt in SEPARABLE:
         q = QTensor({"qs": q.arrays["qs"], "absmax": bnb.dequantize_absmax(q.arrays)}, SEPARABLE[q.fmt], q.shape,
                     q.dtype)

@@ -167,5 +167,6 @@ class HFSource:
 def _permute(w: np.ndarray, n_head: int, inverse: bool = False) -> np.ndarray:
     """llama.cpp's ``LlamaModel.permute``: within each head, rows (i, i + d/2) become adjacent
     (``inverse``: back to HF's order)."""
-    pair = (n_head, 2, w.shape[0] // n_head // 2)
-    return w.reshape(*(pair[::2] + pair[1:2] if inverse else pair), *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    half = w.shape[0] // n_head // 2
+    heads = (n_head, half, 2) if inverse else (n_head, 2, half)
+    return w.reshape(*heads, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
