@@ -236,7 +236,8 @@ def kld(args: argparse.Namespace) -> int:
 def _quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", metavar="SRC", help="GGUF file (any type: quantized tensors are dequantized first), "
                                               "Hugging Face checkpoint directory or jaxquant checkpoint")
-    p.add_argument("dst", metavar="DST", help="a .gguf file, or an orbax checkpoint directory")
+    p.add_argument("dst", metavar="DST", help="a .gguf file, or an orbax checkpoint directory (with --hf: a Hugging "
+                                              "Face checkpoint directory)")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--type", metavar="MIX", help="a llama.cpp mix: " + ", ".join(_presets()))
     how.add_argument("--policy", metavar="YAML", help="an ISQ policy file (or a name in configs/policies)")
@@ -256,6 +257,8 @@ def _quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama-imatrix or jaxquant imatrix file)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (each tensor's format and why) and stop")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--hf", choices=("gptq", "awq"), help="write DST as a Hugging Face GPTQ or AWQ (GEMM) checkpoint "
+                   "that transformers loads (every block matrix in one GPTQ{b}_G{g} format)")
 
 
 def _persistent_compilation_cache() -> None:
@@ -285,7 +288,7 @@ def quantize(args: argparse.Namespace) -> int:
     from jaxquant.io import open_model
     from jaxquant.io.output import check_output_path
     from jaxquant.isq import load_policy
-    from jaxquant.isq.apply import imatrix_metadata, save_quantized_checkpoint, write_quantized_gguf
+    from jaxquant.isq.apply import imatrix_metadata, save_quantized_checkpoint, save_quantized_hf, write_quantized_gguf
     from jaxquant.isq.imatrix import read_imatrix
 
     auto = args.target_bpw is not None or args.target_size is not None
@@ -315,11 +318,14 @@ def quantize(args: argparse.Namespace) -> int:
     if args.dry_run:
         policy.explain(source, has_imatrix=imatrix is not None)
         return 0
-    check_output_path(args.dst, directory=not args.dst.endswith(".gguf"))  # before the work, not after
+    check_output_path(args.dst, directory=bool(args.hf) or not args.dst.endswith(".gguf"))  # before the work
     progress = False if args.no_progress else None
     _persistent_compilation_cache()
     start = time.perf_counter()
-    if args.dst.endswith(".gguf"):
+    if args.hf:
+        plan = save_quantized_hf(source, policy, args.dst, args.hf, imatrix, progress,
+                                 log=lambda m: print(m, file=sys.stderr))
+    elif args.dst.endswith(".gguf"):
         extra = imatrix_metadata(imatrix, args.imatrix) if imatrix is not None else None
         plan = write_quantized_gguf(source, policy, args.dst, imatrix, progress, metadata=extra)
     else:

@@ -23,6 +23,11 @@ SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
 HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
                   "gemma2": "gemma2", "gemma3": "gemma3", "gemma3_text": "gemma3"}
 
+# Our architecture -> the HF model_type and class that to_hf writes (the text-only model).
+HF_CLASSES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+              "qwen3": ("qwen3", "Qwen3ForCausalLM"), "gemma2": ("gemma2", "Gemma2ForCausalLM"),
+              "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
+
 # llama.cpp applies the NORM (adjacent pairs) rope to llama and NEOX (halves) to the others; the HF
 # Llama q/k weights are permuted on load so that the GGUF convention holds for every source.
 _NEOX_ARCHS = ("qwen2", "qwen3", "phi3", "gemma2", "gemma3")
@@ -237,6 +242,51 @@ class ModelConfig:
             tie_embeddings=c.get("tie_word_embeddings", bool, default_tie),
             context_length=c.get("max_position_embeddings", int, 0),
             bos_id=c.get("bos_token_id", int, None), eos_ids=eos_ids)
+
+    def to_hf(self, attention_bias: bool = False) -> dict[str, Any]:
+        """The Hugging Face ``config.json`` (as a dict) of this model, which ``from_hf`` reads back
+        as the same config; in transformers 4's keys (``rope_theta``, ``rope_scaling``), which 5
+        reads too. ``attention_bias``: whether q/k/v (and o) carry biases (Qwen2's always do)."""
+        if self.arch not in HF_CLASSES:
+            raise JaxquantError(f"writing a {self.arch} config.json is not supported (supported: "
+                                f"{', '.join(HF_CLASSES)})")
+        gemma = self.arch.startswith("gemma")
+        if (self.rope_dim or self.head_dim) != self.head_dim or (self.sliding_window and not gemma):
+            raise JaxquantError(f"a {self.arch} model with partial rope or a sliding window has no config.json "
+                                "jaxquant can write")
+        model_type, cls = HF_CLASSES[self.arch]
+        out: dict[str, Any] = {
+            "architectures": [cls], "model_type": model_type, "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size, "intermediate_size": self.ffn_dim, "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+            "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta, "rope_scaling": _rope_scaling_to_hf(self),
+            "tie_word_embeddings": self.tie_embeddings, "bos_token_id": self.bos_id,
+            "eos_token_id": list(self.eos_ids) if len(self.eos_ids) > 1 else self.eos_id}
+        if self.context_length:
+            out["max_position_embeddings"] = self.context_length
+        if gemma:
+            layer_types = ["sliding_attention" if self.is_swa(i) else "full_attention" for i in range(self.n_layers)]
+            scalar = self.query_pre_attn_scalar  # transformers' Gemma configs take an int when it is one
+            out.update(hidden_activation="gelu_pytorch_tanh", sliding_window=self.sliding_window or 4096,
+                       query_pre_attn_scalar=int(scalar) if scalar.is_integer() else scalar, layer_types=layer_types,
+                       attn_logit_softcapping=self.attn_softcap, final_logit_softcapping=self.final_softcap)
+            if self.arch == "gemma3":
+                out["rope_local_base_freq"] = self.rope_theta_local
+        else:
+            out.update(hidden_act="silu", use_sliding_window=False)
+            if self.arch != "qwen2":
+                out["attention_bias"] = attention_bias
+        return out
+
+
+def _rope_scaling_to_hf(cfg: ModelConfig) -> dict[str, Any] | None:
+    s = cfg.rope_scaling
+    if s is None:
+        return None
+    if s.kind == "linear":
+        return {"rope_type": "linear", "factor": s.factor}
+    return {"rope_type": "llama3", "factor": s.factor, "original_max_position_embeddings": s.original_context_length,
+            "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor}
 
 
 class _Keys:

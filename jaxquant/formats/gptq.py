@@ -12,7 +12,8 @@ Compute layout of a weight of shape ``(N, K)`` (N outputs, K inputs):
 
 GPTQ's ``qweight [K*b/32, N]`` is ``qs`` transposed, so a plain GPTQ tensor loads by a transpose;
 AWQ (packed along N, nibble order 0 2 4 6 1 3 5 7), act-order tensors and GPTQ v1 zeros (stored
-minus one) are unpacked and repacked once at load. All conversions are lossless. ``dequantize`` is
+minus one) are unpacked and repacked once at load. All conversions are lossless, and ``to_gptq`` /
+``to_awq`` are the exact inverses of ``from_gptq`` / ``from_awq`` (what ``io.hf_export`` writes). ``dequantize`` is
 what the reference libraries compute in fp16: ``fp16(s * (q - z))``. The quantizer is AutoGPTQ's
 round-to-nearest (``minmax_params``); ``jaxquant.calib`` makes GPTQ and AWQ tensors of these formats.
 """
@@ -174,6 +175,64 @@ def from_awq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, *, bit
     codes = columns(qweight)
     group = _check_group(codes.shape[0], group_size, where)
     return _qtensor(codes.T, None, np.asarray(scales), columns(qzeros), bits, group, None, where)
+
+
+def bits_of(q: QTensor) -> int:
+    """The code width of a ``GPTQ{b}_G{g}`` QTensor."""
+    fmt = q.format
+    if fmt.family != "gptq":
+        raise FormatError(f"{q.fmt} is not a GPTQ/AWQ format (GPTQ{{b}}_G{{g}})")
+    return fmt.fields[0].count * 32 // fmt.block_size
+
+
+def _pad_columns(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes ``[R, N]`` padded with zeros to whole 32-bit words (how ``qzeros`` rows end)."""
+    per = 32 // np.gcd(32, bits)
+    return np.pad(codes, ((0, 0), (0, -codes.shape[1] % per)))
+
+
+def to_gptq(q: QTensor, *, v1: bool, where: str = "GPTQ tensor") -> dict[str, np.ndarray]:
+    """The inverse of ``from_gptq``: ``qweight [K*b/32, N]`` (int32, input order), ``qzeros
+    [K/g, ceil(N*b/32)]`` (int32; ``v1``: zeros minus one), ``scales [K/g, N]`` (float16) and
+    ``g_idx [K]`` (int32; an act-order tensor's column order). v1 cannot store a zero point of 0:
+    FormatError (write v2)."""
+    bits, group = bits_of(q), q.format.block_size
+    n, k = q.shape
+    words = np.asarray(q.arrays["qs"]).reshape(n, -1)
+    g_idx = (np.arange(k) // group).astype(np.int32)
+    if "perm" in q.arrays:  # stored column j is input column perm[j]: back to the input order
+        perm = np.asarray(q.arrays["perm"])
+        codes = np.empty((n, k), np.uint8)
+        codes[:, perm] = unpack_bits(words, bits, np)
+        words, g_idx = pack_bits(codes, bits, np), g_idx[np.argsort(perm)]
+    zeros = np.asarray(q.arrays["zero"]).T.astype(np.int32)
+    if v1:
+        if (zeros == 0).any():
+            g, row = (int(i[0]) for i in np.nonzero(zeros == 0))
+            raise FormatError(f"{where}: zero point 0 (group {g}, row {row}) cannot be stored in GPTQ v1, whose "
+                              "zeros are stored minus one; write checkpoint_format 'gptq_v2'")
+        zeros = zeros - 1
+    return {"qweight": np.ascontiguousarray(words.T).view(np.int32),
+            "qzeros": pack_bits(_pad_columns(zeros, bits), bits, np).view(np.int32),
+            "scales": np.ascontiguousarray(np.asarray(q.arrays["scale"]).T), "g_idx": g_idx}
+
+
+def to_awq(q: QTensor, where: str = "AWQ tensor") -> dict[str, np.ndarray]:
+    """The inverse of ``from_awq``: ``qweight [K, N/8]`` and ``qzeros [K/g, N/8]`` (int32, packed
+    along N in the order 0 2 4 6 1 3 5 7), ``scales [K/g, N]`` (float16)."""
+    bits = bits_of(q)
+    n, k = q.shape
+    if bits != 4 or "perm" in q.arrays or n % 8:
+        raise FormatError(f"{where}: AWQ GEMM packs 4-bit codes in input order with a multiple of 8 outputs; this "
+                          f"is {q.fmt} [{n}, {k}]{' in act order' if 'perm' in q.arrays else ''} (write it as GPTQ)")
+
+    def pack(codes: np.ndarray) -> np.ndarray:  # [R, N] -> [R, N/8]: word position p holds column AWQ_ORDER[p]
+        codes = codes.reshape(codes.shape[0], -1, 8)[..., AWQ_ORDER].reshape(codes.shape[0], -1)
+        return pack_bits(codes, bits, np).view(np.int32)
+
+    codes = unpack_bits(np.asarray(q.arrays["qs"]).reshape(n, -1), bits, np)
+    return {"qweight": pack(np.ascontiguousarray(codes.T)), "qzeros": pack(np.asarray(q.arrays["zero"]).T),
+            "scales": np.ascontiguousarray(np.asarray(q.arrays["scale"]).T)}
 
 
 FORMATS = {(b, g): gptq_format(b, g) for b in BITS for g in GROUPS}

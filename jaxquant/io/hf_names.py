@@ -48,6 +48,7 @@ def _compile(table: dict[str, str]) -> list[tuple[re.Pattern, str]]:
 
 
 _COMPILED = {arch: _compile(t) for arch, t in TABLES.items()}
+_INVERSE = {arch: _compile({gg: hf for hf, gg in t.items()}) for arch, t in TABLES.items()}
 
 
 def canonical_name(arch: str, hf_name: str) -> str | None:
@@ -63,6 +64,16 @@ def canonical_name(arch: str, hf_name: str) -> str | None:
         if m:
             return gg.replace("{i}", m.group("i")) if "i" in pattern.groupindex else gg
     raise KeyError(hf_name)
+
+
+def hf_name(arch: str, name: str) -> str:
+    """The HF name of a canonical tensor (the inverse of ``canonical_name``); KeyError for a name
+    the architecture's table does not know."""
+    for pattern, hf in _INVERSE[arch]:
+        m = pattern.match(name)
+        if m:
+            return hf.replace("{i}", m.group("i")) if "i" in pattern.groupindex else hf
+    raise KeyError(name)
 
 
 def transform(arch: str, name: str) -> str | None:

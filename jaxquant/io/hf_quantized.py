@@ -415,14 +415,15 @@ class QuantizedHFSource(HFSource):
             raise FileFormatError(f"{self.path / shard}: cannot read tensor {hf_name!r}: {e}") from None
 
 
-def _permute_rows(q: QTensor, n_head: int, where: str) -> QTensor:
-    """Llama's q/k row order (``safetensors._permute``) applied to a QTensor: per-row arrays are
-    permuted; per-tensor ones (and GPTQ's column order) kept; FP8's 128-row scale blocks kept when
-    every row stays in its block (head sizes dividing 128); bnb's nested absmax dequantized first."""
+def _permute_rows(q: QTensor, n_head: int, where: str, inverse: bool = False) -> QTensor:
+    """Llama's q/k row order (``safetensors._permute``; ``inverse``: back to HF's) applied to a
+    QTensor: per-row arrays are permuted; per-tensor ones (and GPTQ's column order) kept; FP8's
+    128-row scale blocks kept when every row stays in its block (head sizes dividing 128); bnb's
+    nested absmax dequantized first."""
     if q.fmt in SEPARABLE:
         q = QTensor({"qs": q.arrays["qs"], "absmax": bnb.dequantize_absmax(q.arrays)}, SEPARABLE[q.fmt], q.shape,
                     q.dtype)
-    order = _permute(np.arange(q.shape[0]), n_head)
+    order = _permute(np.arange(q.shape[0]), n_head, inverse)
     layouts = {f.name: f.layout for f in q.format.fields}
     arrays = {}
     for key, a in q.arrays.items():

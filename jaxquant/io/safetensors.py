@@ -164,6 +164,9 @@ class HFSource:
         return f"HFSource({str(self.path)!r}, {len(self._infos)} tensors)"
 
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's ``LlamaModel.permute``: within each head, rows (i, i + d/2) become adjacent."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def _permute(w: np.ndarray, n_head: int, inverse: bool = False) -> np.ndarray:
+    """llama.cpp's ``LlamaModel.permute``: within each head, rows (i, i + d/2) become adjacent
+    (``inverse``: back to HF's order)."""
+    half = w.shape[0] // n_head // 2
+    heads = (n_head, half, 2) if inverse else (n_head, 2, half)
+    return w.reshape(*heads, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

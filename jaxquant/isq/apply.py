@@ -213,6 +213,19 @@ def save_quantized_checkpoint(source, policy: Policy | str, path: str | os.PathL
     return qs.plan
 
 
+def save_quantized_hf(source, policy: Policy | str, path: str | os.PathLike, method: str = "gptq", imatrix: Any = None,
+                      show_progress: bool | None = None, **kw) -> Plan:
+    """Quantize ``source`` into a Hugging Face GPTQ or AWQ checkpoint directory
+    (``jaxquant.io.hf_export.save_hf``, which takes ``kw``): the policy must give every block
+    matrix one GPTQ{b}_G{g} format; the other tensors are written in float."""
+    from jaxquant.io.hf_export import save_hf
+
+    qs = quantized_source(source, policy, imatrix)
+    with progress(qs, show_progress):
+        save_hf(qs, path, method, **kw)
+    return qs.plan
+
+
 def imatrix_metadata(imatrix, file: str | Path) -> dict[str, Any]:
     """The keys llama-quantize adds when given an imatrix file (tools/quantize/quantize.cpp)."""
     meta: dict[str, Any] = {"quantize.imatrix.file": str(file)[:127]}
@@ -224,5 +237,5 @@ def imatrix_metadata(imatrix, file: str | Path) -> dict[str, Any]:
     return meta
 
 
-__all__ = ["QuantizedSource", "quantized_source", "quantize_model", "write_quantized_gguf", "save_quantized_checkpoint",
-           "progress", "imatrix_metadata"]
+__all__ = ["QuantizedSource", "imatrix_metadata", "progress", "quantize_model", "quantized_source",
+           "save_quantized_checkpoint", "save_quantized_hf", "write_quantized_gguf"]
