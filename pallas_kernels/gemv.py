@@ -90,6 +90,26 @@ def _quantize_kernel(x_ref, w_ref, dx_ref, s_ref):
         s_ref[:, pl.ds(hf, 1)] = sums[hf][:, None]
 
 
+def lut_bytes(n: jax.Array, table, interpret: bool) -> jax.Array:
+    """Each byte of ``n`` (a value 0..15) replaced by ``table[value]`` (16 int8): two byte permutes
+    (``prmt``) read entries 0-7 and 8-15, bit 3 picks one."""
+    tb = [int(v) & 0xFF for v in table]
+    if interpret:  # selects, not a gather: a kernel may not capture a table array
+        out = jnp.zeros_like(n)
+        for k in range(4):
+            b = (n >> (8 * k)) & 0xF
+            v = functools.reduce(lambda acc, i: jnp.where(b == i, jnp.uint32(tb[i]), acc), range(16), jnp.zeros_like(n))
+            out = out | v << (8 * k)
+        return out
+    words = [jnp.full(n.shape, sum(tb[4 * w + i] << 8 * i for i in range(4)), jnp.uint32) for w in range(4)]
+    return lax.bitcast_convert_type(asm_i32(
+        "{ .reg .b32 s, m, lo, hi; and.b32 s, $1, 0x07070707; shr.b32 m, s, 4; or.b32 s, s, m;"
+        " prmt.b32 s, s, 0, 0x3320;"  # selector nibbles: bytes 0-3's low 3 bits
+        " prmt.b32 lo, $2, $3, s; prmt.b32 hi, $4, $5, s;"
+        " and.b32 m, $1, 0x08080808; shr.b32 m, m, 3; mul.lo.u32 m, m, 0xFF;"  # bit 3 of each byte: upper table
+        " lop3.b32 $0, lo, hi, m, 0xD8; }", n, *words), jnp.uint32)
+
+
 def quantize_activations(x: jax.Array, interpret: bool = False) -> tuple[jax.Array, ...]:
     """``x [K]`` -> per block of 32: (uint32 words ``[K / 32, 16]``: int16 pairs, the 8 words of
     pairs ``4i, 4i + 1`` then the 8 of ``4i + 2, 4i + 3``; float32 scales ``[K / 32, 1]``; int32

@@ -1,9 +1,9 @@
-"""``gemv`` decoders of llama.cpp's formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (blocks of 32), Q4_K,
-Q5_K, Q6_K (256).
+"""``gemv`` decoders of llama.cpp's formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL (blocks of 32),
+Q4_K, Q5_K, Q6_K, IQ4_XS (256).
 
 Each weight word's 4 bytes are 4 consecutive elements (a nibble plane of Q4_0 / Q4_K with Q5's
-fifth bits, Q6_K's 4 low bits with its 2 high ones, Q8_0's bytes), so ``xpair`` pairs it with its
-activations without a permutation. Offsets (Q4_0's 8, Q6_K's 32) and mins come off the integer sums through the
+fifth bits, Q6_K's 4 low bits with its 2 high ones, Q8_0's bytes, IQ4's table values), so
+``xpair`` pairs it with its activations without a permutation. Offsets (Q4_0's 8, Q6_K's 32) and mins come off the integer sums through the
 activations' sums per 16 or 32.
 """
 
@@ -12,7 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gemv import GemvDecoder, idot
+from jaxquant.formats.ggml_iq import KVALUES
+from pallas_kernels.gemv import GemvDecoder, idot, lut_bytes
 
 U32 = jnp.uint32
 F32 = jnp.float32
@@ -131,6 +132,25 @@ def _q6_k(ld, xpair, xs, interpret) -> jax.Array:
     return ld("d").astype(F32) * acc
 
 
+def _iq4_nl(ld, xpair, xs, interpret) -> jax.Array:
+    lo, hi = (lut_bytes(p, KVALUES, interpret) for p in _nibbles(ld("qs")))
+    isum = (idot(lo, *xpair(0, 4), interpret) + idot(hi, *xpair(16, 4), interpret)).sum(-1).astype(F32)
+    return ld("d").astype(F32) * xs("dx", 0) * isum
+
+
+def _iq4_xs(ld, xpair, xs, interpret) -> jax.Array:
+    """Sub-block ib (32 weights, qs words 4 ib ..): scale ``ls - 32``, low 4 bits of ``ls`` in
+    nibble ib of scales_l, high 2 at bits 2 ib of scales_h."""
+    sl, sh = ld("scales_l")[..., 0], ld("scales_h").astype(U32)
+    acc = 0.0
+    for ib in range(8):
+        lo, hi = (lut_bytes(p, KVALUES, interpret) for p in _nibbles(ld("qs", 4 * ib, 4)))
+        isum = (idot(lo, *xpair(32 * ib, 4), interpret) + idot(hi, *xpair(32 * ib + 16, 4), interpret)).sum(-1)
+        ls = (sl >> U32(4 * ib)) & U32(0xF) | ((sh >> U32(2 * ib)) & U32(3)) << U32(4)
+        acc = acc + (ls.astype(jnp.int32) - 32).astype(F32) * xs("dx", ib) * isum.astype(F32)
+    return ld("d").astype(F32) * acc
+
+
 DECODERS = (
     GemvDecoder("Q4_0", 32, _q4_0, ("qs",)),
     GemvDecoder("Q4_1", 32, _q4_1, ("qs",)),
@@ -140,4 +160,6 @@ DECODERS = (
     GemvDecoder("Q4_K", 256, _q45_k(False), ("qs", "scales")),
     GemvDecoder("Q5_K", 256, _q45_k(True), ("qs", "qh", "scales")),
     GemvDecoder("Q6_K", 256, _q6_k, ("ql", "qh", "scales")),
+    GemvDecoder("IQ4_NL", 32, _iq4_nl, ("qs",), block_n=32),  # 64 rows take 128 registers
+    GemvDecoder("IQ4_XS", 256, _iq4_xs, ("qs", "scales_l")),
 )
