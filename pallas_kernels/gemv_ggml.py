@@ -1,8 +1,9 @@
 """``gemv`` decoders of llama.cpp's formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL (blocks of 32),
-Q4_K, Q5_K, Q6_K, IQ4_XS (256).
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS (256).
 
 Each weight word's 4 bytes are 4 consecutive elements (a nibble plane of Q4_0 / Q4_K with Q5's
-fifth bits, Q6_K's 4 low bits with its 2 high ones, Q8_0's bytes, IQ4's table values), so
+fifth bits, a 2-bit plane of Q2_K / Q3_K with Q3_K's third bits, Q6_K's 4 low bits with its 2 high
+ones, Q8_0's bytes, IQ4's table values), so
 ``xpair`` pairs it with its activations without a permutation. Offsets (Q4_0's 8, Q6_K's 32) and mins come off the integer sums through the
 activations' sums per 16 or 32.
 """
@@ -132,6 +133,46 @@ def _q6_k(ld, xpair, xs, interpret) -> jax.Array:
     return ld("d").astype(F32) * acc
 
 
+def _byte(w: list[jax.Array], k: int) -> jax.Array:
+    """Byte ``k`` of a field read as words ``w``."""
+    return (w[k // 4] >> U32(8 * (k % 4))) & U32(0xFF)
+
+
+def _two_bit(ld, xpair, interpret, high: bool):
+    """Q2_K / Q3_K: element 128n + 32j + l is bits 2j of qs byte 32n + l (Q3_K: plus bit 4n + j of
+    hmask byte l as bit 2); one scale per 16 (sub-block 8n + 2j + l // 16)."""
+    for n in range(2):
+        for j in range(4):
+            for half in range(2):
+                q = (ld("qs", 8 * n + 4 * half, 4) >> U32(2 * j)) & U32(0x03030303)
+                if high:
+                    q = q | ((ld("hmask", 4 * half, 4) >> U32(4 * n + j)) & U32(0x01010101)) << U32(2)
+                isum = idot(q, *xpair(128 * n + 32 * j + 16 * half, 4), interpret).sum(-1)
+                yield 8 * n + 2 * j + half, 4 * n + j, isum
+
+
+def _q2_k(ld, xpair, xs, interpret) -> jax.Array:
+    sw = [ld("scales", i, 1)[..., 0] for i in range(4)]
+    acc_s = acc_m = 0.0
+    for g, blk, isum in _two_bit(ld, xpair, interpret, False):
+        b = _byte(sw, g)
+        dx = xs("dx", blk)
+        acc_s = acc_s + (b & U32(0xF)).astype(F32) * dx * isum.astype(F32)
+        acc_m = acc_m + (b >> U32(4)).astype(F32) * dx * xs("sum16", g).astype(F32)
+    return ld("d").astype(F32) * acc_s - ld("dmin").astype(F32) * acc_m
+
+
+def _q3_k(ld, xpair, xs, interpret) -> jax.Array:
+    """Codes 0..7 with offset 4; 6-bit scales minus 32: low 4 bits in nibble k // 8 of byte k % 8,
+    high 2 at bits 2 (k // 4) of byte 8 + k % 4."""
+    sw = [ld("scales", i, 1)[..., 0] for i in range(3)]
+    acc = 0.0
+    for g, blk, isum in _two_bit(ld, xpair, interpret, True):
+        sc = (_byte(sw, g % 8) >> U32(4 * (g // 8))) & U32(0xF) | ((_byte(sw, 8 + g % 4) >> U32(2 * (g // 4))) & U32(3)) << U32(4)
+        acc = acc + (sc.astype(jnp.int32) - 32).astype(F32) * xs("dx", blk) * (isum - 4 * xs("sum16", g)).astype(F32)
+    return ld("d").astype(F32) * acc
+
+
 def _iq4_nl(ld, xpair, xs, interpret) -> jax.Array:
     lo, hi = (lut_bytes(p, KVALUES, interpret) for p in _nibbles(ld("qs")))
     isum = (idot(lo, *xpair(0, 4), interpret) + idot(hi, *xpair(16, 4), interpret)).sum(-1).astype(F32)
@@ -157,6 +198,8 @@ DECODERS = (
     GemvDecoder("Q5_0", 32, _q5_0, ("qs", "qh"), block_n=32),  # 64 rows take 128 registers
     GemvDecoder("Q5_1", 32, _q5_1, ("qs", "qh"), block_n=32),
     GemvDecoder("Q8_0", 32, _q8_0, ("qs",), block_n=32),  # 64 rows take 166 registers
+    GemvDecoder("Q2_K", 256, _q2_k, ("qs", "scales")),
+    GemvDecoder("Q3_K", 256, _q3_k, ("qs", "hmask", "scales")),
     GemvDecoder("Q4_K", 256, _q45_k(False), ("qs", "scales")),
     GemvDecoder("Q5_K", 256, _q45_k(True), ("qs", "qh", "scales")),
     GemvDecoder("Q6_K", 256, _q6_k, ("ql", "qh", "scales")),
