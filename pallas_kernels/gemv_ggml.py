@@ -90,24 +90,20 @@ def _scale_min_k4(w: list[jax.Array], j: int) -> tuple[jax.Array, jax.Array]:
 def _q45_k(high_bit: bool):
     def step(ld, xpair, xs, interpret) -> jax.Array:
         """Group g (64 weights, qs words 8g ..): low nibbles are sub-block 2g, high ones 2g + 1 (Q5_K:
-        fifth bits 2g, 2g + 1 of qh byte l, l the qs byte's index in its group). Words are taken 4
-        at a time (one 16-byte load a row), so a thread holds a whole row's chunk."""
+        fifth bits 2g, 2g + 1 of qh byte l, l the qs byte's index in its group)."""
         sw = [ld("scales", i, 1)[..., 0] for i in range(3)]
+        qh = ld("qh", 0, 8) if high_bit else None
         acc_s = acc_m = 0.0
         for g in range(4):
-            sums = [0, 0]
-            for c in range(2):
-                planes = _nibbles(ld("qs", 8 * g + 4 * c, 4))
-                if high_bit:
-                    qh = ld("qh", 4 * c, 4)
-                    planes = [p | _bit4(qh, 2 * g + h) for h, p in enumerate(planes)]
-                for h, plane in enumerate(planes):
-                    sums[h] = sums[h] + idot(plane, *xpair(32 * (2 * g + h) + 16 * c, 4), interpret).sum(-1)
-            for h in range(2):
+            planes = _nibbles(ld("qs", 8 * g, 8))
+            if high_bit:
+                planes = [p | _bit4(qh, 2 * g + h) for h, p in enumerate(planes)]
+            for h, plane in enumerate(planes):
                 j = 2 * g + h
+                isum = idot(plane, *xpair(32 * j, 8), interpret).sum(-1).astype(F32)
                 sc, mn = _scale_min_k4(sw, j)
                 dx = xs("dx", j)
-                acc_s = acc_s + sc * (dx * sums[h].astype(F32))
+                acc_s = acc_s + sc * (dx * isum)
                 acc_m = acc_m + mn * (dx * xs("sum", j).astype(F32))
         return ld("d").astype(F32) * acc_s - ld("dmin").astype(F32) * acc_m
     return step
@@ -195,14 +191,14 @@ def _iq4_xs(ld, xpair, xs, interpret) -> jax.Array:
 DECODERS = (
     GemvDecoder("Q4_0", 32, _q4_0, ("qs",)),
     GemvDecoder("Q4_1", 32, _q4_1, ("qs",)),
-    GemvDecoder("Q5_0", 32, _q5_0, ("qs", "qh"), block_n=32),  # 64 rows take 128 registers
-    GemvDecoder("Q5_1", 32, _q5_1, ("qs", "qh"), block_n=32),
-    GemvDecoder("Q8_0", 32, _q8_0, ("qs",), block_n=32),  # 64 rows take 166 registers
+    GemvDecoder("Q5_0", 32, _q5_0, ("qs", "qh")),
+    GemvDecoder("Q5_1", 32, _q5_1, ("qs", "qh")),
+    GemvDecoder("Q8_0", 32, _q8_0, ("qs",)),
     GemvDecoder("Q2_K", 256, _q2_k, ("qs", "scales")),
     GemvDecoder("Q3_K", 256, _q3_k, ("qs", "hmask", "scales")),
     GemvDecoder("Q4_K", 256, _q45_k(False), ("qs", "scales")),
     GemvDecoder("Q5_K", 256, _q45_k(True), ("qs", "qh", "scales")),
     GemvDecoder("Q6_K", 256, _q6_k, ("ql", "qh", "scales")),
-    GemvDecoder("IQ4_NL", 32, _iq4_nl, ("qs",), block_n=32),  # 64 rows take 128 registers
+    GemvDecoder("IQ4_NL", 32, _iq4_nl, ("qs",)),
     GemvDecoder("IQ4_XS", 256, _iq4_xs, ("qs", "scales_l")),
 )
