@@ -43,7 +43,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--attention", choices=("auto", "xla"), default="auto",
+                    help="xla: decode attention through the XLA kernels, not the fused (cuDNN) one")
     args = ap.parse_args()
+    if args.attention == "xla":
+        from jaxquant.models import base
+        base._fused_decode = lambda *a: False
     print(jax.devices()[0].device_kind, "JAX", jax.__version__)
     for fmt in args.formats.split(","):
         profile(fmt, args.layers, args.tokens, args.top)

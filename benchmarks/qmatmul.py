@@ -90,9 +90,9 @@ def sweep_configs(fmt: str, k: int, n: int, m: int):
     gdec = {d.fmt: d for d in gemv_ggml.DECODERS}.get(fmt)
     if m == 1 and gdec is not None:
         g = gemv.default_config(gdec, n, k)
-        for v in ({}, {"num_stages": 2}, {"num_stages": 4}, {"num_warps": 2}, {"num_warps": 8},
-                  {"block_n": 16}, {"block_n": 64}, {"splits": 2 * g.splits}, {"splits": max(1, g.splits // 2)},
-                  {"steps_blocks": 2 * g.steps_blocks}, {"steps_blocks": max(1, g.steps_blocks // 2)}):
+        for v in ({}, {"prefetch": not g.prefetch}, {"num_warps": 2}, {"block_n": 16}, {"block_n": 16, "num_warps": 2},
+                  {"splits": 2 * g.splits}, {"steps_blocks": 2 * g.steps_blocks}, {"steps_blocks": 4 * g.steps_blocks},
+                  {"steps_blocks": 2 * g.steps_blocks, "prefetch": not g.prefetch}, {}):
             cfg = dataclasses.replace(g, **v)
             yield str(cfg), (lambda x, w, cfg=cfg: gemv.gemv(x, w, gdec, config=cfg))
         return

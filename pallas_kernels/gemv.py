@@ -139,6 +139,7 @@ class GemvConfig:
     splits: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    prefetch: bool | None = None  # None: when the decoder reads a field in pieces (``_kernel``)
 
 
 def default_config(dec: GemvDecoder, n: int, k: int) -> GemvConfig:
@@ -170,19 +171,51 @@ def _views(dec: GemvDecoder, w: QTensor) -> tuple[tuple[str, ...], list[jax.Arra
     return names, out
 
 
-def _kernel(*refs, dec: GemvDecoder, names: tuple[str, ...], cfg: GemvConfig, steps: int, interpret: bool):
+def _weight_loads(dec: GemvDecoder, names: tuple[str, ...], arrays: list[jax.Array], cfg: GemvConfig) -> tuple:
+    """The ``(name, start, size)`` weight reads of one step of ``dec``, in its order, found by
+    tracing the step abstractly, so that the kernel can read them a step ahead (``_kernel``)."""
+    shapes = dict(zip(names, (a.shape for a in arrays)))
+    keys = {}
+
+    def ld(name, start=0, size=None):
+        keys[(name, start, size)] = None
+        shape = shapes[name]
+        tail = () if len(shape) == 2 else (size or shape[2],)
+        return jnp.zeros((cfg.block_n, cfg.steps_blocks, *tail), arrays[names.index(name)].dtype)
+
+    s = cfg.steps_blocks
+    jax.eval_shape(lambda: dec.step(ld, lambda elem, n: (jnp.zeros((1, s, n), jnp.uint32),) * 2,
+                                    lambda name, col: jnp.zeros((1, s), F32 if name == "dx" else jnp.int32), True))
+    return tuple(keys)
+
+
+def _kernel(*refs, dec: GemvDecoder, names: tuple[str, ...], keys: tuple, cfg: GemvConfig, steps: int,
+            interpret: bool):
+    """A decoder that reads a field in pieces (the K-quants: a group of sub-blocks at a time) gets
+    each step's weights read one step ahead, into registers carried by the loop. Read in the step,
+    the compiler interleaves each piece's load with its uses and a thread waits on few loads at a
+    time (H200: Q6_K 14336 x 4096 in 48.8 us against 37.3 prefetched, Q4_K 4096 x 28672 52.2
+    against 48.1). A decoder that reads whole fields (Q8_0, Q4_0, ...) has its loads issued
+    together anyway, and the extra registers slow it (Q8_0 4096 x 28672: 39.5 us against 35.8)."""
     fields = dict(zip(names, refs[:len(names)]))
     xw_ref, dx_ref, sum_ref, o_ref = refs[len(names):]
     s = cfg.steps_blocks
 
-    def step(i, acc):
+    def load(i) -> tuple:
+        b0 = i * s if isinstance(i, int) else pl.multiple_of(i * s, s)
+        out = []
+        for name, start, size in keys:
+            r = fields[name]
+            view = r.at[:, pl.ds(b0, s)] if len(r.shape) == 2 else r.at[:, pl.ds(b0, s), pl.ds(start, size or r.shape[2])]
+            out.append(plt.load(view, eviction_policy="evict_first"))  # read once: keep x in cache
+        return tuple(out)
+
+    def step(i, acc, words):
         b0 = pl.multiple_of(i * s, s) if steps > 1 else 0
+        table = dict(zip(keys, words))
 
         def ld(name: str, start: int = 0, size: int | None = None) -> jax.Array:
-            r = fields[name]
-            if len(r.shape) == 2:
-                return r[:, pl.ds(b0, s)]
-            return r[:, pl.ds(b0, s), pl.ds(start, size or r.shape[2])]
+            return table[(name, start, size)]
 
         def xpair(elem: int, n: int) -> tuple[jax.Array, jax.Array]:
             base = 16 * (elem // XB) + (elem % XB) // 4
@@ -197,7 +230,20 @@ def _kernel(*refs, dec: GemvDecoder, names: tuple[str, ...], cfg: GemvConfig, st
         return acc + jnp.sum(dec.step(ld, xpair, xs, interpret), axis=1)
 
     acc = jnp.zeros((cfg.block_n,), F32)
-    o_ref[...] = lax.fori_loop(0, steps, step, acc) if steps > 1 else step(0, acc)
+    if steps == 1:
+        o_ref[...] = step(0, acc, load(0))
+        return
+    prefetch = cfg.prefetch if cfg.prefetch is not None else any(size is not None for _, _, size in keys)
+    if not prefetch:
+        o_ref[...] = lax.fori_loop(0, steps, lambda i, acc: step(i, acc, load(i)), acc)
+        return
+
+    def body(i, carry):
+        acc, words = carry
+        ahead = load(jnp.minimum(i + 1, steps - 1))  # the last step reads its own blocks again
+        return step(i, acc, words), ahead
+
+    o_ref[...] = lax.fori_loop(0, steps, body, (acc, load(0)))[0]
 
 
 @functools.partial(jax.jit, static_argnames=("dec", "config", "interpret"))
@@ -220,7 +266,8 @@ def gemv(x: jax.Array, w: QTensor, dec: GemvDecoder, config: GemvConfig | None =
         return pl.BlockSpec((cfg.block_n, nbs, a.shape[2]), lambda j, sp: (j, sp, 0))
 
     call = pl.pallas_call(
-        functools.partial(_kernel, dec=dec, names=names, cfg=cfg, steps=nbs // cfg.steps_blocks, interpret=interpret),
+        functools.partial(_kernel, dec=dec, names=names, keys=_weight_loads(dec, names, arrays, cfg), cfg=cfg,
+                          steps=nbs // cfg.steps_blocks, interpret=interpret),
         grid=(n // cfg.block_n, cfg.splits),
         in_specs=[*(spec(a) for a in arrays),
                   *(pl.BlockSpec((nbs, a.shape[1]), lambda j, sp: (sp, 0)) for a in (xw, dx, sums))],

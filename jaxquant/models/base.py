@@ -293,6 +293,16 @@ class LayerCtx:
         return rms_norm(x, w, self.cfg.norm_eps).astype(self.dtype)
 
 
+def _fused_decode(q: jax.Array, cache_k: jax.Array, ctx: LayerCtx) -> bool:
+    """Whether one decode step (T = 1) attends through cuDNN's fused attention (one kernel in place
+    of the ~8 XLA kernels of scores, mask, softmax and weighted sum): on a GPU, 16-bit cache,
+    global attention (cuDNN's window counts from the query's index in its own sequence, 0 here,
+    not from its position) and no softcap. The visible keys are slots 0..position, as the mask
+    below makes them."""
+    return (q.shape[1] == 1 and jax.default_backend() == "gpu" and cache_k.dtype in (jnp.bfloat16, jnp.float16)
+            and ctx.window is None and not ctx.cfg.attn_softcap)
+
+
 def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv: KV, ctx: LayerCtx) -> tuple[jax.Array, KV]:
     """Rope q [B, T, H, D] and k [B, T, KV, D], write k and v into the cache at slot = position,
     attend over the cache. Returns ([B, T, H * D], updated (k, v) cache)."""
@@ -306,6 +316,11 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv: KV, ctx: LayerC
     cache_k = cache_k.at[rows, slot].set(k.astype(cache_k.dtype), mode="drop")
     cache_v = cache_v.at[rows, slot].set(v.astype(cache_v.dtype), mode="drop")
 
+    if _fused_decode(q, cache_k, ctx):
+        out = jax.nn.dot_product_attention(q.astype(cache_k.dtype), cache_k, cache_v,
+                                           scale=(cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5,
+                                           key_value_seq_lengths=jnp.maximum(pos[:, 0] + 1, 1), implementation="cudnn")
+        return out.reshape(b, t, n_heads * d), (cache_k, cache_v)
     qg = q.reshape(b, t, n_kv, n_heads // n_kv, d).astype(cache_k.dtype)  # query head h uses kv head h // group
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, cache_k, preferred_element_type=jnp.float32, precision=HIGHEST)
     scores = scores * (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5  # 0: head_dim, as the config says
