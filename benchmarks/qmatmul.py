@@ -90,10 +90,13 @@ def sweep_configs(fmt: str, k: int, n: int, m: int):
     gdec = {d.fmt: d for d in gemv_ggml.DECODERS}.get(fmt)
     if m == 1 and gdec is not None:
         g = gemv.default_config(gdec, n, k)
-        for v in ({}, {"prefetch": not g.prefetch}, {"num_warps": 2}, {"block_n": 16}, {"block_n": 16, "num_warps": 2},
-                  {"splits": 2 * g.splits}, {"steps_blocks": 2 * g.steps_blocks}, {"steps_blocks": 4 * g.steps_blocks},
-                  {"steps_blocks": 2 * g.steps_blocks, "prefetch": not g.prefetch}, {}):
-            cfg = dataclasses.replace(g, **v)
+        for v in ({}, {"prefetch": True}, {"prefetch": False}, {"block_n": 64}, {"block_n": 64, "prefetch": False},
+                  {"block_n": 128}, {"block_n": 64, "num_warps": 8}, {"steps_blocks": 2 * g.steps_blocks},
+                  {"block_n": 64, "steps_blocks": 2 * g.steps_blocks},
+                  {"block_n": 64, "steps_blocks": max(1, g.steps_blocks // 2)}, {"block_n": 16, "num_warps": 2},
+                  {"block_n": 128, "steps_blocks": max(1, g.steps_blocks // 2)}, {}):
+            tiling = {key: v.pop(key) for key in ("block_n", "steps_blocks") if key in v}
+            cfg = dataclasses.replace(gemv.default_config(gdec, n, k, **tiling), **v)
             yield str(cfg), (lambda x, w, cfg=cfg: gemv.gemv(x, w, gdec, config=cfg))
         return
     dec = pk.DECODERS[fmt]

@@ -142,18 +142,18 @@ class GemvConfig:
     prefetch: bool | None = None  # None: when the decoder reads a field in pieces (``_kernel``)
 
 
-def default_config(dec: GemvDecoder, n: int, k: int) -> GemvConfig:
-    """32 rows a program, 512 weights a step, the fewest K-splits giving 4 programs per SM. (64-row
-    programs taking 16 bytes of a row per thread have fewer instructions, but measured slower on the
-    H200: Q4_K 61 us against 44.5 at 4096 x 28672, benchmarks/RESULTS.md.)"""
+def default_config(dec: GemvDecoder, n: int, k: int, block_n: int = 32, steps_blocks: int | None = None) -> GemvConfig:
+    """32 rows a program, 512 weights a step, the fewest K-splits giving 4 programs per SM (the
+    splits for other ``block_n`` / ``steps_blocks`` when given). 64- and 128-row programs, 8 warps
+    and other step sizes measured within 3% or slower on the H200 (benchmarks/RESULTS.md)."""
     nb = k // dec.block_size
-    s = max(1, 512 // dec.block_size)
+    s = steps_blocks or max(1, 512 // dec.block_size)
     while nb % s:
         s //= 2
     splits = 1
-    while (n // 32) * splits < 4 * NUM_SMS and nb % (2 * splits * s) == 0:
+    while (n // block_n) * splits < 4 * NUM_SMS and nb % (2 * splits * s) == 0:
         splits *= 2
-    return GemvConfig(32, s, splits)
+    return GemvConfig(block_n, s, splits)
 
 
 def supports(dec: GemvDecoder, m: int, n: int, k: int) -> bool:
