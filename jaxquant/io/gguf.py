@@ -7,6 +7,7 @@ their block bytes (never through floats), so writing them back reproduces the fi
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -431,9 +432,9 @@ def write_gguf(path: str | os.PathLike, metadata: Mapping[str, Any], tensors: Ma
                value_types: Mapping[str, ValueTypes] | None = None) -> None:
     """Write a GGUF file with gguf-py's writer: ``metadata`` in order (``value_types`` gives each
     key's GGUF type, e.g. ``GGUFSource.value_types``; missing ones are inferred), then the tensors
-    in order. ``Deferred`` tensors are loaded one at a time while writing, so a model streams
-    through with about one tensor in memory. The file appears atomically at ``path``: an error or
-    a kill on the way leaves nothing (``jaxquant.io.output.atomic_output``)."""
+    in order. ``Deferred`` tensors are loaded while writing, the next one while one is written, so
+    a model streams through with about two tensors in memory. The file appears atomically at
+    ``path``: an error or a kill on the way leaves nothing (``jaxquant.io.output.atomic_output``)."""
     path = Path(path)
     value_types = value_types or {}
     arch = metadata.get("general.architecture")
@@ -475,11 +476,21 @@ def _write(writer: gguf.GGUFWriter, tmp: str, metadata: Mapping[str, Any], value
     writer.write_header_to_file(tmp)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for info, value in zip(infos, tensors.values()):
+
+    def load(info: TensorInfo, value: Tensor | Deferred) -> Tensor:
         if isinstance(value, Deferred):
             value = value.load()
             got = tensor_info(info.name, value)
             if got != info:
                 raise FormatError(f"tensor {info.name!r}: loaded as {got.type} {got.shape} ({got.nbytes} bytes), "
                                   f"its info says {info.type} {info.shape} ({info.nbytes} bytes)")
-        writer.write_tensor_data(tensor_bytes(value))
+        return value
+
+    # The next tensor loads (reads, quantizes on the device) while this one is packed and written.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gguf-load") as pool:
+        items = list(zip(infos, tensors.values()))
+        pending = pool.submit(load, *items[0]) if items else None
+        for i in range(len(items)):
+            value = pending.result()
+            pending = pool.submit(load, *items[i + 1]) if i + 1 < len(items) else None
+            writer.write_tensor_data(tensor_bytes(value))

@@ -184,8 +184,8 @@ def quantize_model(source, policy: Policy | str, imatrix: Any = None, show_progr
 def write_quantized_gguf(source, policy: Policy | str, path: str | os.PathLike, imatrix: Any = None,
                          show_progress: bool | None = None, metadata: Mapping[str, Any] | None = None) -> Plan:
     """Quantize a GGUF model into a GGUF file as llama-quantize would write it (its metadata,
-    ``general.file_type`` and tensor order), one tensor in memory at a time. ``metadata``: extra
-    keys appended last (the imatrix provenance llama-quantize adds)."""
+    ``general.file_type`` and tensor order), about two tensors in memory at a time. ``metadata``:
+    extra keys appended last (the imatrix provenance llama-quantize adds)."""
     from jaxquant.io import write_gguf
 
     if not hasattr(source, "value_types"):  # a GGUF (or checkpoint of one) carries its metadata

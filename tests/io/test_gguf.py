@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import gguf
@@ -133,6 +134,34 @@ def test_write_rejects_inconsistent_input(tmp_path):
     with pytest.raises(JaxquantError, match="empty array"):
         write_gguf(tmp_path / "x.gguf", {"general.architecture": "llama", "k": []}, {}, {"k": (V.ARRAY, V.INT32)})
     assert not list(tmp_path.iterdir())  # nothing half-written is left behind
+
+
+def test_the_next_tensor_loads_while_one_is_written(tmp_path, monkeypatch):
+    """Writing tensor 0 waits until tensor 1 has started loading: a writer that loaded only after
+    writing would time out here. The file still holds every tensor, in order."""
+    started = [threading.Event() for _ in range(3)]
+
+    def deferred(i):
+        def load():
+            started[i].set()
+            return np.full((2, 32), i, np.float32)
+        return Deferred(TensorInfo(f"t{i}", (2, 32), "F32", 256), load)
+
+    orig = gguf.GGUFWriter.write_tensor_data
+    written = []
+
+    def write(self, data, *args, **kwargs):
+        i = len(written)
+        if i + 1 < len(started):
+            assert started[i + 1].wait(10), f"tensor {i + 1} did not start loading while tensor {i} was written"
+        written.append(i)
+        return orig(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", write)
+    write_gguf(tmp_path / "x.gguf", {"general.architecture": "llama"}, {f"t{i}": deferred(i) for i in range(3)})
+    src = open_model(tmp_path / "x.gguf")
+    assert written == [0, 1, 2]
+    assert [float(np.asarray(src.load(f"t{i}"))[0, 0]) for i in range(3)] == [0.0, 1.0, 2.0]
 
 
 # ---- the real model --------------------------------------------------------------------------------
