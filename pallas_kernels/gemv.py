@@ -46,7 +46,8 @@ class GemvDecoder:
     ``words``); ``xpair(elem, n)`` the int16 activations of elements ``elem + 4 i .. + 3``
     (``i < n``, within one block of 32) as two packed words ``(lo, hi)`` of ``[1, S, n]``;
     ``xs("dx" | "sum" | "sum16", i)`` a ``[1, S]`` per-block column: the scale of activation
-    block ``i`` (of 32) of the weight block, the integer sum of that block, or of its ``i``-th 16.
+    block ``i`` (of 32) of the weight block, the integer sum of that block, or of its ``i``-th 16
+    (each one load: the sums of 32 are stored, not added from two of 16).
     """
 
     fmt: str
@@ -70,7 +71,7 @@ def idot(b: jax.Array, lo: jax.Array, hi: jax.Array, interpret: bool) -> jax.Arr
 
 def _quantize_kernel(x_ref, w_ref, dx_ref, s_ref):
     """Rows of 32 activations -> 16 words (int16 pairs 4i, 4i + 1, then 4i + 2, 4i + 3), a scale,
-    and the integer sums of each half."""
+    and the integer sums of each half, of both, and a 0 (4 columns: blocks are powers of two)."""
     # parts[hf][k]: elements 16 hf + 4 i + k (i < 4)
     parts = [[x_ref[:, pl.ds(16 * hf + k, 4, 4)].astype(F32) for k in range(4)] for hf in range(2)]
     flat = [p for half in parts for p in half]
@@ -85,8 +86,8 @@ def _quantize_kernel(x_ref, w_ref, dx_ref, s_ref):
         w_ref[:, pl.ds(8 + 4 * hf, 4)] = u[2] | u[3] << 16
     sums = [sum(jnp.sum(v, axis=1) for v in half) for half in q]
     dx_ref[...] = dx[:, None]
-    for hf in range(2):
-        s_ref[:, pl.ds(hf, 1)] = sums[hf][:, None]
+    for col, v in enumerate((sums[0], sums[1], sums[0] + sums[1], jnp.zeros_like(sums[0]))):
+        s_ref[:, pl.ds(col, 1)] = v[:, None]
 
 
 def lut_bytes(n: jax.Array, table, interpret: bool) -> jax.Array:
@@ -112,7 +113,7 @@ def lut_bytes(n: jax.Array, table, interpret: bool) -> jax.Array:
 def quantize_activations(x: jax.Array, interpret: bool = False) -> tuple[jax.Array, ...]:
     """``x [K]`` -> per block of 32: (uint32 words ``[K / 32, 16]``: int16 pairs, the 8 words of
     pairs ``4i, 4i + 1`` then the 8 of ``4i + 2, 4i + 3``; float32 scales ``[K / 32, 1]``; int32
-    sums of each half ``[K / 32, 2]``), in one small kernel. Non-finite activations give
+    sums ``[K / 32, 4]`` of each half, of the block, and a 0), in one small kernel. Non-finite activations give
     non-finite scales, so non-finite outputs."""
     rows = x.shape[0] // XB
     r = 64
@@ -123,9 +124,9 @@ def quantize_activations(x: jax.Array, interpret: bool = False) -> tuple[jax.Arr
         grid=(rows // r,),
         in_specs=[pl.BlockSpec((r, XB), lambda i: (i, 0))],
         out_specs=[pl.BlockSpec((r, 16), lambda i: (i, 0)), pl.BlockSpec((r, 1), lambda i: (i, 0)),
-                   pl.BlockSpec((r, 2), lambda i: (i, 0))],
+                   pl.BlockSpec((r, 4), lambda i: (i, 0))],
         out_shape=[jax.ShapeDtypeStruct((rows, 16), jnp.uint32), jax.ShapeDtypeStruct((rows, 1), F32),
-                   jax.ShapeDtypeStruct((rows, 2), jnp.int32)],
+                   jax.ShapeDtypeStruct((rows, 4), jnp.int32)],
         compiler_params=plt.CompilerParams(num_warps=2, num_stages=1),
         interpret=interpret,
         name="gemv_quantize_x",
@@ -222,10 +223,8 @@ def _kernel(*refs, dec: GemvDecoder, names: tuple[str, ...], keys: tuple, cfg: G
             return xw_ref[pl.ds(b0, s), pl.ds(base, n)][None], xw_ref[pl.ds(b0, s), pl.ds(base + 8, n)][None]
 
         def xs(name: str, col: int) -> jax.Array:
-            if name == "sum":
-                return xs("sum16", 2 * col) + xs("sum16", 2 * col + 1)
-            r = dx_ref if name == "dx" else sum_ref
-            return r[pl.ds(b0, s), pl.ds(col, 1)].reshape(1, s)
+            r, c = {"dx": (dx_ref, col), "sum": (sum_ref, 4 * col + 2), "sum16": (sum_ref, 4 * (col // 2) + col % 2)}[name]
+            return r[pl.ds(b0, s), pl.ds(c, 1)].reshape(1, s)
 
         return acc + jnp.sum(dec.step(ld, xpair, xs, interpret), axis=1)
 
