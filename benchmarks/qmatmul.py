@@ -94,7 +94,8 @@ def sweep_configs(fmt: str, k: int, n: int, m: int):
                   {"block_n": 128}, {"block_n": 64, "num_warps": 8}, {"steps_blocks": 2 * g.steps_blocks},
                   {"block_n": 64, "steps_blocks": 2 * g.steps_blocks},
                   {"block_n": 64, "steps_blocks": max(1, g.steps_blocks // 2)}, {"block_n": 16, "num_warps": 2},
-                  {"block_n": 128, "steps_blocks": max(1, g.steps_blocks // 2)}, {}):
+                  {"block_n": 128, "steps_blocks": max(1, g.steps_blocks // 2)},
+                  {"splits": 2 * g.splits}, {"splits": 4 * g.splits}, {}):
             tiling = {key: v.pop(key) for key in ("block_n", "steps_blocks") if key in v}
             cfg = dataclasses.replace(gemv.default_config(gdec, n, k, **tiling), **v)
             yield str(cfg), (lambda x, w, cfg=cfg: gemv.gemv(x, w, gdec, config=cfg))
