@@ -175,14 +175,14 @@ def _views(dec: GemvDecoder, w: QTensor) -> tuple[tuple[str, ...], list[jax.Arra
 def _weight_loads(dec: GemvDecoder, names: tuple[str, ...], arrays: list[jax.Array], cfg: GemvConfig) -> tuple:
     """The ``(name, start, size)`` weight reads of one step of ``dec``, in its order, found by
     tracing the step abstractly, so that the kernel can read them a step ahead (``_kernel``)."""
-    shapes = dict(zip(names, (a.shape for a in arrays)))
+    fields = dict(zip(names, arrays))
     keys = {}
 
     def ld(name, start=0, size=None):
         keys[(name, start, size)] = None
-        shape = shapes[name]
-        tail = () if len(shape) == 2 else (size or shape[2],)
-        return jnp.zeros((cfg.block_n, cfg.steps_blocks, *tail), arrays[names.index(name)].dtype)
+        a = fields[name]
+        tail = () if a.ndim == 2 else (size or a.shape[2],)
+        return jnp.zeros((cfg.block_n, cfg.steps_blocks, *tail), a.dtype)
 
     s = cfg.steps_blocks
     jax.eval_shape(lambda: dec.step(ld, lambda elem, n: (jnp.zeros((1, s, n), jnp.uint32),) * 2,
@@ -202,8 +202,11 @@ def _kernel(*refs, dec: GemvDecoder, names: tuple[str, ...], keys: tuple, cfg: G
     xw_ref, dx_ref, sum_ref, o_ref = refs[len(names):]
     s = cfg.steps_blocks
 
+    def first_block(i) -> int | jax.Array:
+        return i * s if isinstance(i, int) else pl.multiple_of(i * s, s)
+
     def load(i) -> tuple:
-        b0 = i * s if isinstance(i, int) else pl.multiple_of(i * s, s)
+        b0 = first_block(i)
         out = []
         for name, start, size in keys:
             r = fields[name]
@@ -212,7 +215,7 @@ def _kernel(*refs, dec: GemvDecoder, names: tuple[str, ...], keys: tuple, cfg: G
         return tuple(out)
 
     def step(i, acc, words):
-        b0 = pl.multiple_of(i * s, s) if steps > 1 else 0
+        b0 = first_block(i)
         table = dict(zip(keys, words))
 
         def ld(name: str, start: int = 0, size: int | None = None) -> jax.Array:
