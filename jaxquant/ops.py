@@ -116,7 +116,7 @@ def _product(x2: jax.Array, w, name: str) -> jax.Array:
     if isinstance(w, QTensor) and name != "xla":
         import pallas_kernels
 
-        kern = pallas_kernels.select(w, x2.shape[0])
+        kern = pallas_kernels.select(w, x2.shape[0], interpret=name == "interpret")
         if kern is not None:
             return kern.fn(x2, w, interpret=name == "interpret")
         if name == "pallas" and pallas_kernels.lookup(w.fmt, "qmm") is None:

@@ -120,8 +120,8 @@ def test_auto_backend_on_a_gpu_runs_a_kernel_where_one_exists(monkeypatch, fmt, 
     calls = []
     real = pallas_kernels.select
 
-    def select(w, m):
-        kern = real(w, m)
+    def select(w, m, interpret=False):
+        kern = real(w, m, interpret)
         return kern and dataclasses.replace(
             kern, fn=lambda x, w, interpret: calls.append(w.fmt) or kern.fn(x, w, interpret=True))
 

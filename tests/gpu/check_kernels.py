@@ -1,10 +1,11 @@
-"""GPU check of every Pallas kernel against dequantize + f32 dot (run on a GPU machine; not pytest).
+"""GPU check of every kernel against dequantize + f32 dot (run on a GPU machine; not pytest).
 
     python tests/gpu/check_kernels.py [--formats Q4_0,Q4_K] [--m 1,3,16,128,2048]
 
 Each registered format, M and shape (``KxN``, not powers of two by default) gets random packed
-bytes and bf16 activations; ``qdot(backend="pallas")`` must match the float32 reference to a
-relative error (Frobenius norm) below 2e-3. Exits non-zero on any failure or a missing kernel.
+bytes and bf16 activations; the kernel ``qdot`` selects (and the Triton gemv where the CUDA one
+displaces it) must match the float32 reference to a relative error (Frobenius norm) below 2e-3.
+Exits non-zero on any failure or a missing kernel.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels as pk
-from jaxquant import ops
 from pallas_kernels.testing import random_qtensor
 
 TOL = 2e-3
@@ -42,15 +42,19 @@ def main() -> int:
             w = random_qtensor(fmt, n, k, key)
             for m in (int(v) for v in args.m.split(",")):
                 x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.float32).astype(jnp.bfloat16)
-                cases.append((fmt, shape, m, x, w))
+                kern = pk.select(w, m)
+                if kern is None:
+                    print(f"FAIL {fmt} {shape} M={m}: no kernel selected")
+                    return 1
+                cases.append((fmt, shape, m, x, w, kern))
+                if kern.backend == "cuda":  # the Triton gemv it displaces, checked too
+                    cases.append((fmt, shape, m, x, w, pk.lookup(fmt, "gemv", "triton")))
 
     def compile_case(case):
-        fmt, shape, m, x, w = case
-        if pk.select(w, m) is None:
-            raise RuntimeError(f"no kernel selected for {fmt} {shape} M={m}")
+        *_, x, w, kern = case
         def both(x, w):  # the kernel and the reference, compiled together
             ref = jnp.dot(x.astype(jnp.float32), w.dequantize(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
-            return ops.qdot(x, w, backend="pallas").astype(jnp.float32), ref
+            return kern.fn(x, w, interpret=False).astype(jnp.float32), ref
 
         return jax.jit(both).lower(x, w).compile()
 
@@ -62,7 +66,8 @@ def main() -> int:
     failures = 0
     worst: dict[str, float] = {}
     for case, fut in zip(cases, futures):
-        fmt, shape, m, x, w = case
+        fmt, shape, m, x, w, kern = case
+        fmt = f"{fmt} {kern.op}/{kern.backend}"
         try:
             y, ref = fut.result()(x, w)
             err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))

@@ -1,0 +1,271 @@
+// Matrix-vector products of the K-quants (Q4_K, Q6_K) at M = 1 in CUDA, called from JAX through the
+// XLA FFI (gemv_cuda.py builds this file with the device's nvcc at first use).
+//
+// Same arithmetic as gemv.py (int16 activations per 32 with float32 scales and integer sums, dp2a
+// on the weights' integer codes, scales and mins per group in float32); what Triton would not give:
+// - one warp owns R rows; its 32 lanes read 4 consecutive super-blocks of a row with one 16-byte
+//   load each (512 contiguous bytes per warp instruction), the whole row block read ahead of its use;
+// - weights bypass L1 (ld.global.nc.L1::no_allocate) and the launch prefers L1 over shared memory
+//   (carveout 0), so the activations (<= 64 KB for K = 14336) stay in L1 for every warp of an SM;
+// - the activation loads are shared by the R rows of a warp.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kWarps = 4;  // per block
+
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {  // read once: keep L1 for the activations
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t comp(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// Activations of one block of 32, half h (elements 16 h .. 16 h + 15): the int16 pairs (4i, 4i + 1)
+// and (4i + 2, 4i + 3) of i = 4h .. 4h + 3, its float32 scale and the integer sum of the half.
+struct XHalf {
+  uint4 lo, hi;
+  float dx;
+  int sum;
+};
+
+__device__ __forceinline__ XHalf x_half(const uint4* xw, const float* dx, const int* xsum, int block, int h) {
+  return {__ldg(xw + 4 * block + h), __ldg(xw + 4 * block + 2 + h), __ldg(dx + block), __ldg(xsum + 4 * block + h)};
+}
+
+// The int32 dot of 16 byte codes (4 words, element 4i + k in byte k of word i) with a half block.
+__device__ __forceinline__ int dot16(const uint32_t (&q)[4], const XHalf& x) {
+  int s = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    s = __dp2a_lo(static_cast<int>(comp(x.lo, i)), static_cast<int>(q[i]), s);
+    s = __dp2a_hi(static_cast<int>(comp(x.hi, i)), static_cast<int>(q[i]), s);
+  }
+  return s;
+}
+
+// Q4_K: a super-block of 256 is 4 groups of 64 (qs bytes 32 g ..): low nibbles sub-block 2g, high
+// nibbles 2g + 1, 6-bit scales and mins packed in 12 bytes (ggml's get_scale_min_k4). Lane chunk c
+// (16 qs bytes) is group c / 2, elements 16 (c % 2) .. + 15 of both sub-blocks.
+struct Q4K {
+  static constexpr int kArrays = 4;
+  struct Args {
+    const __half* d;
+    const __half* dmin;
+    const uint4* qs;
+    const uint32_t* scales;
+  };
+  // One row's block as the loop carries it a step ahead. Scalars are converted when loaded: with
+  // __half / int8_t members nvcc 13.0 dropped every row after the first of Q6K's carried array
+  // (their scales read as 0 in the PTX).
+  struct W {
+    uint4 q;
+    uint32_t s0, s1, s2;
+    float d, dmin;
+  };
+  struct X {
+    XHalf a, b;
+  };
+  __device__ static W load_w(const Args& w, size_t blk, int c) {
+    const uint32_t* s = w.scales + 3 * blk;
+    return {ld_stream(w.qs + 8 * blk + c), __ldg(s), __ldg(s + 1), __ldg(s + 2), __half2float(w.d[blk]),
+            __half2float(w.dmin[blk])};
+  }
+  __device__ static X load_x(const uint4* xw, const float* dx, const int* xs, int sb, int c) {
+    const int b = 8 * sb + 2 * (c >> 1);
+    return {x_half(xw, dx, xs, b, c & 1), x_half(xw, dx, xs, b + 1, c & 1)};
+  }
+  __device__ static float dot(const W& w, const X& x, int c) {
+    uint32_t lo[4], hi[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t v = comp(w.q, i);
+      lo[i] = v & 0x0F0F0F0Fu;
+      hi[i] = (v >> 4) & 0x0F0F0F0Fu;
+    }
+    // sub-blocks j = 2g, 2g + 1 are bytes k, k + 1 of the scale words, k = 2 (g % 2); g >= 2
+    // takes 4 bits from word 2 and the top 2 from words 0 / 1.
+    const int g = c >> 1, sh = 16 * (g & 1);
+    const uint32_t t0 = w.s0 >> sh, t1 = w.s1 >> sh, t2 = w.s2 >> sh;
+    const bool upper = g >= 2;
+    const uint32_t sc = upper ? (t2 & 0x0F0Fu) | ((t0 >> 2) & 0x3030u) : t0 & 0x3F3Fu;
+    const uint32_t mn = upper ? ((t2 >> 4) & 0x0F0Fu) | ((t1 >> 2) & 0x3030u) : t1 & 0x3F3Fu;
+    const float s = static_cast<float>(sc & 0xFF) * x.a.dx * static_cast<float>(dot16(lo, x.a)) +
+                    static_cast<float>(sc >> 8) * x.b.dx * static_cast<float>(dot16(hi, x.b));
+    const float m = static_cast<float>(mn & 0xFF) * x.a.dx * static_cast<float>(x.a.sum) +
+                    static_cast<float>(mn >> 8) * x.b.dx * static_cast<float>(x.b.sum);
+    return w.d * s - w.dmin * m;
+  }
+};
+
+// Q6_K: element 128 h + 32 j + l (h < 2, j < 4, l < 32) is nibble j / 2 of ql byte 64 h + 32 (j % 2)
+// + l with bits 2j, 2j + 1 of qh byte 32 h + l on top, minus 32; int8 scale 8 h + 2 j + l / 16.
+// Lane chunk c (16 ql bytes, c = 4 h + 2 (j % 2) + l / 16) holds quarters j = c / 2 % 2 (low
+// nibbles) and j + 2 (high), 16 elements each.
+struct Q6K {
+  static constexpr int kArrays = 4;
+  struct Args {
+    const __half* d;
+    const uint4* qh;
+    const uint4* ql;
+    const int8_t* scales;
+  };
+  struct W {
+    uint4 ql, qh;
+    float sa, sb, d;
+  };
+  struct X {
+    XHalf a, b;
+  };
+  __device__ static W load_w(const Args& w, size_t blk, int c) {
+    const int h = c >> 2, lh = c & 1, g = 8 * h + 2 * ((c >> 1) & 1) + lh;
+    const int8_t* s = w.scales + 16 * blk;
+    return {ld_stream(w.ql + 8 * blk + c), ld_stream(w.qh + 4 * blk + 2 * h + lh), static_cast<float>(__ldg(s + g)),
+            static_cast<float>(__ldg(s + g + 4)), __half2float(w.d[blk])};
+  }
+  __device__ static X load_x(const uint4* xw, const float* dx, const int* xs, int sb, int c) {
+    const int b = 8 * sb + 4 * (c >> 2) + ((c >> 1) & 1);
+    return {x_half(xw, dx, xs, b, c & 1), x_half(xw, dx, xs, b + 2, c & 1)};
+  }
+  __device__ static float dot(const W& w, const X& x, int c) {
+    const int jj = (c >> 1) & 1;
+    uint32_t qa[4], qb[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t l = comp(w.ql, i), h = comp(w.qh, i);
+      qa[i] = (l & 0x0F0F0F0Fu) | ((h << (4 - 2 * jj)) & 0x30303030u);
+      qb[i] = ((l >> 4) & 0x0F0F0F0Fu) | ((h >> (2 * jj)) & 0x30303030u);
+    }
+    const float s = w.sa * x.a.dx * static_cast<float>(dot16(qa, x.a) - 32 * x.a.sum) +
+                    w.sb * x.b.dx * static_cast<float>(dot16(qb, x.b) - 32 * x.b.sum);
+    return w.d * s;
+  }
+};
+
+// One warp: rows row0 .. row0 + R - 1; lane = 8 (super-block within 4) + chunk. The next row block's
+// weights are loaded before this one's are used.
+template <class F, int R>
+__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(typename F::Args w, const uint4* __restrict__ xw,
+                                                             const float* __restrict__ dx,
+                                                             const int* __restrict__ xs, float* __restrict__ out,
+                                                             int n, int nb) {
+  const int lane = threadIdx.x & 31, c = lane & 7;
+  const int row0 = (blockIdx.x * kWarps + threadIdx.x / 32) * R;
+  if (row0 >= n) return;
+  float acc[R];
+  typename F::W cur[R], nxt[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+  int sb = lane >> 3;
+  if (sb < nb) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) cur[r] = F::load_w(w, static_cast<size_t>(row0 + r) * nb + sb, c);
+  }
+  for (; sb < nb; sb += 4) {
+    const int ahead = sb + 4 < nb ? sb + 4 : sb;
+#pragma unroll
+    for (int r = 0; r < R; ++r) nxt[r] = F::load_w(w, static_cast<size_t>(row0 + r) * nb + ahead, c);
+    const typename F::X x = F::load_x(xw, dx, xs, sb, c);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      acc[r] += F::dot(cur[r], x, c);
+      cur[r] = nxt[r];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xFFFFFFFFu, acc[r], o);
+  }
+  if (lane < R) {
+    float v = acc[0];
+#pragma unroll
+    for (int r = 1; r < R; ++r) v = lane == r ? acc[r] : v;
+    out[row0 + lane] = v;
+  }
+}
+
+template <class F, int R>
+cudaError_t launch(cudaStream_t stream, const typename F::Args& w, const void* xw, const void* dx, const void* xs,
+                   float* out, int n, int nb) {
+  static const cudaError_t attr =  // L1 over shared memory: the kernel uses none
+      cudaFuncSetAttribute(gemv_kernel<F, R>, cudaFuncAttributePreferredSharedMemoryCarveout, 0);
+  if (attr != cudaSuccess) return attr;
+  const int blocks = (n / R + kWarps - 1) / kWarps;
+  gemv_kernel<F, R><<<blocks, kWarps * 32, 0, stream>>>(w, static_cast<const uint4*>(xw),
+                                                         static_cast<const float*>(dx), static_cast<const int*>(xs),
+                                                         out, n, nb);
+  return cudaGetLastError();
+}
+
+template <class F>
+ffi::Error run(cudaStream_t stream, int64_t rows, const typename F::Args& w, ffi::AnyBuffer first,
+               ffi::AnyBuffer xw, ffi::AnyBuffer dx, ffi::AnyBuffer xs, ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  const auto dims = first.dimensions();  // [N, super-blocks]
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("gemv_cuda: scales must be [N, blocks]");
+  const int64_t n = dims[0], nb = dims[1];
+  if (n % rows || xw.element_count() != static_cast<size_t>(nb * 8 * 16) ||
+      out->element_count() != static_cast<size_t>(n)) {
+    return ffi::Error::InvalidArgument("gemv_cuda: operand shapes do not match");
+  }
+  cudaError_t err;
+  switch (rows) {
+    case 1: err = launch<F, 1>(stream, w, xw.untyped_data(), dx.untyped_data(), xs.untyped_data(),
+                               out->typed_data(), n, nb); break;
+    case 2: err = launch<F, 2>(stream, w, xw.untyped_data(), dx.untyped_data(), xs.untyped_data(),
+                               out->typed_data(), n, nb); break;
+    case 4: err = launch<F, 4>(stream, w, xw.untyped_data(), dx.untyped_data(), xs.untyped_data(),
+                               out->typed_data(), n, nb); break;
+    default: return ffi::Error::InvalidArgument("gemv_cuda: rows per warp must be 1, 2 or 4");
+  }
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("gemv_cuda: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+// Arrays in the QTensor's sorted field order, then the activations (words, scales, sums).
+ffi::Error q4_k(cudaStream_t stream, int64_t rows, ffi::AnyBuffer d, ffi::AnyBuffer dmin, ffi::AnyBuffer qs,
+                ffi::AnyBuffer scales, ffi::AnyBuffer xw, ffi::AnyBuffer dx, ffi::AnyBuffer xs,
+                ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  const Q4K::Args w{static_cast<const __half*>(d.untyped_data()), static_cast<const __half*>(dmin.untyped_data()),
+                    static_cast<const uint4*>(qs.untyped_data()), static_cast<const uint32_t*>(scales.untyped_data())};
+  return run<Q4K>(stream, rows, w, d, xw, dx, xs, out);
+}
+
+ffi::Error q6_k(cudaStream_t stream, int64_t rows, ffi::AnyBuffer d, ffi::AnyBuffer qh, ffi::AnyBuffer ql,
+                ffi::AnyBuffer scales, ffi::AnyBuffer xw, ffi::AnyBuffer dx, ffi::AnyBuffer xs,
+                ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  const Q6K::Args w{static_cast<const __half*>(d.untyped_data()), static_cast<const uint4*>(qh.untyped_data()),
+                    static_cast<const uint4*>(ql.untyped_data()), static_cast<const int8_t*>(scales.untyped_data())};
+  return run<Q6K>(stream, rows, w, d, xw, dx, xs, out);
+}
+
+}  // namespace
+
+#define JQ_GEMV_HANDLER(name, fn)                                                                    \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, fn,                                                            \
+                                ffi::Ffi::Bind()                                                     \
+                                    .Ctx<ffi::PlatformStream<cudaStream_t>>()                        \
+                                    .Attr<int64_t>("rows")                                           \
+                                    .Arg<ffi::AnyBuffer>()                                           \
+                                    .Arg<ffi::AnyBuffer>()                                           \
+                                    .Arg<ffi::AnyBuffer>()                                           \
+                                    .Arg<ffi::AnyBuffer>()                                           \
+                                    .Arg<ffi::AnyBuffer>()                                           \
+                                    .Arg<ffi::AnyBuffer>()                                           \
+                                    .Arg<ffi::AnyBuffer>()                                           \
+                                    .Ret<ffi::Buffer<ffi::F32>>());
+
+JQ_GEMV_HANDLER(jq_gemv_q4_k, q4_k)
+JQ_GEMV_HANDLER(jq_gemv_q6_k, q6_k)

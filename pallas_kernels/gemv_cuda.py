@@ -1,0 +1,102 @@
+"""The K-quant matrix-vector products (M = 1) as CUDA kernels, called through the XLA FFI.
+
+``gemv_cuda.cu`` holds the kernels; this module compiles it with the machine's ``nvcc`` at first use
+(a few seconds; cached under ``$JAXQUANT_CACHE/cuda`` by the source's and the toolchain's hash),
+registers its handlers with XLA and registers them as ``gemv`` kernels of backend ``"cuda"``.
+Triton would not issue a row block's loads together ahead of their use, nor keep the activations
+in L1 (its launches carve 233 KB of shared memory out of it): NOTES-gpu.md, session 6. The arithmetic
+is ``gemv.py``'s (same activation quantization, integer dot products, per-group float32 scales), so
+results equal the Triton kernel's up to the order of float32 sums.
+
+Without ``nvcc`` or a GPU the kernels are unavailable and ``qdot`` uses the Triton ones.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.errors import JaxquantError
+from jaxquant.qtensor import QTensor
+from pallas_kernels.gemv import quantize_activations
+
+SOURCE = Path(__file__).with_name("gemv_cuda.cu")
+FORMATS = {"Q4_K": "jq_gemv_q4_k", "Q6_K": "jq_gemv_q6_k"}
+ROWS = (1, 2, 4)  # rows a warp, a template parameter of the kernel
+
+
+def nvcc() -> str | None:
+    found = shutil.which("nvcc")
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    return found or (str(Path(home) / "bin" / "nvcc") if (Path(home) / "bin" / "nvcc").exists() else None)
+
+
+def compile_command(compiler: str, arch: str, out: Path, *extra: str) -> list[str]:
+    return [compiler, "-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-shared",
+            "-Xcompiler", "-fPIC,-Wno-return-type", "-diag-suppress", "940,2473",  # warnings in XLA's FFI headers
+            "-I", jax.ffi.include_dir(), *extra, str(SOURCE), "-o", str(out)]
+
+
+def build(arch: str, cache: Path | None = None) -> Path:
+    """The shared library for compute capability ``arch`` ("90"), compiled unless cached."""
+    compiler = nvcc()
+    if compiler is None:
+        raise JaxquantError("gemv_cuda: nvcc not found (PATH or $CUDA_HOME/bin)")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + jax.ffi.include_dir().encode()).hexdigest()[:16]
+    cache = cache or Path(os.environ.get("JAXQUANT_CACHE", Path.home() / ".cache" / "jaxquant")) / "cuda"
+    lib = cache / f"gemv_cuda-sm{arch}-{key}.so"
+    if not lib.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            part = Path(tmp) / lib.name
+            done = subprocess.run(compile_command(compiler, arch, part), capture_output=True, text=True, check=False)
+            if done.returncode:
+                raise JaxquantError(f"gemv_cuda: nvcc failed:\n{done.stderr[-4000:]}")
+            part.replace(lib)  # atomic: concurrent builders leave one complete file
+    return lib
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernels are built and registered (first call on a GPU compiles them)."""
+    if jax.default_backend() != "gpu" or os.environ.get("JAXQUANT_CUDA_GEMV", "1") == "0":
+        return False
+    try:
+        arch = jax.devices()[0].compute_capability.replace(".", "")
+        lib = ctypes.CDLL(str(build(arch)))
+    except (JaxquantError, OSError, AttributeError, subprocess.SubprocessError) as e:
+        warnings.warn(f"CUDA gemv kernels unavailable, using Triton's: {e}", RuntimeWarning, stacklevel=2)
+        return False
+    for name in FORMATS.values():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="CUDA")
+    return True
+
+
+def supports(fmt: str, m: int, n: int, k: int) -> bool:
+    return m == 1 and k % 256 == 0 and n % max(ROWS) == 0 and available()
+
+
+@functools.partial(jax.jit, static_argnames=("rows", "interpret"))
+def gemv(x: jax.Array, w: QTensor, rows: int = 2, interpret: bool = False) -> jax.Array:
+    """``x [1, K] @ dequantize(w).T`` -> ``[1, N]`` float32 for a Q4_K or Q6_K ``w``."""
+    if interpret:
+        raise JaxquantError("gemv_cuda has no interpreter; use the Triton gemv")
+    if rows not in ROWS:
+        raise JaxquantError(f"gemv_cuda: rows must be one of {ROWS}, not {rows}")
+    n = w.shape[0]
+    xw, dx, sums = quantize_activations(x[0])
+    arrays = [w.arrays[name] for name in sorted(w.arrays)]
+    call = jax.ffi.ffi_call(FORMATS[w.fmt], jax.ShapeDtypeStruct((n,), jnp.float32))
+    return call(*arrays, xw, dx, sums, rows=np.int64(rows))[None]
