@@ -82,15 +82,15 @@ def bench_bf16(k: int, n: int, m: int, args) -> dict:
 
 
 def sweep_configs(fmt: str, k: int, n: int, m: int):
-    """Tilings tried by ``--sweep``: (label, matmul) pairs: the CUDA gemv's rows a warp, then around
+    """Tilings tried by ``--sweep``: (label, matmul) pairs: the CUDA gemv's tilings, then around
     the default of the Triton ``gemv`` (M = 1) or
     ``qmm`` (large M runs the dequantize + dot path, which has no tiling to sweep)."""
     import pallas_kernels as pk
     from pallas_kernels import gemv, gemv_cuda, gemv_ggml, qmm
 
     if m == 1 and fmt in gemv_cuda.FORMATS and gemv_cuda.available():
-        for rows in gemv_cuda.ROWS:
-            yield f"cuda rows={rows}", (lambda x, w, rows=rows: gemv_cuda.gemv(x, w, rows=rows))
+        for tiling in gemv_cuda.TILINGS:
+            yield f"cuda rows, unroll={tiling}", (lambda x, w, t=tiling: gemv_cuda.gemv(x, w, tiling=t))
     gdec = {d.fmt: d for d in gemv_ggml.DECODERS}.get(fmt)
     if m == 1 and gdec is not None:
         g = gemv.default_config(gdec, n, k)

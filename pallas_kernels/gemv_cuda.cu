@@ -154,34 +154,47 @@ struct Q6K {
   }
 };
 
-// One warp: rows row0 .. row0 + R - 1; lane = 8 (super-block within 4) + chunk. The next row block's
-// weights are loaded before this one's are used.
-template <class F, int R>
+// One warp: rows row0 .. row0 + R - 1; lane = 8 (super-block within 4) + chunk. A step reads U
+// super-blocks a lane (4 U a warp) of each row; the next step's weights are loaded before this
+// step's are used.
+template <class F, int R, int U>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(typename F::Args w, const uint4* __restrict__ xw,
                                                              const float* __restrict__ dx,
                                                              const int* __restrict__ xs, float* __restrict__ out,
                                                              int n, int nb) {
-  const int lane = threadIdx.x & 31, c = lane & 7;
+  constexpr int kStep = 4 * U;
+  const int lane = threadIdx.x & 31, c = lane & 7, first = lane >> 3;
   const int row0 = (blockIdx.x * kWarps + threadIdx.x / 32) * R;
   if (row0 >= n) return;
+  const auto load = [&](int r, int sb) {  // past the row's end: its last block again, not used
+    return F::load_w(w, static_cast<size_t>(row0 + r) * nb + (sb < nb ? sb : nb - 1), c);
+  };
   float acc[R];
-  typename F::W cur[R], nxt[R];
+  typename F::W cur[R][U], nxt[R][U];
 #pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = 0.f;
-  int sb = lane >> 3;
-  if (sb < nb) {
+  for (int r = 0; r < R; ++r) {
+    acc[r] = 0.f;
 #pragma unroll
-    for (int r = 0; r < R; ++r) cur[r] = F::load_w(w, static_cast<size_t>(row0 + r) * nb + sb, c);
+    for (int u = 0; u < U; ++u) cur[r][u] = load(r, first + 4 * u);
   }
-  for (; sb < nb; sb += 4) {
-    const int ahead = sb + 4 < nb ? sb + 4 : sb;
-#pragma unroll
-    for (int r = 0; r < R; ++r) nxt[r] = F::load_w(w, static_cast<size_t>(row0 + r) * nb + ahead, c);
-    const typename F::X x = F::load_x(xw, dx, xs, sb, c);
+  for (int sb = first; sb < nb; sb += kStep) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      acc[r] += F::dot(cur[r], x, c);
-      cur[r] = nxt[r];
+#pragma unroll
+      for (int u = 0; u < U; ++u) nxt[r][u] = load(r, sb + kStep + 4 * u);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (sb + 4 * u < nb) {
+        const typename F::X x = F::load_x(xw, dx, xs, sb + 4 * u, c);
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] += F::dot(cur[r][u], x, c);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) cur[r][u] = nxt[r][u];
     }
   }
 #pragma unroll
@@ -197,21 +210,27 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(typename F::Args w, c
   }
 }
 
-template <class F, int R>
-cudaError_t launch(cudaStream_t stream, const typename F::Args& w, const void* xw, const void* dx, const void* xs,
-                   float* out, int n, int nb) {
+struct Operands {
+  const void *xw, *dx, *xs;
+  float* out;
+  int n, nb;
+};
+
+template <class F, int R, int U>
+cudaError_t launch(cudaStream_t stream, const typename F::Args& w, const Operands& o) {
   static const cudaError_t attr =  // L1 over shared memory: the kernel uses none
-      cudaFuncSetAttribute(gemv_kernel<F, R>, cudaFuncAttributePreferredSharedMemoryCarveout, 0);
+      cudaFuncSetAttribute(gemv_kernel<F, R, U>, cudaFuncAttributePreferredSharedMemoryCarveout, 0);
   if (attr != cudaSuccess) return attr;
-  const int blocks = (n / R + kWarps - 1) / kWarps;
-  gemv_kernel<F, R><<<blocks, kWarps * 32, 0, stream>>>(w, static_cast<const uint4*>(xw),
-                                                         static_cast<const float*>(dx), static_cast<const int*>(xs),
-                                                         out, n, nb);
+  const int blocks = (o.n / R + kWarps - 1) / kWarps;
+  gemv_kernel<F, R, U><<<blocks, kWarps * 32, 0, stream>>>(w, static_cast<const uint4*>(o.xw),
+                                                            static_cast<const float*>(o.dx),
+                                                            static_cast<const int*>(o.xs), o.out, o.n, o.nb);
   return cudaGetLastError();
 }
 
+// The tilings built: rows a warp x super-blocks a lane a step (gemv_cuda.TILINGS).
 template <class F>
-ffi::Error run(cudaStream_t stream, int64_t rows, const typename F::Args& w, ffi::AnyBuffer first,
+ffi::Error run(cudaStream_t stream, int64_t rows, int64_t unroll, const typename F::Args& w, ffi::AnyBuffer first,
                ffi::AnyBuffer xw, ffi::AnyBuffer dx, ffi::AnyBuffer xs, ffi::Result<ffi::Buffer<ffi::F32>> out) {
   const auto dims = first.dimensions();  // [N, super-blocks]
   if (dims.size() != 2) return ffi::Error::InvalidArgument("gemv_cuda: scales must be [N, blocks]");
@@ -220,35 +239,35 @@ ffi::Error run(cudaStream_t stream, int64_t rows, const typename F::Args& w, ffi
       out->element_count() != static_cast<size_t>(n)) {
     return ffi::Error::InvalidArgument("gemv_cuda: operand shapes do not match");
   }
+  const Operands o{xw.untyped_data(), dx.untyped_data(), xs.untyped_data(), out->typed_data(), static_cast<int>(n),
+                   static_cast<int>(nb)};
   cudaError_t err;
-  switch (rows) {
-    case 1: err = launch<F, 1>(stream, w, xw.untyped_data(), dx.untyped_data(), xs.untyped_data(),
-                               out->typed_data(), n, nb); break;
-    case 2: err = launch<F, 2>(stream, w, xw.untyped_data(), dx.untyped_data(), xs.untyped_data(),
-                               out->typed_data(), n, nb); break;
-    case 4: err = launch<F, 4>(stream, w, xw.untyped_data(), dx.untyped_data(), xs.untyped_data(),
-                               out->typed_data(), n, nb); break;
-    default: return ffi::Error::InvalidArgument("gemv_cuda: rows per warp must be 1, 2 or 4");
+  switch (rows * 10 + unroll) {
+    case 21: err = launch<F, 2, 1>(stream, w, o); break;
+    case 41: err = launch<F, 4, 1>(stream, w, o); break;
+    case 12: err = launch<F, 1, 2>(stream, w, o); break;
+    case 22: err = launch<F, 2, 2>(stream, w, o); break;
+    default: return ffi::Error::InvalidArgument("gemv_cuda: no kernel for this rows x unroll");
   }
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("gemv_cuda: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }
 
 // Arrays in the QTensor's sorted field order, then the activations (words, scales, sums).
-ffi::Error q4_k(cudaStream_t stream, int64_t rows, ffi::AnyBuffer d, ffi::AnyBuffer dmin, ffi::AnyBuffer qs,
+ffi::Error q4_k(cudaStream_t stream, int64_t rows, int64_t unroll, ffi::AnyBuffer d, ffi::AnyBuffer dmin, ffi::AnyBuffer qs,
                 ffi::AnyBuffer scales, ffi::AnyBuffer xw, ffi::AnyBuffer dx, ffi::AnyBuffer xs,
                 ffi::Result<ffi::Buffer<ffi::F32>> out) {
   const Q4K::Args w{static_cast<const __half*>(d.untyped_data()), static_cast<const __half*>(dmin.untyped_data()),
                     static_cast<const uint4*>(qs.untyped_data()), static_cast<const uint32_t*>(scales.untyped_data())};
-  return run<Q4K>(stream, rows, w, d, xw, dx, xs, out);
+  return run<Q4K>(stream, rows, unroll, w, d, xw, dx, xs, out);
 }
 
-ffi::Error q6_k(cudaStream_t stream, int64_t rows, ffi::AnyBuffer d, ffi::AnyBuffer qh, ffi::AnyBuffer ql,
+ffi::Error q6_k(cudaStream_t stream, int64_t rows, int64_t unroll, ffi::AnyBuffer d, ffi::AnyBuffer qh, ffi::AnyBuffer ql,
                 ffi::AnyBuffer scales, ffi::AnyBuffer xw, ffi::AnyBuffer dx, ffi::AnyBuffer xs,
                 ffi::Result<ffi::Buffer<ffi::F32>> out) {
   const Q6K::Args w{static_cast<const __half*>(d.untyped_data()), static_cast<const uint4*>(qh.untyped_data()),
                     static_cast<const uint4*>(ql.untyped_data()), static_cast<const int8_t*>(scales.untyped_data())};
-  return run<Q6K>(stream, rows, w, d, xw, dx, xs, out);
+  return run<Q6K>(stream, rows, unroll, w, d, xw, dx, xs, out);
 }
 
 }  // namespace
@@ -258,6 +277,7 @@ ffi::Error q6_k(cudaStream_t stream, int64_t rows, ffi::AnyBuffer d, ffi::AnyBuf
                                 ffi::Ffi::Bind()                                                     \
                                     .Ctx<ffi::PlatformStream<cudaStream_t>>()                        \
                                     .Attr<int64_t>("rows")                                           \
+                                    .Attr<int64_t>("unroll")                                         \
                                     .Arg<ffi::AnyBuffer>()                                           \
                                     .Arg<ffi::AnyBuffer>()                                           \
                                     .Arg<ffi::AnyBuffer>()                                           \

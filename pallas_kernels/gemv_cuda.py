@@ -33,7 +33,8 @@ from pallas_kernels.gemv import quantize_activations
 
 SOURCE = Path(__file__).with_name("gemv_cuda.cu")
 FORMATS = {"Q4_K": "jq_gemv_q4_k", "Q6_K": "jq_gemv_q6_k"}
-ROWS = (1, 2, 4)  # rows a warp, a template parameter of the kernel
+# (rows a warp, super-blocks a lane reads a step): the kernel's template instances
+TILINGS = ((2, 1), (4, 1), (1, 2), (2, 2))
 
 
 def nvcc() -> str | None:
@@ -85,18 +86,25 @@ def available() -> bool:
 
 
 def supports(fmt: str, m: int, n: int, k: int) -> bool:
-    return m == 1 and k % 256 == 0 and n % max(ROWS) == 0 and available()
+    return m == 1 and k % 256 == 0 and n % 4 == 0 and available()
 
 
-@functools.partial(jax.jit, static_argnames=("rows", "interpret"))
-def gemv(x: jax.Array, w: QTensor, rows: int = 2, interpret: bool = False) -> jax.Array:
-    """``x [1, K] @ dequantize(w).T`` -> ``[1, N]`` float32 for a Q4_K or Q6_K ``w``."""
+def default_tiling(fmt: str, n: int) -> tuple[int, int]:
+    """4 rows a warp where there are rows enough to fill the SMs with them, else 2."""
+    return (4, 1) if fmt == "Q4_K" and n >= 8192 else (2, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
+def gemv(x: jax.Array, w: QTensor, tiling: tuple[int, int] | None = None, interpret: bool = False) -> jax.Array:
+    """``x [1, K] @ dequantize(w).T`` -> ``[1, N]`` float32 for a Q4_K or Q6_K ``w``; ``tiling``:
+    one of ``TILINGS`` (default ``default_tiling``)."""
     if interpret:
         raise JaxquantError("gemv_cuda has no interpreter; use the Triton gemv")
-    if rows not in ROWS:
-        raise JaxquantError(f"gemv_cuda: rows must be one of {ROWS}, not {rows}")
     n = w.shape[0]
+    rows, unroll = tiling or default_tiling(w.fmt, n)
+    if (rows, unroll) not in TILINGS:
+        raise JaxquantError(f"gemv_cuda: tiling {(rows, unroll)} is not one of {TILINGS}")
     xw, dx, sums = quantize_activations(x[0])
     arrays = [w.arrays[name] for name in sorted(w.arrays)]
     call = jax.ffi.ffi_call(FORMATS[w.fmt], jax.ShapeDtypeStruct((n,), jnp.float32))
-    return call(*arrays, xw, dx, sums, rows=np.int64(rows))[None]
+    return call(*arrays, xw, dx, sums, rows=np.int64(rows), unroll=np.int64(unroll))[None]

@@ -26,7 +26,7 @@ def test_builds_for_hopper_without_spills(tmp_path):
     report = subprocess.run(gemv_cuda.compile_command(gemv_cuda.nvcc(), "90", tmp_path / "v.so", "-Xptxas", "-v"),
                             capture_output=True, text=True, check=True).stderr
     kernels = re.findall(r"Compiling entry function '(\w+)'", report)
-    assert len(kernels) == len(gemv_cuda.FORMATS) * len(gemv_cuda.ROWS)
+    assert len(kernels) == len(gemv_cuda.FORMATS) * len(gemv_cuda.TILINGS)
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert len(spills) == len(kernels) and all(s == ("0", "0") for s in spills)
     registers = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
