@@ -154,18 +154,21 @@ struct Q6K {
   }
 };
 
-// One warp: rows row0 .. row0 + R - 1; lane = 8 (super-block within 4) + chunk. A step reads U
-// super-blocks a lane (4 U a warp) of each row; the next step's weights are loaded before this
-// step's are used.
-template <class F, int R, int U>
+// A group of S warps owns rows row0 .. row0 + R - 1 and splits K: a step of a warp reads U super-
+// blocks a lane (4 U a warp, lane = 8 (super-block within 4) + chunk) of each row, the group's warps
+// interleaved; the next step's weights are loaded before this step's are used. The S partial sums
+// meet in shared memory, added in a fixed order.
+template <class F, int R, int U, int S>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(typename F::Args w, const uint4* __restrict__ xw,
                                                              const float* __restrict__ dx,
                                                              const int* __restrict__ xs, float* __restrict__ out,
                                                              int n, int nb) {
-  constexpr int kStep = 4 * U;
-  const int lane = threadIdx.x & 31, c = lane & 7, first = lane >> 3;
-  const int row0 = (blockIdx.x * kWarps + threadIdx.x / 32) * R;
-  if (row0 >= n) return;
+  static_assert(kWarps % S == 0);
+  constexpr int kStep = 4 * U * S;
+  const int lane = threadIdx.x & 31, c = lane & 7, warp = threadIdx.x / 32, part = warp % S;
+  const int first = 4 * U * part + (lane >> 3);
+  const int row0 = (blockIdx.x * (kWarps / S) + warp / S) * R;
+  const bool live = row0 < n;  // n % R == 0: a group's rows are all in or all out
   const auto load = [&](int r, int sb) {  // past the row's end: its last block again, not used
     return F::load_w(w, static_cast<size_t>(row0 + r) * nb + (sb < nb ? sb : nb - 1), c);
   };
@@ -175,9 +178,11 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(typename F::Args w, c
   for (int r = 0; r < R; ++r) {
     acc[r] = 0.f;
 #pragma unroll
-    for (int u = 0; u < U; ++u) cur[r][u] = load(r, first + 4 * u);
+    for (int u = 0; u < U; ++u) {
+      if (live) cur[r][u] = load(r, first + 4 * u);
+    }
   }
-  for (int sb = first; sb < nb; sb += kStep) {
+  for (int sb = first; live && sb < nb; sb += kStep) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
 #pragma unroll
@@ -202,7 +207,21 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(typename F::Args w, c
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xFFFFFFFFu, acc[r], o);
   }
-  if (lane < R) {
+  if constexpr (S > 1) {
+    __shared__ float parts[kWarps][R];
+    if (lane < R) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) parts[warp][r] = acc[r];
+    }
+    __syncthreads();
+    if (part != 0) return;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int q = 1; q < S; ++q) acc[r] += parts[warp + q][r];
+    }
+  }
+  if (live && lane < R) {
     float v = acc[0];
 #pragma unroll
     for (int r = 1; r < R; ++r) v = lane == r ? acc[r] : v;
@@ -216,58 +235,61 @@ struct Operands {
   int n, nb;
 };
 
-template <class F, int R, int U>
+template <class F, int R, int U, int S>
 cudaError_t launch(cudaStream_t stream, const typename F::Args& w, const Operands& o) {
   static const cudaError_t attr =  // L1 over shared memory: the kernel uses none
-      cudaFuncSetAttribute(gemv_kernel<F, R, U>, cudaFuncAttributePreferredSharedMemoryCarveout, 0);
+      cudaFuncSetAttribute(gemv_kernel<F, R, U, S>, cudaFuncAttributePreferredSharedMemoryCarveout, 0);
   if (attr != cudaSuccess) return attr;
-  const int blocks = (o.n / R + kWarps - 1) / kWarps;
-  gemv_kernel<F, R, U><<<blocks, kWarps * 32, 0, stream>>>(w, static_cast<const uint4*>(o.xw),
+  constexpr int kRows = R * kWarps / S;  // a block's
+  gemv_kernel<F, R, U, S><<<(o.n + kRows - 1) / kRows, kWarps * 32, 0, stream>>>(w, static_cast<const uint4*>(o.xw),
                                                             static_cast<const float*>(o.dx),
                                                             static_cast<const int*>(o.xs), o.out, o.n, o.nb);
   return cudaGetLastError();
 }
 
-// The tilings built: rows a warp x super-blocks a lane a step (gemv_cuda.TILINGS).
+// The tilings built: rows a warp x super-blocks a lane a step x warps a row (gemv_cuda.TILINGS).
 template <class F>
-ffi::Error run(cudaStream_t stream, int64_t rows, int64_t unroll, const typename F::Args& w, ffi::AnyBuffer first,
+ffi::Error run(cudaStream_t stream, int64_t tiling, const typename F::Args& w, ffi::AnyBuffer first,
                ffi::AnyBuffer xw, ffi::AnyBuffer dx, ffi::AnyBuffer xs, ffi::Result<ffi::Buffer<ffi::F32>> out) {
   const auto dims = first.dimensions();  // [N, super-blocks]
   if (dims.size() != 2) return ffi::Error::InvalidArgument("gemv_cuda: scales must be [N, blocks]");
   const int64_t n = dims[0], nb = dims[1];
-  if (n % rows || xw.element_count() != static_cast<size_t>(nb * 8 * 16) ||
+  if (n % (tiling / 100) || xw.element_count() != static_cast<size_t>(nb * 8 * 16) ||
       out->element_count() != static_cast<size_t>(n)) {
     return ffi::Error::InvalidArgument("gemv_cuda: operand shapes do not match");
   }
   const Operands o{xw.untyped_data(), dx.untyped_data(), xs.untyped_data(), out->typed_data(), static_cast<int>(n),
                    static_cast<int>(nb)};
   cudaError_t err;
-  switch (rows * 10 + unroll) {
-    case 21: err = launch<F, 2, 1>(stream, w, o); break;
-    case 41: err = launch<F, 4, 1>(stream, w, o); break;
-    case 12: err = launch<F, 1, 2>(stream, w, o); break;
-    case 22: err = launch<F, 2, 2>(stream, w, o); break;
-    default: return ffi::Error::InvalidArgument("gemv_cuda: no kernel for this rows x unroll");
+  switch (tiling) {
+    case 211: err = launch<F, 2, 1, 1>(stream, w, o); break;
+    case 411: err = launch<F, 4, 1, 1>(stream, w, o); break;
+    case 221: err = launch<F, 2, 2, 1>(stream, w, o); break;
+    case 212: err = launch<F, 2, 1, 2>(stream, w, o); break;
+    case 412: err = launch<F, 4, 1, 2>(stream, w, o); break;
+    case 214: err = launch<F, 2, 1, 4>(stream, w, o); break;
+    case 414: err = launch<F, 4, 1, 4>(stream, w, o); break;
+    default: return ffi::Error::InvalidArgument("gemv_cuda: no kernel for this tiling");
   }
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("gemv_cuda: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }
 
 // Arrays in the QTensor's sorted field order, then the activations (words, scales, sums).
-ffi::Error q4_k(cudaStream_t stream, int64_t rows, int64_t unroll, ffi::AnyBuffer d, ffi::AnyBuffer dmin, ffi::AnyBuffer qs,
+ffi::Error q4_k(cudaStream_t stream, int64_t tiling, ffi::AnyBuffer d, ffi::AnyBuffer dmin, ffi::AnyBuffer qs,
                 ffi::AnyBuffer scales, ffi::AnyBuffer xw, ffi::AnyBuffer dx, ffi::AnyBuffer xs,
                 ffi::Result<ffi::Buffer<ffi::F32>> out) {
   const Q4K::Args w{static_cast<const __half*>(d.untyped_data()), static_cast<const __half*>(dmin.untyped_data()),
                     static_cast<const uint4*>(qs.untyped_data()), static_cast<const uint32_t*>(scales.untyped_data())};
-  return run<Q4K>(stream, rows, unroll, w, d, xw, dx, xs, out);
+  return run<Q4K>(stream, tiling, w, d, xw, dx, xs, out);
 }
 
-ffi::Error q6_k(cudaStream_t stream, int64_t rows, int64_t unroll, ffi::AnyBuffer d, ffi::AnyBuffer qh, ffi::AnyBuffer ql,
+ffi::Error q6_k(cudaStream_t stream, int64_t tiling, ffi::AnyBuffer d, ffi::AnyBuffer qh, ffi::AnyBuffer ql,
                 ffi::AnyBuffer scales, ffi::AnyBuffer xw, ffi::AnyBuffer dx, ffi::AnyBuffer xs,
                 ffi::Result<ffi::Buffer<ffi::F32>> out) {
   const Q6K::Args w{static_cast<const __half*>(d.untyped_data()), static_cast<const uint4*>(qh.untyped_data()),
                     static_cast<const uint4*>(ql.untyped_data()), static_cast<const int8_t*>(scales.untyped_data())};
-  return run<Q6K>(stream, rows, unroll, w, d, xw, dx, xs, out);
+  return run<Q6K>(stream, tiling, w, d, xw, dx, xs, out);
 }
 
 }  // namespace
@@ -276,8 +298,7 @@ ffi::Error q6_k(cudaStream_t stream, int64_t rows, int64_t unroll, ffi::AnyBuffe
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, fn,                                                            \
                                 ffi::Ffi::Bind()                                                     \
                                     .Ctx<ffi::PlatformStream<cudaStream_t>>()                        \
-                                    .Attr<int64_t>("rows")                                           \
-                                    .Attr<int64_t>("unroll")                                         \
+                                    .Attr<int64_t>("tiling")                                         \
                                     .Arg<ffi::AnyBuffer>()                                           \
                                     .Arg<ffi::AnyBuffer>()                                           \
                                     .Arg<ffi::AnyBuffer>()                                           \

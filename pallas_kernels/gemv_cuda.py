@@ -33,8 +33,8 @@ from pallas_kernels.gemv import quantize_activations
 
 SOURCE = Path(__file__).with_name("gemv_cuda.cu")
 FORMATS = {"Q4_K": "jq_gemv_q4_k", "Q6_K": "jq_gemv_q6_k"}
-# (rows a warp, super-blocks a lane reads a step): the kernel's template instances
-TILINGS = ((2, 1), (4, 1), (1, 2), (2, 2))
+# (rows a warp, super-blocks a lane reads a step, warps splitting a row's K): the template instances
+TILINGS = ((2, 1, 1), (4, 1, 1), (2, 2, 1), (2, 1, 2), (4, 1, 2), (2, 1, 4), (4, 1, 4))
 
 
 def nvcc() -> str | None:
@@ -45,6 +45,7 @@ def nvcc() -> str | None:
 
 def compile_command(compiler: str, arch: str, out: Path, *extra: str) -> list[str]:
     return [compiler, "-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-shared",
+            "-maxrregcount=128",  # else ptxas held Q6_K's 2-row kernel to 64 registers and spilled in its loop
             "-Xcompiler", "-fPIC,-Wno-return-type", "-diag-suppress", "940,2473",  # warnings in XLA's FFI headers
             "-I", jax.ffi.include_dir(), *extra, str(SOURCE), "-o", str(out)]
 
@@ -89,22 +90,23 @@ def supports(fmt: str, m: int, n: int, k: int) -> bool:
     return m == 1 and k % 256 == 0 and n % 4 == 0 and available()
 
 
-def default_tiling(fmt: str, n: int) -> tuple[int, int]:
+def default_tiling(fmt: str, n: int) -> tuple[int, int, int]:
     """4 rows a warp where there are rows enough to fill the SMs with them, else 2."""
-    return (4, 1) if fmt == "Q4_K" and n >= 8192 else (2, 1)
+    return (4, 1, 1) if fmt == "Q4_K" and n >= 8192 else (2, 1, 1)
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
-def gemv(x: jax.Array, w: QTensor, tiling: tuple[int, int] | None = None, interpret: bool = False) -> jax.Array:
+def gemv(x: jax.Array, w: QTensor, tiling: tuple[int, int, int] | None = None, interpret: bool = False) -> jax.Array:
     """``x [1, K] @ dequantize(w).T`` -> ``[1, N]`` float32 for a Q4_K or Q6_K ``w``; ``tiling``:
     one of ``TILINGS`` (default ``default_tiling``)."""
     if interpret:
         raise JaxquantError("gemv_cuda has no interpreter; use the Triton gemv")
     n = w.shape[0]
-    rows, unroll = tiling or default_tiling(w.fmt, n)
-    if (rows, unroll) not in TILINGS:
-        raise JaxquantError(f"gemv_cuda: tiling {(rows, unroll)} is not one of {TILINGS}")
+    tiling = tiling or default_tiling(w.fmt, n)
+    if tiling not in TILINGS:
+        raise JaxquantError(f"gemv_cuda: tiling {tiling} is not one of {TILINGS}")
     xw, dx, sums = quantize_activations(x[0])
     arrays = [w.arrays[name] for name in sorted(w.arrays)]
     call = jax.ffi.ffi_call(FORMATS[w.fmt], jax.ShapeDtypeStruct((n,), jnp.float32))
-    return call(*arrays, xw, dx, sums, rows=np.int64(rows), unroll=np.int64(unroll))[None]
+    rows, unroll, warps = tiling
+    return call(*arrays, xw, dx, sums, tiling=np.int64(100 * rows + 10 * unroll + warps))[None]
