@@ -3,8 +3,9 @@
 //
 // Same arithmetic as gemv.py (int16 activations per 32 with float32 scales and integer sums, dp2a
 // on the weights' integer codes, scales and mins per group in float32); what Triton would not give:
-// - one warp owns R rows; its 32 lanes read 4 consecutive super-blocks of a row with one 16-byte
-//   load each (512 contiguous bytes per warp instruction), the whole row block read ahead of its use;
+// - a warp's 32 lanes read 4 consecutive super-blocks of a row with one 16-byte load each (512
+//   contiguous bytes per warp instruction), R rows a warp, each step's loads issued before the
+//   previous step's arithmetic; where rows are few, S warps split K (~2048 warps in all);
 // - weights bypass L1 (ld.global.nc.L1::no_allocate) and the launch prefers L1 over shared memory
 //   (carveout 0), so the activations (<= 64 KB for K = 14336) stay in L1 for every warp of an SM;
 // - the activation loads are shared by the R rows of a warp.
@@ -154,52 +155,39 @@ struct Q6K {
   }
 };
 
-// A group of S warps owns rows row0 .. row0 + R - 1 and splits K: a step of a warp reads U super-
-// blocks a lane (4 U a warp, lane = 8 (super-block within 4) + chunk) of each row, the group's warps
-// interleaved; the next step's weights are loaded before this step's are used. The S partial sums
-// meet in shared memory, added in a fixed order.
-template <class F, int R, int U, int S>
+// A group of S warps owns rows row0 .. row0 + R - 1 and splits K: a step of a warp reads 4 super-
+// blocks of each row (lane = 8 (super-block within 4) + chunk), the group's warps interleaved; the
+// next step's weights are loaded before this step's are used. The S partial sums meet in shared
+// memory, added in a fixed order.
+template <class F, int R, int S>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(typename F::Args w, const uint4* __restrict__ xw,
                                                              const float* __restrict__ dx,
                                                              const int* __restrict__ xs, float* __restrict__ out,
                                                              int n, int nb) {
   static_assert(kWarps % S == 0);
-  constexpr int kStep = 4 * U * S;
+  constexpr int kStep = 4 * S;
   const int lane = threadIdx.x & 31, c = lane & 7, warp = threadIdx.x / 32, part = warp % S;
-  const int first = 4 * U * part + (lane >> 3);
+  const int first = 4 * part + (lane >> 3);
   const int row0 = (blockIdx.x * (kWarps / S) + warp / S) * R;
   const bool live = row0 < n;  // n % R == 0: a group's rows are all in or all out
   const auto load = [&](int r, int sb) {  // past the row's end: its last block again, not used
     return F::load_w(w, static_cast<size_t>(row0 + r) * nb + (sb < nb ? sb : nb - 1), c);
   };
   float acc[R];
-  typename F::W cur[R][U], nxt[R][U];
+  typename F::W cur[R], nxt[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     acc[r] = 0.f;
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (live) cur[r][u] = load(r, first + 4 * u);
-    }
+    if (live) cur[r] = load(r, first);
   }
   for (int sb = first; live && sb < nb; sb += kStep) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-#pragma unroll
-      for (int u = 0; u < U; ++u) nxt[r][u] = load(r, sb + kStep + 4 * u);
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (sb + 4 * u < nb) {
-        const typename F::X x = F::load_x(xw, dx, xs, sb + 4 * u, c);
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[r] += F::dot(cur[r][u], x, c);
-      }
-    }
+    for (int r = 0; r < R; ++r) nxt[r] = load(r, sb + kStep);
+    const typename F::X x = F::load_x(xw, dx, xs, sb, c);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-#pragma unroll
-      for (int u = 0; u < U; ++u) cur[r][u] = nxt[r][u];
+      acc[r] += F::dot(cur[r], x, c);
+      cur[r] = nxt[r];
     }
   }
 #pragma unroll
@@ -235,26 +223,26 @@ struct Operands {
   int n, nb;
 };
 
-template <class F, int R, int U, int S>
+template <class F, int R, int S>
 cudaError_t launch(cudaStream_t stream, const typename F::Args& w, const Operands& o) {
   static const cudaError_t attr =  // L1 over shared memory: the kernel uses none
-      cudaFuncSetAttribute(gemv_kernel<F, R, U, S>, cudaFuncAttributePreferredSharedMemoryCarveout, 0);
+      cudaFuncSetAttribute(gemv_kernel<F, R, S>, cudaFuncAttributePreferredSharedMemoryCarveout, 0);
   if (attr != cudaSuccess) return attr;
   constexpr int kRows = R * kWarps / S;  // a block's
-  gemv_kernel<F, R, U, S><<<(o.n + kRows - 1) / kRows, kWarps * 32, 0, stream>>>(w, static_cast<const uint4*>(o.xw),
+  gemv_kernel<F, R, S><<<(o.n + kRows - 1) / kRows, kWarps * 32, 0, stream>>>(w, static_cast<const uint4*>(o.xw),
                                                             static_cast<const float*>(o.dx),
                                                             static_cast<const int*>(o.xs), o.out, o.n, o.nb);
   return cudaGetLastError();
 }
 
-// The tilings built: rows a warp x super-blocks a lane a step x warps a row (gemv_cuda.TILINGS).
+// The tilings built: rows a warp x warps a row (gemv_cuda.TILINGS).
 template <class F>
 ffi::Error run(cudaStream_t stream, int64_t tiling, const typename F::Args& w, ffi::AnyBuffer first,
                ffi::AnyBuffer xw, ffi::AnyBuffer dx, ffi::AnyBuffer xs, ffi::Result<ffi::Buffer<ffi::F32>> out) {
   const auto dims = first.dimensions();  // [N, super-blocks]
   if (dims.size() != 2) return ffi::Error::InvalidArgument("gemv_cuda: scales must be [N, blocks]");
   const int64_t n = dims[0], nb = dims[1];
-  if (n % (tiling / 100) || xw.element_count() != static_cast<size_t>(nb * 8 * 16) ||
+  if (n % (tiling / 10) || xw.element_count() != static_cast<size_t>(nb * 8 * 16) ||
       out->element_count() != static_cast<size_t>(n)) {
     return ffi::Error::InvalidArgument("gemv_cuda: operand shapes do not match");
   }
@@ -262,13 +250,9 @@ ffi::Error run(cudaStream_t stream, int64_t tiling, const typename F::Args& w, f
                    static_cast<int>(nb)};
   cudaError_t err;
   switch (tiling) {
-    case 211: err = launch<F, 2, 1, 1>(stream, w, o); break;
-    case 411: err = launch<F, 4, 1, 1>(stream, w, o); break;
-    case 221: err = launch<F, 2, 2, 1>(stream, w, o); break;
-    case 212: err = launch<F, 2, 1, 2>(stream, w, o); break;
-    case 412: err = launch<F, 4, 1, 2>(stream, w, o); break;
-    case 214: err = launch<F, 2, 1, 4>(stream, w, o); break;
-    case 414: err = launch<F, 4, 1, 4>(stream, w, o); break;
+    case 41: err = launch<F, 4, 1>(stream, w, o); break;
+    case 42: err = launch<F, 4, 2>(stream, w, o); break;
+    case 24: err = launch<F, 2, 4>(stream, w, o); break;
     default: return ffi::Error::InvalidArgument("gemv_cuda: no kernel for this tiling");
   }
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("gemv_cuda: ") + cudaGetErrorString(err));

@@ -33,8 +33,8 @@ from pallas_kernels.gemv import quantize_activations
 
 SOURCE = Path(__file__).with_name("gemv_cuda.cu")
 FORMATS = {"Q4_K": "jq_gemv_q4_k", "Q6_K": "jq_gemv_q6_k"}
-# (rows a warp, super-blocks a lane reads a step, warps splitting a row's K): the template instances
-TILINGS = ((2, 1, 1), (4, 1, 1), (2, 2, 1), (2, 1, 2), (4, 1, 2), (2, 1, 4), (4, 1, 4))
+# (rows a warp, warps splitting a row's K): the template instances, each some shape's fastest
+TILINGS = ((4, 1), (4, 2), (2, 4))
 
 
 def nvcc() -> str | None:
@@ -90,23 +90,25 @@ def supports(fmt: str, m: int, n: int, k: int) -> bool:
     return m == 1 and k % 256 == 0 and n % 4 == 0 and available()
 
 
-def default_tiling(fmt: str, n: int) -> tuple[int, int, int]:
-    """4 rows a warp where there are rows enough to fill the SMs with them, else 2."""
-    return (4, 1, 1) if fmt == "Q4_K" and n >= 8192 else (2, 1, 1)
+def default_tiling(n: int) -> tuple[int, int]:
+    """About 2048 warps (16 an SM), from 4 rows a warp and K split over 1, 2 or 4 warps. The fastest
+    of 7 tilings for Q4_K and Q6_K on the H200 at N = 1024, 4096 (K = 4096, 14336) and N >= 14336
+    (benchmarks/RESULTS.md, session 7; Q6_K at N >= 14336 within 3% of 2 rows a warp)."""
+    return (4, 1) if n >= 8192 else (4, 2) if n >= 4096 else (2, 4)
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
-def gemv(x: jax.Array, w: QTensor, tiling: tuple[int, int, int] | None = None, interpret: bool = False) -> jax.Array:
+def gemv(x: jax.Array, w: QTensor, tiling: tuple[int, int] | None = None, interpret: bool = False) -> jax.Array:
     """``x [1, K] @ dequantize(w).T`` -> ``[1, N]`` float32 for a Q4_K or Q6_K ``w``; ``tiling``:
     one of ``TILINGS`` (default ``default_tiling``)."""
     if interpret:
         raise JaxquantError("gemv_cuda has no interpreter; use the Triton gemv")
     n = w.shape[0]
-    tiling = tiling or default_tiling(w.fmt, n)
+    tiling = tiling or default_tiling(n)
     if tiling not in TILINGS:
         raise JaxquantError(f"gemv_cuda: tiling {tiling} is not one of {TILINGS}")
     xw, dx, sums = quantize_activations(x[0])
     arrays = [w.arrays[name] for name in sorted(w.arrays)]
     call = jax.ffi.ffi_call(FORMATS[w.fmt], jax.ShapeDtypeStruct((n,), jnp.float32))
-    rows, unroll, warps = tiling
-    return call(*arrays, xw, dx, sums, tiling=np.int64(100 * rows + 10 * unroll + warps))[None]
+    rows, warps = tiling
+    return call(*arrays, xw, dx, sums, tiling=np.int64(10 * rows + warps))[None]
