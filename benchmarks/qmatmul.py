@@ -88,8 +88,8 @@ def sweep_configs(fmt: str, k: int, n: int, m: int):
     import pallas_kernels as pk
     from pallas_kernels import gemv, gemv_cuda, gemv_ggml, qmm
 
-    if m <= gemv_cuda.MAX_M and fmt in gemv_cuda.FORMATS and gemv_cuda.available():
-        for tiling in gemv_cuda.TILINGS[1 if m == 1 else gemv_cuda.MAX_M]:
+    if m == 1 and fmt in gemv_cuda.FORMATS and gemv_cuda.available():
+        for tiling in gemv_cuda.TILINGS:
             yield f"cuda rows, unroll={tiling}", (lambda x, w, t=tiling: gemv_cuda.gemv(x, w, tiling=t))
     gdec = {d.fmt: d for d in gemv_ggml.DECODERS}.get(fmt)
     if m == 1 and gdec is not None:

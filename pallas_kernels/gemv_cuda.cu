@@ -57,51 +57,44 @@ __device__ __forceinline__ int dot16(const uint32_t (&q)[4], const XHalf& x) {
   return s;
 }
 
-// A lane's activations of one step: two half blocks (which two: the format's load_x).
-struct XPair {
-  XHalf a, b;
-};
-
-// Each format: W, one row's loads of a step (carried a step ahead: scalars are converted when
-// loaded, as with __half / int8_t members nvcc 13.0 dropped every row after the first of Q6K's
-// carried array, their scales reading as 0 in the PTX); D, its codes as bytes with the scales
-// folded (shared by the activation rows); dot, D with one activation row's XPair.
-
 // Q4_K: a super-block of 256 is 4 groups of 64 (qs bytes 32 g ..): low nibbles sub-block 2g, high
 // nibbles 2g + 1, 6-bit scales and mins packed in 12 bytes (ggml's get_scale_min_k4). Lane chunk c
 // (16 qs bytes) is group c / 2, elements 16 (c % 2) .. + 15 of both sub-blocks.
 struct Q4K {
+  static constexpr int kArrays = 4;
   struct Args {
     const __half* d;
     const __half* dmin;
     const uint4* qs;
     const uint32_t* scales;
   };
+  // One row's block as the loop carries it a step ahead. Scalars are converted when loaded: with
+  // __half / int8_t members nvcc 13.0 dropped every row after the first of Q6K's carried array
+  // (their scales read as 0 in the PTX).
   struct W {
     uint4 q;
     uint32_t s0, s1, s2;
     float d, dmin;
   };
-  struct D {
-    uint32_t a[4], b[4];
-    float sa, sb, ma, mb;  // d * scale, dmin * min of the two sub-blocks
+  struct X {
+    XHalf a, b;
   };
   __device__ static W load_w(const Args& w, size_t blk, int c) {
     const uint32_t* s = w.scales + 3 * blk;
     return {ld_stream(w.qs + 8 * blk + c), __ldg(s), __ldg(s + 1), __ldg(s + 2), __half2float(w.d[blk]),
             __half2float(w.dmin[blk])};
   }
-  __device__ static XPair load_x(const uint4* xw, const float* dx, const int* xs, int sb, int c) {
+  __device__ static X load_x(const uint4* xw, const float* dx, const int* xs, int sb, int c) {
     const int b = 8 * sb + 2 * (c >> 1);
     return {x_half(xw, dx, xs, b, c & 1), x_half(xw, dx, xs, b + 1, c & 1)};
   }
-  __device__ static D decode(const W& w, int c) {
-    D o;
+  __device__ static float dot(const W& w, const X& x, int c) {
+    uint32_t lo[4], hi[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const uint32_t v = comp(w.q, i);
-      o.a[i] = v & 0x0F0F0F0Fu;
-      o.b[i] = (v >> 4) & 0x0F0F0F0Fu;
+      lo[i] = v & 0x0F0F0F0Fu;
+      hi[i] = (v >> 4) & 0x0F0F0F0Fu;
     }
     // sub-blocks j = 2g, 2g + 1 are bytes k, k + 1 of the scale words, k = 2 (g % 2); g >= 2
     // takes 4 bits from word 2 and the top 2 from words 0 / 1.
@@ -110,15 +103,11 @@ struct Q4K {
     const bool upper = g >= 2;
     const uint32_t sc = upper ? (t2 & 0x0F0Fu) | ((t0 >> 2) & 0x3030u) : t0 & 0x3F3Fu;
     const uint32_t mn = upper ? ((t2 >> 4) & 0x0F0Fu) | ((t1 >> 2) & 0x3030u) : t1 & 0x3F3Fu;
-    o.sa = w.d * static_cast<float>(sc & 0xFF);
-    o.sb = w.d * static_cast<float>(sc >> 8);
-    o.ma = w.dmin * static_cast<float>(mn & 0xFF);
-    o.mb = w.dmin * static_cast<float>(mn >> 8);
-    return o;
-  }
-  __device__ static float dot(const D& w, const XPair& x) {
-    return x.a.dx * (w.sa * static_cast<float>(dot16(w.a, x.a)) - w.ma * static_cast<float>(x.a.sum)) +
-           x.b.dx * (w.sb * static_cast<float>(dot16(w.b, x.b)) - w.mb * static_cast<float>(x.b.sum));
+    const float s = static_cast<float>(sc & 0xFF) * x.a.dx * static_cast<float>(dot16(lo, x.a)) +
+                    static_cast<float>(sc >> 8) * x.b.dx * static_cast<float>(dot16(hi, x.b));
+    const float m = static_cast<float>(mn & 0xFF) * x.a.dx * static_cast<float>(x.a.sum) +
+                    static_cast<float>(mn >> 8) * x.b.dx * static_cast<float>(x.b.sum);
+    return w.d * s - w.dmin * m;
   }
 };
 
@@ -127,6 +116,7 @@ struct Q4K {
 // Lane chunk c (16 ql bytes, c = 4 h + 2 (j % 2) + l / 16) holds quarters j = c / 2 % 2 (low
 // nibbles) and j + 2 (high), 16 elements each.
 struct Q6K {
+  static constexpr int kArrays = 4;
   struct Args {
     const __half* d;
     const uint4* qh;
@@ -137,9 +127,8 @@ struct Q6K {
     uint4 ql, qh;
     float sa, sb, d;
   };
-  struct D {
-    uint32_t a[4], b[4];
-    float sa, sb;  // d * scale
+  struct X {
+    XHalf a, b;
   };
   __device__ static W load_w(const Args& w, size_t blk, int c) {
     const int h = c >> 2, lh = c & 1, g = 8 * h + 2 * ((c >> 1) & 1) + lh;
@@ -147,161 +136,123 @@ struct Q6K {
     return {ld_stream(w.ql + 8 * blk + c), ld_stream(w.qh + 4 * blk + 2 * h + lh), static_cast<float>(__ldg(s + g)),
             static_cast<float>(__ldg(s + g + 4)), __half2float(w.d[blk])};
   }
-  __device__ static XPair load_x(const uint4* xw, const float* dx, const int* xs, int sb, int c) {
+  __device__ static X load_x(const uint4* xw, const float* dx, const int* xs, int sb, int c) {
     const int b = 8 * sb + 4 * (c >> 2) + ((c >> 1) & 1);
     return {x_half(xw, dx, xs, b, c & 1), x_half(xw, dx, xs, b + 2, c & 1)};
   }
-  __device__ static D decode(const W& w, int c) {
+  __device__ static float dot(const W& w, const X& x, int c) {
     const int jj = (c >> 1) & 1;
-    D o;
+    uint32_t qa[4], qb[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const uint32_t l = comp(w.ql, i), h = comp(w.qh, i);
-      o.a[i] = (l & 0x0F0F0F0Fu) | ((h << (4 - 2 * jj)) & 0x30303030u);
-      o.b[i] = ((l >> 4) & 0x0F0F0F0Fu) | ((h >> (2 * jj)) & 0x30303030u);
+      qa[i] = (l & 0x0F0F0F0Fu) | ((h << (4 - 2 * jj)) & 0x30303030u);
+      qb[i] = ((l >> 4) & 0x0F0F0F0Fu) | ((h >> (2 * jj)) & 0x30303030u);
     }
-    o.sa = w.d * w.sa;
-    o.sb = w.d * w.sb;
-    return o;
-  }
-  __device__ static float dot(const D& w, const XPair& x) {
-    return w.sa * x.a.dx * static_cast<float>(dot16(w.a, x.a) - 32 * x.a.sum) +
-           w.sb * x.b.dx * static_cast<float>(dot16(w.b, x.b) - 32 * x.b.sum);
+    const float s = w.sa * x.a.dx * static_cast<float>(dot16(qa, x.a) - 32 * x.a.sum) +
+                    w.sb * x.b.dx * static_cast<float>(dot16(qb, x.b) - 32 * x.b.sum);
+    return w.d * s;
   }
 };
 
 // A group of S warps owns rows row0 .. row0 + R - 1 and splits K: a step of a warp reads 4 super-
 // blocks of each row (lane = 8 (super-block within 4) + chunk), the group's warps interleaved; the
-// next step's weights are loaded before this step's are used. Each row's codes are decoded once a
-// step and multiplied by the m (<= M) activation rows. The S partial sums meet in shared memory,
-// added in a fixed order.
-template <class F, int R, int S, int M>
+// next step's weights are loaded before this step's are used. The S partial sums meet in shared
+// memory, added in a fixed order.
+template <class F, int R, int S>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(typename F::Args w, const uint4* __restrict__ xw,
                                                              const float* __restrict__ dx,
                                                              const int* __restrict__ xs, float* __restrict__ out,
-                                                             int n, int nb, int m) {
+                                                             int n, int nb) {
   static_assert(kWarps % S == 0);
   constexpr int kStep = 4 * S;
   const int lane = threadIdx.x & 31, c = lane & 7, warp = threadIdx.x / 32, part = warp % S;
   const int first = 4 * part + (lane >> 3);
   const int row0 = (blockIdx.x * (kWarps / S) + warp / S) * R;
   const bool live = row0 < n;  // n % R == 0: a group's rows are all in or all out
-  const int xblocks = 8 * nb;  // activation blocks of 32 a row
   const auto load = [&](int r, int sb) {  // past the row's end: its last block again, not used
     return F::load_w(w, static_cast<size_t>(row0 + r) * nb + (sb < nb ? sb : nb - 1), c);
   };
-  float acc[R][M];
+  float acc[R];
   typename F::W cur[R], nxt[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-#pragma unroll
-    for (int i = 0; i < M; ++i) acc[r][i] = 0.f;
+    acc[r] = 0.f;
     if (live) cur[r] = load(r, first);
   }
   for (int sb = first; live && sb < nb; sb += kStep) {
 #pragma unroll
     for (int r = 0; r < R; ++r) nxt[r] = load(r, sb + kStep);
-    if constexpr (M == 1) {  // each row decoded where it is used: fewer registers live
-      const XPair x = F::load_x(xw, dx, xs, sb, c);
+    const typename F::X x = F::load_x(xw, dx, xs, sb, c);
 #pragma unroll
-      for (int r = 0; r < R; ++r) acc[r][0] += F::dot(F::decode(cur[r], c), x);
-    } else {
-      typename F::D d[R];
-#pragma unroll
-      for (int r = 0; r < R; ++r) d[r] = F::decode(cur[r], c);
-#pragma unroll
-      for (int i = 0; i < M; ++i) {
-        if (i < m) {
-          const XPair x = F::load_x(xw + 4 * i * xblocks, dx + i * xblocks, xs + 4 * i * xblocks, sb, c);
-#pragma unroll
-          for (int r = 0; r < R; ++r) acc[r][i] += F::dot(d[r], x);
-        }
-      }
+    for (int r = 0; r < R; ++r) {
+      acc[r] += F::dot(cur[r], x, c);
+      cur[r] = nxt[r];
     }
-#pragma unroll
-    for (int r = 0; r < R; ++r) cur[r] = nxt[r];
   }
 #pragma unroll
   for (int r = 0; r < R; ++r) {
 #pragma unroll
-    for (int i = 0; i < M; ++i) {
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) acc[r][i] += __shfl_xor_sync(0xFFFFFFFFu, acc[r][i], o);
-    }
+    for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xFFFFFFFFu, acc[r], o);
   }
   if constexpr (S > 1) {
-    __shared__ float parts[kWarps][R][M];
-    if (lane == 0) {
+    __shared__ float parts[kWarps][R];
+    if (lane < R) {
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-#pragma unroll
-        for (int i = 0; i < M; ++i) parts[warp][r][i] = acc[r][i];
-      }
+      for (int r = 0; r < R; ++r) parts[warp][r] = acc[r];
     }
     __syncthreads();
     if (part != 0) return;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
 #pragma unroll
-      for (int i = 0; i < M; ++i) {
-#pragma unroll
-        for (int q = 1; q < S; ++q) acc[r][i] += parts[warp + q][r][i];
-      }
+      for (int q = 1; q < S; ++q) acc[r] += parts[warp + q][r];
     }
   }
-  if (live && lane == 0) {
+  if (live && lane < R) {
+    float v = acc[0];
 #pragma unroll
-    for (int i = 0; i < M; ++i) {
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        if (i < m) out[static_cast<size_t>(i) * n + row0 + r] = acc[r][i];
-      }
-    }
+    for (int r = 1; r < R; ++r) v = lane == r ? acc[r] : v;
+    out[row0 + lane] = v;
   }
 }
 
 struct Operands {
   const void *xw, *dx, *xs;
   float* out;
-  int n, nb, m;
+  int n, nb;
 };
 
-template <class F, int R, int S, int M>
+template <class F, int R, int S>
 cudaError_t launch(cudaStream_t stream, const typename F::Args& w, const Operands& o) {
-  static const cudaError_t attr =  // L1 over shared memory: the kernel uses next to none
-      cudaFuncSetAttribute(gemv_kernel<F, R, S, M>, cudaFuncAttributePreferredSharedMemoryCarveout, 0);
+  static const cudaError_t attr =  // L1 over shared memory: the kernel uses none
+      cudaFuncSetAttribute(gemv_kernel<F, R, S>, cudaFuncAttributePreferredSharedMemoryCarveout, 0);
   if (attr != cudaSuccess) return attr;
   constexpr int kRows = R * kWarps / S;  // a block's
-  gemv_kernel<F, R, S, M><<<(o.n + kRows - 1) / kRows, kWarps * 32, 0, stream>>>(
-      w, static_cast<const uint4*>(o.xw), static_cast<const float*>(o.dx), static_cast<const int*>(o.xs), o.out,
-      o.n, o.nb, o.m);
+  gemv_kernel<F, R, S><<<(o.n + kRows - 1) / kRows, kWarps * 32, 0, stream>>>(w, static_cast<const uint4*>(o.xw),
+                                                            static_cast<const float*>(o.dx),
+                                                            static_cast<const int*>(o.xs), o.out, o.n, o.nb);
   return cudaGetLastError();
 }
 
-// The tilings built (gemv_cuda.TILINGS): rows a warp x warps a row, for one activation row, and
-// for up to kMaxM (the activation rows a runtime bound, their registers sized for kMaxM).
-constexpr int kMaxM = 8;
-
+// The tilings built: rows a warp x warps a row (gemv_cuda.TILINGS).
 template <class F>
 ffi::Error run(cudaStream_t stream, int64_t tiling, const typename F::Args& w, ffi::AnyBuffer first,
                ffi::AnyBuffer xw, ffi::AnyBuffer dx, ffi::AnyBuffer xs, ffi::Result<ffi::Buffer<ffi::F32>> out) {
   const auto dims = first.dimensions();  // [N, super-blocks]
   if (dims.size() != 2) return ffi::Error::InvalidArgument("gemv_cuda: scales must be [N, blocks]");
-  const int64_t n = dims[0], nb = dims[1], m = static_cast<int64_t>(out->element_count()) / (n ? n : 1);
-  if (n == 0 || n % (tiling / 10) || m < 1 || m > kMaxM || m * n != static_cast<int64_t>(out->element_count()) ||
-      xw.element_count() != static_cast<size_t>(m * nb * 8 * 16)) {
+  const int64_t n = dims[0], nb = dims[1];
+  if (n % (tiling / 10) || xw.element_count() != static_cast<size_t>(nb * 8 * 16) ||
+      out->element_count() != static_cast<size_t>(n)) {
     return ffi::Error::InvalidArgument("gemv_cuda: operand shapes do not match");
   }
   const Operands o{xw.untyped_data(), dx.untyped_data(), xs.untyped_data(), out->typed_data(), static_cast<int>(n),
-                   static_cast<int>(nb), static_cast<int>(m)};
+                   static_cast<int>(nb)};
   cudaError_t err;
-  switch (m == 1 ? tiling : -tiling) {
-    case 41: err = launch<F, 4, 1, 1>(stream, w, o); break;
-    case 42: err = launch<F, 4, 2, 1>(stream, w, o); break;
-    case 24: err = launch<F, 2, 4, 1>(stream, w, o); break;
-    case -21: err = launch<F, 2, 1, kMaxM>(stream, w, o); break;
-    case -22: err = launch<F, 2, 2, kMaxM>(stream, w, o); break;
-    case -24: err = launch<F, 2, 4, kMaxM>(stream, w, o); break;
+  switch (tiling) {
+    case 41: err = launch<F, 4, 1>(stream, w, o); break;
+    case 42: err = launch<F, 4, 2>(stream, w, o); break;
+    case 24: err = launch<F, 2, 4>(stream, w, o); break;
     default: return ffi::Error::InvalidArgument("gemv_cuda: no kernel for this tiling");
   }
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("gemv_cuda: ") + cudaGetErrorString(err));

@@ -1,5 +1,4 @@
-"""The K-quant matrix-vector products (M = 1, and batch decoding up to ``MAX_M`` rows) as CUDA
-kernels, called through the XLA FFI.
+"""The K-quant matrix-vector products (M = 1) as CUDA kernels, called through the XLA FFI.
 
 ``gemv_cuda.cu`` holds the kernels; this module compiles it with the machine's ``nvcc`` at first use
 (a few seconds; cached under ``$JAXQUANT_CACHE/cuda`` by the source's and the toolchain's hash),
@@ -7,8 +6,7 @@ registers its handlers with XLA and registers them as ``gemv`` kernels of backen
 Triton would not issue a row block's loads together ahead of their use, nor keep the activations
 in L1 (its launches carve 233 KB of shared memory out of it): NOTES-gpu.md, session 6. The arithmetic
 is ``gemv.py``'s (same activation quantization, integer dot products, per-group float32 scales), so
-results equal the Triton kernel's up to the order of float32 sums. With several activation rows a
-step decodes each weight once for all of them (integer work grows with M, the bytes do not).
+results equal the Triton kernel's up to the order of float32 sums.
 
 Without ``nvcc`` or a GPU the kernels are unavailable and ``qdot`` uses the Triton ones.
 """
@@ -35,10 +33,8 @@ from pallas_kernels.gemv import quantize_activations
 
 SOURCE = Path(__file__).with_name("gemv_cuda.cu")
 FORMATS = {"Q4_K": "jq_gemv_q4_k", "Q6_K": "jq_gemv_q6_k"}
-MAX_M = 8  # the batch kernels' activation rows (registers sized for it); above, qmm's tensor cores
-# (rows a warp, warps splitting a row's K): the template instances at M = 1 (each some shape's
-# fastest) and for 2 <= M <= MAX_M
-TILINGS = {1: ((4, 1), (4, 2), (2, 4)), MAX_M: ((2, 1), (2, 2), (2, 4))}
+# (rows a warp, warps splitting a row's K): the template instances, each some shape's fastest
+TILINGS = ((4, 1), (4, 2), (2, 4))
 
 
 def nvcc() -> str | None:
@@ -91,32 +87,28 @@ def available() -> bool:
 
 
 def supports(fmt: str, m: int, n: int, k: int) -> bool:
-    return 1 <= m <= MAX_M and k % 256 == 0 and n % 4 == 0 and available()
+    return m == 1 and k % 256 == 0 and n % 4 == 0 and available()
 
 
-def default_tiling(m: int, n: int) -> tuple[int, int]:
-    """About 2048 warps (16 an SM) or more: K split over 1, 2 or 4 warps by N. At M = 1, 4 rows a
-    warp: the fastest of 7 tilings for Q4_K and Q6_K on the H200 at N = 1024, 4096 (K = 4096, 14336)
-    and N >= 14336 (benchmarks/RESULTS.md, session 7; Q6_K at N >= 14336 within 3% of 2 rows a
-    warp; 2 rows at N < 4096). With more activation rows, 2 rows a warp (their sums take the registers)."""
-    warps = 1 if n >= 8192 else 2 if n >= 4096 else 4
-    return (4 if m == 1 and warps < 4 else 2, warps)
+def default_tiling(n: int) -> tuple[int, int]:
+    """About 2048 warps (16 an SM), from 4 rows a warp and K split over 1, 2 or 4 warps. The fastest
+    of 7 tilings for Q4_K and Q6_K on the H200 at N = 1024, 4096 (K = 4096, 14336) and N >= 14336
+    (benchmarks/RESULTS.md, session 7; Q6_K at N >= 14336 within 3% of 2 rows a warp)."""
+    return (4, 1) if n >= 8192 else (4, 2) if n >= 4096 else (2, 4)
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
 def gemv(x: jax.Array, w: QTensor, tiling: tuple[int, int] | None = None, interpret: bool = False) -> jax.Array:
-    """``x [M, K] @ dequantize(w).T`` -> ``[M, N]`` float32 for a Q4_K or Q6_K ``w`` and M <=
-    ``MAX_M``; ``tiling``: one of ``TILINGS`` for M (default ``default_tiling``)."""
+    """``x [1, K] @ dequantize(w).T`` -> ``[1, N]`` float32 for a Q4_K or Q6_K ``w``; ``tiling``:
+    one of ``TILINGS`` (default ``default_tiling``)."""
     if interpret:
         raise JaxquantError("gemv_cuda has no interpreter; use the Triton gemv")
-    m, n = x.shape[0], w.shape[0]
-    if not 1 <= m <= MAX_M:
-        raise JaxquantError(f"gemv_cuda: {m} activation rows (1 to {MAX_M} supported)")
-    tiling = tiling or default_tiling(m, n)
-    if tiling not in TILINGS[1 if m == 1 else MAX_M]:
-        raise JaxquantError(f"gemv_cuda: tiling {tiling} is not one of {TILINGS[1 if m == 1 else MAX_M]} (M = {m})")
-    xw, dx, sums = quantize_activations(x.reshape(-1))  # per block of 32: rows' blocks are consecutive
+    n = w.shape[0]
+    tiling = tiling or default_tiling(n)
+    if tiling not in TILINGS:
+        raise JaxquantError(f"gemv_cuda: tiling {tiling} is not one of {TILINGS}")
+    xw, dx, sums = quantize_activations(x[0])
     arrays = [w.arrays[name] for name in sorted(w.arrays)]
-    call = jax.ffi.ffi_call(FORMATS[w.fmt], jax.ShapeDtypeStruct((m * n,), jnp.float32))
+    call = jax.ffi.ffi_call(FORMATS[w.fmt], jax.ShapeDtypeStruct((n,), jnp.float32))
     rows, warps = tiling
-    return call(*arrays, xw, dx, sums, tiling=np.int64(10 * rows + warps)).reshape(m, n)
+    return call(*arrays, xw, dx, sums, tiling=np.int64(10 * rows + warps))[None]

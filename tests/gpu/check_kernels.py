@@ -3,7 +3,7 @@
     python tests/gpu/check_kernels.py [--formats Q4_0,Q4_K] [--m 1,3,16,128,2048]
 
 Each registered format, M and shape (``KxN``, not powers of two by default) gets random packed
-bytes and bf16 activations; the kernel ``qdot`` selects (and the Triton kernel where the CUDA gemv
+bytes and bf16 activations; the kernel ``qdot`` selects (and the Triton gemv where the CUDA one
 displaces it) must match the float32 reference to a relative error (Frobenius norm) below 2e-3.
 Exits non-zero on any failure or a missing kernel.
 """
@@ -47,8 +47,8 @@ def main() -> int:
                     print(f"FAIL {fmt} {shape} M={m}: no kernel selected")
                     return 1
                 cases.append((fmt, shape, m, x, w, kern))
-                if kern.backend == "cuda":  # the Triton kernel it displaces, checked too
-                    cases.append((fmt, shape, m, x, w, pk.select(w, m, interpret=True)))
+                if kern.backend == "cuda":  # the Triton gemv it displaces, checked too
+                    cases.append((fmt, shape, m, x, w, pk.lookup(fmt, "gemv", "triton")))
 
     def compile_case(case):
         *_, x, w, kern = case
