@@ -166,10 +166,17 @@ class Format:
         """QTensor -> GGUF block bytes, shape ``(*shape[:-1], row_bytes)``."""
         self._check_gguf()
         lead, nb = q.shape[:-1], q.shape[-1] // self.block_size
-        blocks = np.empty((*lead, nb), self.block_dtype)
-        for f in self.fields:
-            blocks[f.name] = np.asarray(q.arrays[f.name]).astype(f.dtype, copy=False)
-        return blocks.view(np.uint8).reshape(*lead, nb * self.type_size)
+        arrays = tuple(q.arrays[f.name] for f in self.fields)
+        return np.asarray(_interleave(arrays, tuple(f.dtype for f in self.fields), (*lead, nb)))
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def _interleave(arrays: tuple, dtypes: tuple[str, ...], blocks: tuple[int, ...]) -> jax.Array:
+    """The fields' bytes side by side, block by block: ``(*lead, nb * type_size)`` uint8, built where
+    the arrays are (one transfer of finished bytes; numpy's strided struct stores ran at 0.3 GB/s)."""
+    parts = [jax.lax.bitcast_convert_type(jnp.asarray(a).astype(dt), jnp.uint8).reshape(*blocks, -1)
+             for a, dt in zip(arrays, dtypes)]
+    return jnp.concatenate(parts, axis=-1).reshape(*blocks[:-1], -1)
 
 
 @dataclasses.dataclass(frozen=True)
