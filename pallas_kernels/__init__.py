@@ -1,4 +1,5 @@
-"""Pallas GPU kernels for quantized matmuls, reached through ``jaxquant.ops.qdot``."""
+"""GPU kernels for quantized matmuls (Pallas, and CUDA through the XLA FFI), reached through
+``jaxquant.ops.qdot``."""
 
 from __future__ import annotations
 

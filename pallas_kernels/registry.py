@@ -1,9 +1,9 @@
 """Kernel registry: (format, op, backend) -> kernel.
 
 ``op`` is ``"gemv"`` (one activation row, integer dot products on the CUDA cores, ``gemv.py``, for
-the formats it has; ``gemv_cuda.py`` for the K-quants of llama.cpp's mixes), ``"qmm"`` (up to ``QMM_MAX_M`` activation rows: packed weights decoded into the tensor
-cores' registers, ``qmm.py``) or ``"dequant"`` (more rows: one pass to a transient float16 copy,
-then XLA's dot). ``jaxquant.ops.qdot`` asks ``select`` for a kernel and falls back to XLA
+the formats it has; ``gemv_cuda.py`` for the K-quants of llama.cpp's mixes), ``"qmm"`` (up to
+``QMM_MAX_M`` activation rows: packed weights decoded into the tensor cores' registers, ``qmm.py``)
+or ``"dequant"`` (more rows: one pass to a transient float16 copy, then XLA's dot). ``jaxquant.ops.qdot`` asks ``select`` for a kernel and falls back to XLA
 (dequantize + dot) where none applies.
 
 Backend: Pallas' Triton lowering (``backend="triton"``), chosen deliberately on JAX 0.11.2:
@@ -12,8 +12,10 @@ Backend: Pallas' Triton lowering (``backend="triton"``), chosen deliberately on 
   into register renaming, inline PTX (``elementwise_inline_asm``) gives the half2 instructions, and
   Hopper's ``wgmma`` comes from a plain ``dot``. Mosaic GPU (the default since JAX 0.11) is a
   warpgroup/TMA model with its own register layouts and no inline PTX; ``jax-triton`` needs a
-  wheel the device image lacks and has no CPU interpreter for the tests; an XLA FFI kernel would
-  need a CUDA build step at install time.
+  wheel the device image lacks and has no CPU interpreter for the tests.
+- Where Triton's code generation stood in the way, an XLA FFI kernel in CUDA (``backend="cuda"``,
+  compiled with the machine's nvcc at first use): the Q4_K / Q6_K gemv, whose Triton version
+  left its loads waiting one at a time and could not keep the activations in L1 (``gemv_cuda.py``).
 - Pallas Triton runs in the Pallas interpreter on any platform, so the CPU suite tests every
   decoder bit for bit (``halfpack`` has a jnp twin of each PTX line), and ``benchmarks/sass.py``
   compiles the kernels for sm_90 without a GPU.
