@@ -3,8 +3,8 @@
     python tests/gpu/check_kernels.py [--formats Q4_0,Q4_K] [--m 1,3,16,128,2048]
 
 Each registered format, M and shape (``KxN``, not powers of two by default) gets random packed
-bytes and bf16 activations; the kernel ``qdot`` selects (and the Triton gemv where the CUDA one
-displaces it) must match the float32 reference to a relative error (Frobenius norm) below 2e-3.
+bytes and bf16 activations; the kernel ``qdot`` selects (and, where the CUDA gemv is selected,
+its other tilings and the Triton gemv it displaces) must match the float32 reference to a relative error (Frobenius norm) below 2e-3.
 Exits non-zero on any failure or a missing kernel.
 """
 
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
+import functools
 import sys
 import time
 import zlib
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels as pk
+from pallas_kernels import gemv_cuda
 from pallas_kernels.testing import random_qtensor
 
 TOL = 2e-3
@@ -47,7 +50,11 @@ def main() -> int:
                     print(f"FAIL {fmt} {shape} M={m}: no kernel selected")
                     return 1
                 cases.append((fmt, shape, m, x, w, kern))
-                if kern.backend == "cuda":  # the Triton gemv it displaces, checked too
+                if kern.backend == "cuda":  # its other tilings, and the Triton gemv it displaces
+                    for t in gemv_cuda.TILINGS:
+                        if t != gemv_cuda.default_tiling(n):
+                            fn = functools.partial(gemv_cuda.gemv, tiling=t)
+                            cases.append((fmt, shape, m, x, w, dataclasses.replace(kern, fmt=f"{fmt} {t}", fn=fn)))
                     cases.append((fmt, shape, m, x, w, pk.lookup(fmt, "gemv", "triton")))
 
     def compile_case(case):
@@ -66,8 +73,8 @@ def main() -> int:
     failures = 0
     worst: dict[str, float] = {}
     for case, fut in zip(cases, futures):
-        fmt, shape, m, x, w, kern = case
-        fmt = f"{fmt} {kern.op}/{kern.backend}"
+        _, shape, m, x, w, kern = case
+        fmt = f"{kern.fmt} {kern.op}/{kern.backend}"
         try:
             y, ref = fut.result()(x, w)
             err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
