@@ -23,14 +23,43 @@ namespace {
 
 constexpr int kWarps = 4;  // per block
 
-__device__ __forceinline__ uint4 ld_stream(const uint4* p) {  // read once: keep L1 for the activations
+// A lane's work is host code too: jq_gemv_host runs it lane by lane on the CPU, so the CPU suite
+// checks the kernels' indexing and arithmetic against dequantize + dot (tests/test_gemv_cuda.py).
+#define JQ_HD __host__ __device__ __forceinline__
+
+JQ_HD uint4 ld_stream(const uint4* p) {  // read once: keep L1 for the activations
+#ifdef __CUDA_ARCH__
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
+#else
+  return *p;
+#endif
 }
 
-__device__ __forceinline__ uint32_t comp(const uint4& v, int i) {
+template <class T>
+JQ_HD T ldg(const T* p) {
+#ifdef __CUDA_ARCH__
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
+// dp2a: two int16 of a (packed) times bytes 0, 1 (HI: 2, 3) of b, signed, plus c.
+template <bool HI>
+JQ_HD int dp2a(uint32_t a, uint32_t b, int c) {
+#ifdef __CUDA_ARCH__
+  return HI ? __dp2a_hi(static_cast<int>(a), static_cast<int>(b), c) : __dp2a_lo(static_cast<int>(a), static_cast<int>(b), c);
+#else
+  const int k = HI ? 16 : 0;
+  return c + static_cast<int16_t>(a) * static_cast<int8_t>(b >> k) +
+         static_cast<int16_t>(a >> 16) * static_cast<int8_t>(b >> (k + 8));
+#endif
+}
+
+JQ_HD uint32_t comp(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
@@ -42,17 +71,17 @@ struct XHalf {
   int sum;
 };
 
-__device__ __forceinline__ XHalf x_half(const uint4* xw, const float* dx, const int* xsum, int block, int h) {
-  return {__ldg(xw + 4 * block + h), __ldg(xw + 4 * block + 2 + h), __ldg(dx + block), __ldg(xsum + 4 * block + h)};
+JQ_HD XHalf x_half(const uint4* xw, const float* dx, const int* xsum, int block, int h) {
+  return {ldg(xw + 4 * block + h), ldg(xw + 4 * block + 2 + h), ldg(dx + block), ldg(xsum + 4 * block + h)};
 }
 
 // The int32 dot of 16 byte codes (4 words, element 4i + k in byte k of word i) with a half block.
-__device__ __forceinline__ int dot16(const uint32_t (&q)[4], const XHalf& x) {
+JQ_HD int dot16(const uint32_t (&q)[4], const XHalf& x) {
   int s = 0;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    s = __dp2a_lo(static_cast<int>(comp(x.lo, i)), static_cast<int>(q[i]), s);
-    s = __dp2a_hi(static_cast<int>(comp(x.hi, i)), static_cast<int>(q[i]), s);
+    s = dp2a<false>(comp(x.lo, i), q[i], s);
+    s = dp2a<true>(comp(x.hi, i), q[i], s);
   }
   return s;
 }
@@ -61,13 +90,16 @@ __device__ __forceinline__ int dot16(const uint32_t (&q)[4], const XHalf& x) {
 // nibbles 2g + 1, 6-bit scales and mins packed in 12 bytes (ggml's get_scale_min_k4). Lane chunk c
 // (16 qs bytes) is group c / 2, elements 16 (c % 2) .. + 15 of both sub-blocks.
 struct Q4K {
-  static constexpr int kArrays = 4;
   struct Args {
     const __half* d;
     const __half* dmin;
     const uint4* qs;
     const uint32_t* scales;
   };
+  static Args args(const void* const* a) {  // the QTensor's arrays by sorted field name
+    return {static_cast<const __half*>(a[0]), static_cast<const __half*>(a[1]), static_cast<const uint4*>(a[2]),
+            static_cast<const uint32_t*>(a[3])};
+  }
   // One row's block as the loop carries it a step ahead. Scalars are converted when loaded: with
   // __half / int8_t members nvcc 13.0 dropped every row after the first of Q6K's carried array
   // (their scales read as 0 in the PTX).
@@ -79,16 +111,16 @@ struct Q4K {
   struct X {
     XHalf a, b;
   };
-  __device__ static W load_w(const Args& w, size_t blk, int c) {
+  static JQ_HD W load_w(const Args& w, size_t blk, int c) {
     const uint32_t* s = w.scales + 3 * blk;
-    return {ld_stream(w.qs + 8 * blk + c), __ldg(s), __ldg(s + 1), __ldg(s + 2), __half2float(w.d[blk]),
+    return {ld_stream(w.qs + 8 * blk + c), ldg(s), ldg(s + 1), ldg(s + 2), __half2float(w.d[blk]),
             __half2float(w.dmin[blk])};
   }
-  __device__ static X load_x(const uint4* xw, const float* dx, const int* xs, int sb, int c) {
+  static JQ_HD X load_x(const uint4* xw, const float* dx, const int* xs, int sb, int c) {
     const int b = 8 * sb + 2 * (c >> 1);
     return {x_half(xw, dx, xs, b, c & 1), x_half(xw, dx, xs, b + 1, c & 1)};
   }
-  __device__ static float dot(const W& w, const X& x, int c) {
+  static JQ_HD float dot(const W& w, const X& x, int c) {
     uint32_t lo[4], hi[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -116,13 +148,16 @@ struct Q4K {
 // Lane chunk c (16 ql bytes, c = 4 h + 2 (j % 2) + l / 16) holds quarters j = c / 2 % 2 (low
 // nibbles) and j + 2 (high), 16 elements each.
 struct Q6K {
-  static constexpr int kArrays = 4;
   struct Args {
     const __half* d;
     const uint4* qh;
     const uint4* ql;
     const int8_t* scales;
   };
+  static Args args(const void* const* a) {
+    return {static_cast<const __half*>(a[0]), static_cast<const uint4*>(a[1]), static_cast<const uint4*>(a[2]),
+            static_cast<const int8_t*>(a[3])};
+  }
   struct W {
     uint4 ql, qh;
     float sa, sb, d;
@@ -130,17 +165,17 @@ struct Q6K {
   struct X {
     XHalf a, b;
   };
-  __device__ static W load_w(const Args& w, size_t blk, int c) {
+  static JQ_HD W load_w(const Args& w, size_t blk, int c) {
     const int h = c >> 2, lh = c & 1, g = 8 * h + 2 * ((c >> 1) & 1) + lh;
     const int8_t* s = w.scales + 16 * blk;
-    return {ld_stream(w.ql + 8 * blk + c), ld_stream(w.qh + 4 * blk + 2 * h + lh), static_cast<float>(__ldg(s + g)),
-            static_cast<float>(__ldg(s + g + 4)), __half2float(w.d[blk])};
+    return {ld_stream(w.ql + 8 * blk + c), ld_stream(w.qh + 4 * blk + 2 * h + lh), static_cast<float>(ldg(s + g)),
+            static_cast<float>(ldg(s + g + 4)), __half2float(w.d[blk])};
   }
-  __device__ static X load_x(const uint4* xw, const float* dx, const int* xs, int sb, int c) {
+  static JQ_HD X load_x(const uint4* xw, const float* dx, const int* xs, int sb, int c) {
     const int b = 8 * sb + 4 * (c >> 2) + ((c >> 1) & 1);
     return {x_half(xw, dx, xs, b, c & 1), x_half(xw, dx, xs, b + 2, c & 1)};
   }
-  __device__ static float dot(const W& w, const X& x, int c) {
+  static JQ_HD float dot(const W& w, const X& x, int c) {
     const int jj = (c >> 1) & 1;
     uint32_t qa[4], qb[4];
 #pragma unroll
@@ -157,23 +192,16 @@ struct Q6K {
 
 // A group of S warps owns rows row0 .. row0 + R - 1 and splits K: a step of a warp reads 4 super-
 // blocks of each row (lane = 8 (super-block within 4) + chunk), the group's warps interleaved; the
-// next step's weights are loaded before this step's are used. The S partial sums meet in shared
-// memory, added in a fixed order.
+// next step's weights are loaded before this step's are used. This is one lane's share: part
+// ``part`` of the group, its partial sum of each row (0 where the rows are past N: not ``live``).
 template <class F, int R, int S>
-__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(typename F::Args w, const uint4* __restrict__ xw,
-                                                             const float* __restrict__ dx,
-                                                             const int* __restrict__ xs, float* __restrict__ out,
-                                                             int n, int nb) {
-  static_assert(kWarps % S == 0);
+JQ_HD void lane_sums(const typename F::Args& w, const uint4* __restrict__ xw, const float* __restrict__ dx,
+                     const int* __restrict__ xs, int nb, int row0, bool live, int part, int lane, float (&acc)[R]) {
   constexpr int kStep = 4 * S;
-  const int lane = threadIdx.x & 31, c = lane & 7, warp = threadIdx.x / 32, part = warp % S;
-  const int first = 4 * part + (lane >> 3);
-  const int row0 = (blockIdx.x * (kWarps / S) + warp / S) * R;
-  const bool live = row0 < n;  // n % R == 0: a group's rows are all in or all out
+  const int c = lane & 7, first = 4 * part + (lane >> 3);
   const auto load = [&](int r, int sb) {  // past the row's end: its last block again, not used
     return F::load_w(w, static_cast<size_t>(row0 + r) * nb + (sb < nb ? sb : nb - 1), c);
   };
-  float acc[R];
   typename F::W cur[R], nxt[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -190,6 +218,20 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(typename F::Args w, c
       cur[r] = nxt[r];
     }
   }
+}
+
+// The lanes' partial sums meet through shuffles, the S warps' in shared memory (fixed order).
+template <class F, int R, int S>
+__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(typename F::Args w, const uint4* __restrict__ xw,
+                                                             const float* __restrict__ dx,
+                                                             const int* __restrict__ xs, float* __restrict__ out,
+                                                             int n, int nb) {
+  static_assert(kWarps % S == 0);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, part = warp % S;
+  const int row0 = (blockIdx.x * (kWarps / S) + warp / S) * R;
+  const bool live = row0 < n;  // n % R == 0: a group's rows are all in or all out
+  float acc[R];
+  lane_sums<F, R, S>(w, xw, dx, xs, nb, row0, live, part, lane, acc);
 #pragma unroll
   for (int r = 0; r < R; ++r) {
 #pragma unroll
@@ -223,63 +265,78 @@ struct Operands {
   int n, nb;
 };
 
+template <int R_, int S_>
+struct Tiling {
+  static constexpr int R = R_, S = S_;
+};
+
+// The tilings built, rows a warp x warps a row (gemv_cuda.TILINGS): fn(Tiling<R, S>{}), false if none.
+template <class Fn>
+bool with_tiling(int64_t tiling, Fn&& fn) {
+  switch (tiling) {
+    case 41: fn(Tiling<4, 1>{}); return true;
+    case 42: fn(Tiling<4, 2>{}); return true;
+    case 24: fn(Tiling<2, 4>{}); return true;
+    default: return false;
+  }
+}
+
 template <class F, int R, int S>
 cudaError_t launch(cudaStream_t stream, const typename F::Args& w, const Operands& o) {
-  static const cudaError_t attr =  // L1 over shared memory: the kernel uses none
+  static const cudaError_t attr =  // L1 over shared memory: the kernel uses next to none
       cudaFuncSetAttribute(gemv_kernel<F, R, S>, cudaFuncAttributePreferredSharedMemoryCarveout, 0);
   if (attr != cudaSuccess) return attr;
   constexpr int kRows = R * kWarps / S;  // a block's
-  gemv_kernel<F, R, S><<<(o.n + kRows - 1) / kRows, kWarps * 32, 0, stream>>>(w, static_cast<const uint4*>(o.xw),
-                                                            static_cast<const float*>(o.dx),
-                                                            static_cast<const int*>(o.xs), o.out, o.n, o.nb);
+  gemv_kernel<F, R, S><<<(o.n + kRows - 1) / kRows, kWarps * 32, 0, stream>>>(
+      w, static_cast<const uint4*>(o.xw), static_cast<const float*>(o.dx), static_cast<const int*>(o.xs), o.out,
+      o.n, o.nb);
   return cudaGetLastError();
 }
 
-// The tilings built: rows a warp x warps a row (gemv_cuda.TILINGS).
+// The kernel's lanes one after another on the host (the lanes' sums added in another order).
+template <class F, int R, int S>
+void host_gemv(const typename F::Args& w, const Operands& o) {
+  for (int row0 = 0; row0 < o.n; row0 += R) {
+    float total[R] = {};
+    for (int part = 0; part < S; ++part) {
+      for (int lane = 0; lane < 32; ++lane) {
+        float acc[R];
+        lane_sums<F, R, S>(w, static_cast<const uint4*>(o.xw), static_cast<const float*>(o.dx),
+                           static_cast<const int*>(o.xs), o.nb, row0, true, part, lane, acc);
+        for (int r = 0; r < R; ++r) total[r] += acc[r];
+      }
+    }
+    for (int r = 0; r < R; ++r) o.out[row0 + r] = total[r];
+  }
+}
+
+// The QTensor's arrays in sorted field order, then the activations (words, scales, sums).
 template <class F>
-ffi::Error run(cudaStream_t stream, int64_t tiling, const typename F::Args& w, ffi::AnyBuffer first,
-               ffi::AnyBuffer xw, ffi::AnyBuffer dx, ffi::AnyBuffer xs, ffi::Result<ffi::Buffer<ffi::F32>> out) {
-  const auto dims = first.dimensions();  // [N, super-blocks]
+ffi::Error run(cudaStream_t stream, int64_t tiling, ffi::AnyBuffer a0, ffi::AnyBuffer a1, ffi::AnyBuffer a2,
+               ffi::AnyBuffer a3, ffi::AnyBuffer xw, ffi::AnyBuffer dx, ffi::AnyBuffer xs,
+               ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  const auto dims = a0.dimensions();  // d: [N, super-blocks]
   if (dims.size() != 2) return ffi::Error::InvalidArgument("gemv_cuda: scales must be [N, blocks]");
   const int64_t n = dims[0], nb = dims[1];
   if (n % (tiling / 10) || xw.element_count() != static_cast<size_t>(nb * 8 * 16) ||
       out->element_count() != static_cast<size_t>(n)) {
     return ffi::Error::InvalidArgument("gemv_cuda: operand shapes do not match");
   }
+  const void* arrays[] = {a0.untyped_data(), a1.untyped_data(), a2.untyped_data(), a3.untyped_data()};
   const Operands o{xw.untyped_data(), dx.untyped_data(), xs.untyped_data(), out->typed_data(), static_cast<int>(n),
                    static_cast<int>(nb)};
-  cudaError_t err;
-  switch (tiling) {
-    case 41: err = launch<F, 4, 1>(stream, w, o); break;
-    case 42: err = launch<F, 4, 2>(stream, w, o); break;
-    case 24: err = launch<F, 2, 4>(stream, w, o); break;
-    default: return ffi::Error::InvalidArgument("gemv_cuda: no kernel for this tiling");
+  cudaError_t err = cudaSuccess;
+  if (!with_tiling(tiling, [&](auto t) { err = launch<F, decltype(t)::R, decltype(t)::S>(stream, F::args(arrays), o); })) {
+    return ffi::Error::InvalidArgument("gemv_cuda: no kernel for this tiling");
   }
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("gemv_cuda: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }
 
-// Arrays in the QTensor's sorted field order, then the activations (words, scales, sums).
-ffi::Error q4_k(cudaStream_t stream, int64_t tiling, ffi::AnyBuffer d, ffi::AnyBuffer dmin, ffi::AnyBuffer qs,
-                ffi::AnyBuffer scales, ffi::AnyBuffer xw, ffi::AnyBuffer dx, ffi::AnyBuffer xs,
-                ffi::Result<ffi::Buffer<ffi::F32>> out) {
-  const Q4K::Args w{static_cast<const __half*>(d.untyped_data()), static_cast<const __half*>(dmin.untyped_data()),
-                    static_cast<const uint4*>(qs.untyped_data()), static_cast<const uint32_t*>(scales.untyped_data())};
-  return run<Q4K>(stream, tiling, w, d, xw, dx, xs, out);
-}
-
-ffi::Error q6_k(cudaStream_t stream, int64_t tiling, ffi::AnyBuffer d, ffi::AnyBuffer qh, ffi::AnyBuffer ql,
-                ffi::AnyBuffer scales, ffi::AnyBuffer xw, ffi::AnyBuffer dx, ffi::AnyBuffer xs,
-                ffi::Result<ffi::Buffer<ffi::F32>> out) {
-  const Q6K::Args w{static_cast<const __half*>(d.untyped_data()), static_cast<const uint4*>(qh.untyped_data()),
-                    static_cast<const uint4*>(ql.untyped_data()), static_cast<const int8_t*>(scales.untyped_data())};
-  return run<Q6K>(stream, tiling, w, d, xw, dx, xs, out);
-}
-
 }  // namespace
 
-#define JQ_GEMV_HANDLER(name, fn)                                                                    \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, fn,                                                            \
+#define JQ_GEMV_HANDLER(name, F)                                                                     \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, run<F>,                                                        \
                                 ffi::Ffi::Bind()                                                     \
                                     .Ctx<ffi::PlatformStream<cudaStream_t>>()                        \
                                     .Attr<int64_t>("tiling")                                         \
@@ -292,5 +349,17 @@ ffi::Error q6_k(cudaStream_t stream, int64_t tiling, ffi::AnyBuffer d, ffi::AnyB
                                     .Arg<ffi::AnyBuffer>()                                           \
                                     .Ret<ffi::Buffer<ffi::F32>>());
 
-JQ_GEMV_HANDLER(jq_gemv_q4_k, q4_k)
-JQ_GEMV_HANDLER(jq_gemv_q6_k, q6_k)
+JQ_GEMV_HANDLER(jq_gemv_q4_k, Q4K)
+JQ_GEMV_HANDLER(jq_gemv_q6_k, Q6K)
+
+// The same product on the CPU (tests): 0, or 1 for an unknown format, 2 for an unknown tiling.
+extern "C" int jq_gemv_host(const char* fmt, int64_t tiling, const void* const* arrays, const void* xw,
+                            const void* dx, const void* xs, float* out, int n, int nb) {
+  const Operands o{xw, dx, xs, out, n, nb};
+  const auto on = [&](auto format) {
+    using F = decltype(format);
+    return with_tiling(tiling, [&](auto t) { host_gemv<F, decltype(t)::R, decltype(t)::S>(F::args(arrays), o); }) ? 0 : 2;
+  };
+  const std::string name(fmt);
+  return name == "Q4_K" ? on(Q4K{}) : name == "Q6_K" ? on(Q6K{}) : 1;
+}

@@ -1,6 +1,7 @@
-"""The CUDA gemv's build on a machine without a GPU: nvcc compiles it for Hopper with no spills, the
-library exports XLA FFI handlers, and qdot keeps to Triton's kernels where it cannot run (the
-kernels' numbers are checked on the GPU: tests/gpu/check_kernels.py)."""
+"""The CUDA gemv on a machine without a GPU: nvcc compiles it for Hopper with no spills, the library
+exports its XLA FFI handlers, and its lanes' code, run one lane after another on the host
+(``jq_gemv_host``), equals dequantize + dot; qdot keeps to Triton's kernels where it cannot run.
+(The kernels themselves run in tests/gpu/check_kernels.py on the GPU.)"""
 
 from __future__ import annotations
 
@@ -9,20 +10,31 @@ import re
 import subprocess
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import pallas_kernels
 from pallas_kernels import gemv_cuda
+from pallas_kernels.gemv import quantize_activations
 from pallas_kernels.testing import random_qtensor
 
 
-def test_builds_for_hopper_without_spills(tmp_path):
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
     assert gemv_cuda.nvcc() is not None, "nvcc is part of this machine's image (and of the GPU's)"
-    lib = gemv_cuda.build("90", tmp_path)
-    assert gemv_cuda.build("90", tmp_path) == lib  # cached
-    handlers = ctypes.CDLL(str(lib))
+    cache = tmp_path_factory.mktemp("cuda")
+    path = gemv_cuda.build("90", cache)
+    assert gemv_cuda.build("90", cache) == path  # cached
+    handle = ctypes.CDLL(str(path))
+    handle.jq_gemv_host.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p),
+                                    *[ctypes.c_void_p] * 4, ctypes.c_int, ctypes.c_int]
+    return handle
+
+
+def test_builds_for_hopper_without_spills(lib, tmp_path):
     for name in gemv_cuda.FORMATS.values():
-        assert getattr(handlers, name)
+        assert getattr(lib, name)
     report = subprocess.run(gemv_cuda.compile_command(gemv_cuda.nvcc(), "90", tmp_path / "v.so", "-Xptxas", "-v"),
                             capture_output=True, text=True, check=True).stderr
     kernels = re.findall(r"Compiling entry function '(\w+)'", report)
@@ -31,6 +43,39 @@ def test_builds_for_hopper_without_spills(tmp_path):
     assert len(spills) == len(kernels) and all(s == ("0", "0") for s in spills)
     registers = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
     assert max(registers) <= 128  # 4 blocks of 128 threads an SM at least
+
+
+def host_gemv(lib, x: jax.Array, w, tiling: tuple[int, int]) -> np.ndarray:
+    """The kernel's lanes run on the host, fed as the FFI call feeds the kernel."""
+    acts = [np.ascontiguousarray(np.asarray(a)) for a in quantize_activations(x[0], interpret=True)]
+    arrays = [np.ascontiguousarray(np.asarray(w.arrays[k])) for k in sorted(w.arrays)]
+    n, nb = w.shape[0], w.shape[1] // 256
+    out = np.full(n, np.nan, np.float32)
+    rows, warps = tiling
+    rc = lib.jq_gemv_host(w.fmt.encode(), 10 * rows + warps, (ctypes.c_void_p * 4)(*(a.ctypes.data for a in arrays)),
+                          *(a.ctypes.data for a in acts), out.ctypes.data, n, nb)
+    assert rc == 0
+    return out
+
+
+@pytest.mark.parametrize("tiling", gemv_cuda.TILINGS)
+@pytest.mark.parametrize("fmt", sorted(gemv_cuda.FORMATS))
+def test_lanes_equal_dequantize_dot(lib, fmt, tiling):
+    """37 super-blocks a row: every warp of a row takes 2 or more steps, the last stopping part-way
+    (4, 8 or 16 super-blocks a step)."""
+    n, k = 48, 37 * 256
+    key = jax.random.key(len(fmt) + tiling[0] + 10 * tiling[1])
+    w = random_qtensor(fmt, n, k, key)
+    x = jax.random.normal(jax.random.fold_in(key, 1), (1, k), jnp.float32)
+    ref = np.asarray(jnp.dot(x, w.dequantize(jnp.float32).T, precision=jax.lax.Precision.HIGHEST))[0]
+    y = host_gemv(lib, x, w, tiling)
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 2e-3
+
+
+def test_host_entry_rejects_unknown_format_and_tiling(lib):
+    null = (ctypes.c_void_p * 4)()
+    assert lib.jq_gemv_host(b"Q5_K", 41, null, None, None, None, None, 0, 0) == 1
+    assert lib.jq_gemv_host(b"Q4_K", 44, null, None, None, None, None, 0, 0) == 2
 
 
 @pytest.mark.parametrize("fmt", sorted(gemv_cuda.FORMATS))
