@@ -1,4 +1,4 @@
-// Matrix-vector products of the K-quants (Q4_K, Q6_K) at M = 1 in CUDA, called from JAX through the
+// Matrix-vector products of Q4_K, Q6_K and Q8_0 weights at M = 1 in CUDA, called from JAX through the
 // XLA FFI (gemv_cuda.py builds this file with the device's nvcc at first use).
 //
 // Same arithmetic as gemv.py (int16 activations per 32 with float32 scales and integer sums, dp2a
@@ -90,6 +90,7 @@ JQ_HD int dot16(const uint32_t (&q)[4], const XHalf& x) {
 // nibbles 2g + 1, 6-bit scales and mins packed in 12 bytes (ggml's get_scale_min_k4). Lane chunk c
 // (16 qs bytes) is group c / 2, elements 16 (c % 2) .. + 15 of both sub-blocks.
 struct Q4K {
+  static constexpr int kArrays = 4, kUnitBlocks = 1, kUnitX32 = 8;  // a unit: one super-block
   struct Args {
     const __half* d;
     const __half* dmin;
@@ -148,6 +149,7 @@ struct Q4K {
 // Lane chunk c (16 ql bytes, c = 4 h + 2 (j % 2) + l / 16) holds quarters j = c / 2 % 2 (low
 // nibbles) and j + 2 (high), 16 elements each.
 struct Q6K {
+  static constexpr int kArrays = 4, kUnitBlocks = 1, kUnitX32 = 8;
   struct Args {
     const __half* d;
     const uint4* qh;
@@ -190,8 +192,36 @@ struct Q6K {
   }
 };
 
-// A group of S warps owns rows row0 .. row0 + R - 1 and splits K: a step of a warp reads 4 super-
-// blocks of each row (lane = 8 (super-block within 4) + chunk), the group's warps interleaved; the
+// Q8_0: blocks of 32 int8 codes with a float16 scale. A unit is 4 blocks (128 qs bytes); lane chunk
+// c is half c % 2 of block c / 2.
+struct Q80 {
+  static constexpr int kArrays = 2, kUnitBlocks = 4, kUnitX32 = 4;
+  struct Args {
+    const __half* d;
+    const uint4* qs;
+  };
+  static Args args(const void* const* a) {
+    return {static_cast<const __half*>(a[0]), static_cast<const uint4*>(a[1])};
+  }
+  struct W {
+    uint4 q;
+    float d;
+  };
+  using X = XHalf;
+  static JQ_HD W load_w(const Args& w, size_t unit, int c) {
+    return {ld_stream(w.qs + 8 * unit + c), __half2float(w.d[4 * unit + (c >> 1)])};
+  }
+  static JQ_HD X load_x(const uint4* xw, const float* dx, const int* xs, int unit, int c) {
+    return x_half(xw, dx, xs, 4 * unit + (c >> 1), c & 1);
+  }
+  static JQ_HD float dot(const W& w, const X& x, int) {
+    const uint32_t q[4] = {w.q.x, w.q.y, w.q.z, w.q.w};
+    return w.d * x.dx * static_cast<float>(dot16(q, x));
+  }
+};
+
+// A group of S warps owns rows row0 .. row0 + R - 1 and splits K: a step of a warp reads 4 units of
+// 128 code bytes of each row (lane = 8 (unit within 4) + chunk), the group's warps interleaved; the
 // next step's weights are loaded before this step's are used. This is one lane's share: part
 // ``part`` of the group, its partial sum of each row (0 where the rows are past N: not ``live``).
 template <class F, int R, int S>
@@ -312,21 +342,32 @@ void host_gemv(const typename F::Args& w, const Operands& o) {
 
 // The QTensor's arrays in sorted field order, then the activations (words, scales, sums).
 template <class F>
-ffi::Error run(cudaStream_t stream, int64_t tiling, ffi::AnyBuffer a0, ffi::AnyBuffer a1, ffi::AnyBuffer a2,
-               ffi::AnyBuffer a3, ffi::AnyBuffer xw, ffi::AnyBuffer dx, ffi::AnyBuffer xs,
-               ffi::Result<ffi::Buffer<ffi::F32>> out) {
-  const auto dims = a0.dimensions();  // d: [N, super-blocks]
-  if (dims.size() != 2) return ffi::Error::InvalidArgument("gemv_cuda: scales must be [N, blocks]");
-  const int64_t n = dims[0], nb = dims[1];
-  if (n % (tiling / 10) || xw.element_count() != static_cast<size_t>(nb * 8 * 16) ||
+ffi::Error run(cudaStream_t stream, int64_t tiling, ffi::RemainingArgs args, ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  if (args.size() != F::kArrays + 3) return ffi::Error::InvalidArgument("gemv_cuda: wrong number of operands");
+  const void* data[F::kArrays + 3];
+  int64_t n = 0, blocks = 0;
+  size_t words = 0;
+  for (int i = 0; i < F::kArrays + 3; ++i) {
+    const auto b = args.get<ffi::AnyBuffer>(i);
+    if (b.has_error()) return b.error();
+    data[i] = b->untyped_data();
+    if (i == 0) {  // d: [N, blocks]
+      const auto dims = b->dimensions();
+      if (dims.size() != 2) return ffi::Error::InvalidArgument("gemv_cuda: scales must be [N, blocks]");
+      n = dims[0];
+      blocks = dims[1];
+    }
+    if (i == F::kArrays) words = b->element_count();
+  }
+  const int64_t nb = blocks / F::kUnitBlocks;
+  if (blocks % F::kUnitBlocks || n % (tiling / 10) || words != static_cast<size_t>(nb * F::kUnitX32 * 16) ||
       out->element_count() != static_cast<size_t>(n)) {
     return ffi::Error::InvalidArgument("gemv_cuda: operand shapes do not match");
   }
-  const void* arrays[] = {a0.untyped_data(), a1.untyped_data(), a2.untyped_data(), a3.untyped_data()};
-  const Operands o{xw.untyped_data(), dx.untyped_data(), xs.untyped_data(), out->typed_data(), static_cast<int>(n),
-                   static_cast<int>(nb)};
+  const Operands o{data[F::kArrays], data[F::kArrays + 1], data[F::kArrays + 2], out->typed_data(),
+                   static_cast<int>(n), static_cast<int>(nb)};
   cudaError_t err = cudaSuccess;
-  if (!with_tiling(tiling, [&](auto t) { err = launch<F, decltype(t)::R, decltype(t)::S>(stream, F::args(arrays), o); })) {
+  if (!with_tiling(tiling, [&](auto t) { err = launch<F, decltype(t)::R, decltype(t)::S>(stream, F::args(data), o); })) {
     return ffi::Error::InvalidArgument("gemv_cuda: no kernel for this tiling");
   }
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("gemv_cuda: ") + cudaGetErrorString(err));
@@ -335,24 +376,19 @@ ffi::Error run(cudaStream_t stream, int64_t tiling, ffi::AnyBuffer a0, ffi::AnyB
 
 }  // namespace
 
-#define JQ_GEMV_HANDLER(name, F)                                                                     \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, run<F>,                                                        \
-                                ffi::Ffi::Bind()                                                     \
-                                    .Ctx<ffi::PlatformStream<cudaStream_t>>()                        \
-                                    .Attr<int64_t>("tiling")                                         \
-                                    .Arg<ffi::AnyBuffer>()                                           \
-                                    .Arg<ffi::AnyBuffer>()                                           \
-                                    .Arg<ffi::AnyBuffer>()                                           \
-                                    .Arg<ffi::AnyBuffer>()                                           \
-                                    .Arg<ffi::AnyBuffer>()                                           \
-                                    .Arg<ffi::AnyBuffer>()                                           \
-                                    .Arg<ffi::AnyBuffer>()                                           \
+#define JQ_GEMV_HANDLER(name, F)                                                                          \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, run<F>,                                                             \
+                                ffi::Ffi::Bind()                                                          \
+                                    .Ctx<ffi::PlatformStream<cudaStream_t>>()                             \
+                                    .Attr<int64_t>("tiling")                                              \
+                                    .RemainingArgs()                                                      \
                                     .Ret<ffi::Buffer<ffi::F32>>());
 
 JQ_GEMV_HANDLER(jq_gemv_q4_k, Q4K)
 JQ_GEMV_HANDLER(jq_gemv_q6_k, Q6K)
+JQ_GEMV_HANDLER(jq_gemv_q8_0, Q80)
 
-// The same product on the CPU (tests): 0, or 1 for an unknown format, 2 for an unknown tiling.
+// The same product on the CPU (tests), nb in units: 0, or 1 for an unknown format, 2 for an unknown tiling.
 extern "C" int jq_gemv_host(const char* fmt, int64_t tiling, const void* const* arrays, const void* xw,
                             const void* dx, const void* xs, float* out, int n, int nb) {
   const Operands o{xw, dx, xs, out, n, nb};
@@ -361,5 +397,5 @@ extern "C" int jq_gemv_host(const char* fmt, int64_t tiling, const void* const* 
     return with_tiling(tiling, [&](auto t) { host_gemv<F, decltype(t)::R, decltype(t)::S>(F::args(arrays), o); }) ? 0 : 2;
   };
   const std::string name(fmt);
-  return name == "Q4_K" ? on(Q4K{}) : name == "Q6_K" ? on(Q6K{}) : 1;
+  return name == "Q4_K" ? on(Q4K{}) : name == "Q6_K" ? on(Q6K{}) : name == "Q8_0" ? on(Q80{}) : 1;
 }

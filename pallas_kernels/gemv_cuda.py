@@ -1,4 +1,5 @@
-"""The K-quant matrix-vector products (M = 1) as CUDA kernels, called through the XLA FFI.
+"""Matrix-vector products (M = 1) of Q4_K, Q6_K and Q8_0 weights as CUDA kernels, called through the
+XLA FFI.
 
 ``gemv_cuda.cu`` holds the kernels; this module compiles it with the machine's ``nvcc`` at first use
 (a few seconds; cached under ``$JAXQUANT_CACHE/cuda`` by the source's and the toolchain's hash),
@@ -32,7 +33,12 @@ from jaxquant.qtensor import QTensor
 from pallas_kernels.gemv import quantize_activations
 
 SOURCE = Path(__file__).with_name("gemv_cuda.cu")
-FORMATS = {"Q4_K": "jq_gemv_q4_k", "Q6_K": "jq_gemv_q6_k"}
+FORMATS = {"Q4_K": "jq_gemv_q4_k", "Q6_K": "jq_gemv_q6_k", "Q8_0": "jq_gemv_q8_0"}
+UNIT = {"Q4_K": 256, "Q6_K": 256, "Q8_0": 128}  # weights whose codes fill 128 bytes: K is whole units
+# What qdot sends here: formats whose CUDA gemv was timed on the GPU faster than their Triton one
+# (benchmarks/RESULTS.md). Q8_0's is checked on the CPU (tests/test_gemv_cuda.py) but not yet timed;
+# benchmarks/qmatmul.py --sweep and tests/gpu/check_kernels.py reach it by name.
+SELECTED = frozenset({"Q4_K", "Q6_K"})
 # (rows a warp, warps splitting a row's K): the template instances, each some shape's fastest
 TILINGS = ((4, 1), (4, 2), (2, 4))
 
@@ -87,7 +93,7 @@ def available() -> bool:
 
 
 def supports(fmt: str, m: int, n: int, k: int) -> bool:
-    return m == 1 and k % 256 == 0 and n % 4 == 0 and available()
+    return fmt in SELECTED and m == 1 and k % UNIT[fmt] == 0 and n % 4 == 0 and available()
 
 
 def default_tiling(n: int) -> tuple[int, int]:
@@ -99,7 +105,7 @@ def default_tiling(n: int) -> tuple[int, int]:
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
 def gemv(x: jax.Array, w: QTensor, tiling: tuple[int, int] | None = None, interpret: bool = False) -> jax.Array:
-    """``x [1, K] @ dequantize(w).T`` -> ``[1, N]`` float32 for a Q4_K or Q6_K ``w``; ``tiling``:
+    """``x [1, K] @ dequantize(w).T`` -> ``[1, N]`` float32 for a ``w`` of one of ``FORMATS``; ``tiling``:
     one of ``TILINGS`` (default ``default_tiling``)."""
     if interpret:
         raise JaxquantError("gemv_cuda has no interpreter; use the Triton gemv")

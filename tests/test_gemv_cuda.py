@@ -49,7 +49,7 @@ def host_gemv(lib, x: jax.Array, w, tiling: tuple[int, int]) -> np.ndarray:
     """The kernel's lanes run on the host, fed as the FFI call feeds the kernel."""
     acts = [np.ascontiguousarray(np.asarray(a)) for a in quantize_activations(x[0], interpret=True)]
     arrays = [np.ascontiguousarray(np.asarray(w.arrays[k])) for k in sorted(w.arrays)]
-    n, nb = w.shape[0], w.shape[1] // 256
+    n, nb = w.shape[0], w.shape[1] // gemv_cuda.UNIT[w.fmt]
     out = np.full(n, np.nan, np.float32)
     rows, warps = tiling
     rc = lib.jq_gemv_host(w.fmt.encode(), 10 * rows + warps, (ctypes.c_void_p * 4)(*(a.ctypes.data for a in arrays)),
@@ -61,8 +61,8 @@ def host_gemv(lib, x: jax.Array, w, tiling: tuple[int, int]) -> np.ndarray:
 @pytest.mark.parametrize("tiling", gemv_cuda.TILINGS)
 @pytest.mark.parametrize("fmt", sorted(gemv_cuda.FORMATS))
 def test_lanes_equal_dequantize_dot(lib, fmt, tiling):
-    """37 super-blocks a row: every warp of a row takes 2 or more steps, the last stopping part-way
-    (4, 8 or 16 super-blocks a step)."""
+    """37 super-blocks a row (74 units of Q8_0): every warp of a row takes 2 or more steps, the last
+    stopping part-way (4, 8 or 16 units a step)."""
     n, k = 48, 37 * 256
     key = jax.random.key(len(fmt) + tiling[0] + 10 * tiling[1])
     w = random_qtensor(fmt, n, k, key)
@@ -80,11 +80,12 @@ def test_host_entry_rejects_unknown_format_and_tiling(lib):
 
 @pytest.mark.parametrize("fmt", sorted(gemv_cuda.FORMATS))
 def test_selected_only_where_it_runs(fmt):
-    """The CUDA gemv is qdot's choice at M = 1 only where it is built (a GPU with nvcc), never
-    under the Pallas interpreter."""
+    """The CUDA gemv is qdot's choice at M = 1 only for the formats timed faster on the GPU and
+    where it is built (a GPU with nvcc), never under the Pallas interpreter."""
     w = random_qtensor(fmt, 64, 512, jax.random.key(0))
     assert pallas_kernels.lookup(fmt, "gemv", "cuda") is not None
-    assert pallas_kernels.select(w, 1).backend == ("cuda" if gemv_cuda.available() else "triton")
+    cuda = gemv_cuda.available() and fmt in gemv_cuda.SELECTED
+    assert pallas_kernels.select(w, 1).backend == ("cuda" if cuda else "triton")
     assert pallas_kernels.select(w, 1, interpret=True).backend == "triton"
 
 

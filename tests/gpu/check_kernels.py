@@ -3,8 +3,8 @@
     python tests/gpu/check_kernels.py [--formats Q4_0,Q4_K] [--m 1,3,16,128,2048]
 
 Each registered format, M and shape (``KxN``, not powers of two by default) gets random packed
-bytes and bf16 activations; the kernel ``qdot`` selects (and, where the CUDA gemv is selected,
-its other tilings and the Triton gemv it displaces) must match the float32 reference to a relative error (Frobenius norm) below 2e-3.
+bytes and bf16 activations; the kernel ``qdot`` selects (and, at M = 1, every tiling of the CUDA
+gemv of the format, and the Triton gemv where the CUDA one displaces it) must match the float32 reference to a relative error (Frobenius norm) below 2e-3.
 Exits non-zero on any failure or a missing kernel.
 """
 
@@ -50,12 +50,13 @@ def main() -> int:
                     print(f"FAIL {fmt} {shape} M={m}: no kernel selected")
                     return 1
                 cases.append((fmt, shape, m, x, w, kern))
-                if kern.backend == "cuda":  # its other tilings, and the Triton gemv it displaces
+                if m == 1 and fmt in gemv_cuda.FORMATS and gemv_cuda.available():  # each tiling, selected or not
+                    cuda = pk.lookup(fmt, "gemv", "cuda")
                     for t in gemv_cuda.TILINGS:
-                        if t != gemv_cuda.default_tiling(n):
-                            fn = functools.partial(gemv_cuda.gemv, tiling=t)
-                            cases.append((fmt, shape, m, x, w, dataclasses.replace(kern, fmt=f"{fmt} {t}", fn=fn)))
-                    cases.append((fmt, shape, m, x, w, pk.lookup(fmt, "gemv", "triton")))
+                        fn = functools.partial(gemv_cuda.gemv, tiling=t)
+                        cases.append((fmt, shape, m, x, w, dataclasses.replace(cuda, fmt=f"{fmt} {t}", fn=fn)))
+                    if kern.backend == "cuda":  # and the Triton gemv it displaces
+                        cases.append((fmt, shape, m, x, w, pk.lookup(fmt, "gemv", "triton")))
 
     def compile_case(case):
         *_, x, w, kern = case
