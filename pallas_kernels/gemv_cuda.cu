@@ -1,4 +1,4 @@
-// Matrix-vector products of Q4_K, Q6_K and Q8_0 weights at M = 1 in CUDA, called from JAX through the
+// Matrix-vector products of llama.cpp's 4- to 8-bit block formats at M = 1 in CUDA, called from JAX through the
 // XLA FFI (gemv_cuda.py builds this file with the device's nvcc at first use).
 //
 // Same arithmetic as gemv.py (int16 activations per 32 with float32 scales and integer sums, dp2a
@@ -59,6 +59,18 @@ JQ_HD int dp2a(uint32_t a, uint32_t b, int c) {
 #endif
 }
 
+// prmt: byte k of the result is byte (selector nibble k & 7) of the 8 bytes y:x.
+JQ_HD uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
+#ifdef __CUDA_ARCH__
+  return __byte_perm(x, y, s);
+#else
+  const uint64_t v = (static_cast<uint64_t>(y) << 32) | x;
+  uint32_t r = 0;
+  for (int k = 0; k < 4; ++k) r |= static_cast<uint32_t>((v >> (8 * ((s >> (4 * k)) & 7))) & 0xFF) << (8 * k);
+  return r;
+#endif
+}
+
 JQ_HD uint32_t comp(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -74,6 +86,11 @@ struct XHalf {
 JQ_HD XHalf x_half(const uint4* xw, const float* dx, const int* xsum, int block, int h) {
   return {ldg(xw + 4 * block + h), ldg(xw + 4 * block + 2 + h), ldg(dx + block), ldg(xsum + 4 * block + h)};
 }
+
+// The two half blocks a lane's 16 code bytes pair with (which ones: the format's load_x).
+struct XPair {
+  XHalf a, b;
+};
 
 // The int32 dot of 16 byte codes (4 words, element 4i + k in byte k of word i) with a half block.
 JQ_HD int dot16(const uint32_t (&q)[4], const XHalf& x) {
@@ -109,9 +126,7 @@ struct Q4K {
     uint32_t s0, s1, s2;
     float d, dmin;
   };
-  struct X {
-    XHalf a, b;
-  };
+  using X = XPair;
   static JQ_HD W load_w(const Args& w, size_t blk, int c) {
     const uint32_t* s = w.scales + 3 * blk;
     return {ld_stream(w.qs + 8 * blk + c), ldg(s), ldg(s + 1), ldg(s + 2), __half2float(w.d[blk]),
@@ -129,6 +144,10 @@ struct Q4K {
       lo[i] = v & 0x0F0F0F0Fu;
       hi[i] = (v >> 4) & 0x0F0F0F0Fu;
     }
+    return dot_codes(w, lo, hi, x, c);
+  }
+  // The codes of sub-blocks 2g (a) and 2g + 1 (b), g = c / 2, times the activations, scaled.
+  static JQ_HD float dot_codes(const W& w, const uint32_t (&a)[4], const uint32_t (&b)[4], const X& x, int c) {
     // sub-blocks j = 2g, 2g + 1 are bytes k, k + 1 of the scale words, k = 2 (g % 2); g >= 2
     // takes 4 bits from word 2 and the top 2 from words 0 / 1.
     const int g = c >> 1, sh = 16 * (g & 1);
@@ -136,8 +155,8 @@ struct Q4K {
     const bool upper = g >= 2;
     const uint32_t sc = upper ? (t2 & 0x0F0Fu) | ((t0 >> 2) & 0x3030u) : t0 & 0x3F3Fu;
     const uint32_t mn = upper ? ((t2 >> 4) & 0x0F0Fu) | ((t1 >> 2) & 0x3030u) : t1 & 0x3F3Fu;
-    const float s = static_cast<float>(sc & 0xFF) * x.a.dx * static_cast<float>(dot16(lo, x.a)) +
-                    static_cast<float>(sc >> 8) * x.b.dx * static_cast<float>(dot16(hi, x.b));
+    const float s = static_cast<float>(sc & 0xFF) * x.a.dx * static_cast<float>(dot16(a, x.a)) +
+                    static_cast<float>(sc >> 8) * x.b.dx * static_cast<float>(dot16(b, x.b));
     const float m = static_cast<float>(mn & 0xFF) * x.a.dx * static_cast<float>(x.a.sum) +
                     static_cast<float>(mn >> 8) * x.b.dx * static_cast<float>(x.b.sum);
     return w.d * s - w.dmin * m;
@@ -164,9 +183,7 @@ struct Q6K {
     uint4 ql, qh;
     float sa, sb, d;
   };
-  struct X {
-    XHalf a, b;
-  };
+  using X = XPair;
   static JQ_HD W load_w(const Args& w, size_t blk, int c) {
     const int h = c >> 2, lh = c & 1, g = 8 * h + 2 * ((c >> 1) & 1) + lh;
     const int8_t* s = w.scales + 16 * blk;
@@ -217,6 +234,199 @@ struct Q80 {
   static JQ_HD float dot(const W& w, const X& x, int) {
     const uint32_t q[4] = {w.q.x, w.q.y, w.q.z, w.q.w};
     return w.d * x.dx * static_cast<float>(dot16(q, x));
+  }
+};
+
+// Blocks of 32 with 16 nibble bytes (Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL): byte j holds element j (low
+// nibble) and j + 16 (high). A unit is 8 blocks; lane chunk c is block c of the unit, whole.
+struct Nibbles32 {
+  static constexpr int kUnitBlocks = 8, kUnitX32 = 8;
+  using X = XPair;
+  static JQ_HD X load_x(const uint4* xw, const float* dx, const int* xs, int unit, int c) {
+    return {x_half(xw, dx, xs, 8 * unit + c, 0), x_half(xw, dx, xs, 8 * unit + c, 1)};
+  }
+  static JQ_HD void planes(const uint4& q, uint32_t (&lo)[4], uint32_t (&hi)[4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      lo[i] = comp(q, i) & 0x0F0F0F0Fu;
+      hi[i] = (comp(q, i) >> 4) & 0x0F0F0F0Fu;
+    }
+  }
+  // Bits 4i .. 4i + 3 of b at bit 4 of bytes 0 .. 3 (the fifth bits of elements 4i ..): four
+  // shifted copies that do not overlap.
+  static JQ_HD uint32_t fifth_bits(uint32_t b, int i) { return (((b >> (4 * i)) & 0xFu) * 0x02040810u) & 0x10101010u; }
+};
+
+// Q4_0: d * (q - 8).  Q4_1: d * q + m.
+template <bool kMin>
+struct Q4Legacy : Nibbles32 {
+  static constexpr int kArrays = kMin ? 3 : 2;  // d[, m], qs
+  struct Args {
+    const __half* d;
+    const __half* m;
+    const uint4* qs;
+  };
+  static Args args(const void* const* a) {
+    return {static_cast<const __half*>(a[0]), kMin ? static_cast<const __half*>(a[1]) : nullptr,
+            static_cast<const uint4*>(a[kMin ? 2 : 1])};
+  }
+  struct W {
+    uint4 q;
+    float d, m;
+  };
+  static JQ_HD W load_w(const Args& w, size_t unit, int c) {
+    const size_t b = 8 * unit + c;
+    return {ld_stream(w.qs + b), __half2float(w.d[b]), kMin ? __half2float(w.m[b]) : 0.f};
+  }
+  static JQ_HD float dot(const W& w, const X& x, int) {
+    uint32_t lo[4], hi[4];
+    planes(w.q, lo, hi);
+    const float q = x.a.dx * static_cast<float>(dot16(lo, x.a) + dot16(hi, x.b));  // a.dx == b.dx: one block
+    const float sum = x.a.dx * static_cast<float>(x.a.sum + x.b.sum);
+    return kMin ? w.d * q + w.m * sum : w.d * (q - 8.f * sum);
+  }
+};
+
+// Q5_0: d * (q - 16), Q5_1: d * q + m, q's fifth bit j in bit j of the block's 32-bit qh.
+template <bool kMin>
+struct Q5Legacy : Nibbles32 {
+  static constexpr int kArrays = kMin ? 4 : 3;  // d[, m], qh, qs
+  struct Args {
+    const __half* d;
+    const __half* m;
+    const uint32_t* qh;
+    const uint4* qs;
+  };
+  static Args args(const void* const* a) {
+    return {static_cast<const __half*>(a[0]), kMin ? static_cast<const __half*>(a[1]) : nullptr,
+            static_cast<const uint32_t*>(a[kMin ? 2 : 1]), static_cast<const uint4*>(a[kMin ? 3 : 2])};
+  }
+  struct W {
+    uint4 q;
+    uint32_t h;
+    float d, m;
+  };
+  static JQ_HD W load_w(const Args& w, size_t unit, int c) {
+    const size_t b = 8 * unit + c;
+    return {ld_stream(w.qs + b), ldg(w.qh + b), __half2float(w.d[b]), kMin ? __half2float(w.m[b]) : 0.f};
+  }
+  static JQ_HD float dot(const W& w, const X& x, int) {
+    uint32_t lo[4], hi[4];
+    planes(w.q, lo, hi);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      lo[i] |= fifth_bits(w.h, i);
+      hi[i] |= fifth_bits(w.h >> 16, i);
+    }
+    const float q = x.a.dx * static_cast<float>(dot16(lo, x.a) + dot16(hi, x.b));
+    const float sum = x.a.dx * static_cast<float>(x.a.sum + x.b.sum);
+    return kMin ? w.d * q + w.m * sum : w.d * (q - 16.f * sum);
+  }
+};
+
+// IQ4's 16 non-linear values (kvalues_iq4nl) for 4 nibble bytes: two byte permutes of the table
+// (entries 0-7, 8-15), bit 3 of each nibble picks one.
+JQ_HD uint32_t iq4_values(uint32_t n) {
+  constexpr uint32_t t0 = 0xbfad9881u, t1 = 0xf6eaddcfu, t2 = 0x26190d01u, t3 = 0x71594535u;  // -127 .. 113, 4 a word
+  const uint32_t low3 = n & 0x07070707u, packed = low3 | (low3 >> 4);
+  const uint32_t sel = byte_perm(packed, 0, 0x3320);  // nibble k: element k's low 3 bits
+  const uint32_t upper = ((n >> 3) & 0x01010101u) * 0xFFu;
+  return (byte_perm(t0, t1, sel) & ~upper) | (byte_perm(t2, t3, sel) & upper);
+}
+
+// IQ4_NL: d * kvalues[q].
+struct IQ4NL : Nibbles32 {
+  static constexpr int kArrays = 2;  // d, qs
+  struct Args {
+    const __half* d;
+    const uint4* qs;
+  };
+  static Args args(const void* const* a) { return {static_cast<const __half*>(a[0]), static_cast<const uint4*>(a[1])}; }
+  struct W {
+    uint4 q;
+    float d;
+  };
+  static JQ_HD W load_w(const Args& w, size_t unit, int c) {
+    const size_t b = 8 * unit + c;
+    return {ld_stream(w.qs + b), __half2float(w.d[b])};
+  }
+  static JQ_HD float dot(const W& w, const X& x, int) {
+    uint32_t lo[4], hi[4];
+    planes(w.q, lo, hi);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      lo[i] = iq4_values(lo[i]);
+      hi[i] = iq4_values(hi[i]);
+    }
+    return w.d * x.a.dx * static_cast<float>(dot16(lo, x.a) + dot16(hi, x.b));
+  }
+};
+
+// IQ4_XS: super-blocks of 256, sub-block j (qs bytes 16 j ..) as an IQ4_NL block with a 6-bit scale
+// minus 32 (low 4 bits: nibble j of scales_l, high 2: bits 2j of scales_h). A unit is one super-
+// block; lane chunk c is sub-block c.
+struct IQ4XS {
+  static constexpr int kArrays = 4, kUnitBlocks = 1, kUnitX32 = 8;  // d, qs, scales_h, scales_l
+  struct Args {
+    const __half* d;
+    const uint4* qs;
+    const uint16_t* scales_h;
+    const uint32_t* scales_l;
+  };
+  static Args args(const void* const* a) {
+    return {static_cast<const __half*>(a[0]), static_cast<const uint4*>(a[1]), static_cast<const uint16_t*>(a[2]),
+            static_cast<const uint32_t*>(a[3])};
+  }
+  struct W {
+    uint4 q;
+    float scale;  // d * (ls - 32)
+  };
+  using X = XPair;
+  static JQ_HD W load_w(const Args& w, size_t blk, int c) {
+    const uint32_t ls = ((ldg(w.scales_l + blk) >> (4 * c)) & 0xFu) | ((ldg(w.scales_h + blk) >> (2 * c)) & 3u) << 4;
+    return {ld_stream(w.qs + 8 * blk + c), __half2float(w.d[blk]) * static_cast<float>(static_cast<int>(ls) - 32)};
+  }
+  static JQ_HD X load_x(const uint4* xw, const float* dx, const int* xs, int sb, int c) {
+    return {x_half(xw, dx, xs, 8 * sb + c, 0), x_half(xw, dx, xs, 8 * sb + c, 1)};
+  }
+  static JQ_HD float dot(const W& w, const X& x, int c) {
+    return IQ4NL::dot({w.q, w.scale}, x, c);
+  }
+};
+
+// Q5_K: Q4_K with a fifth bit a weight: element l of group g (sub-blocks 2g, 2g + 1) takes bits 2g,
+// 2g + 1 of qh byte l.
+struct Q5K {
+  static constexpr int kArrays = 5, kUnitBlocks = 1, kUnitX32 = 8;  // d, dmin, qh, qs, scales
+  struct Args {
+    Q4K::Args q4;
+    const uint4* qh;
+  };
+  static Args args(const void* const* a) {
+    const void* q4[] = {a[0], a[1], a[3], a[4]};
+    return {Q4K::args(q4), static_cast<const uint4*>(a[2])};
+  }
+  struct W {
+    Q4K::W q4;
+    uint4 h;
+  };
+  using X = XPair;
+  static JQ_HD W load_w(const Args& w, size_t blk, int c) {
+    return {Q4K::load_w(w.q4, blk, c), ld_stream(w.qh + 2 * blk + (c & 1))};
+  }
+  static JQ_HD X load_x(const uint4* xw, const float* dx, const int* xs, int sb, int c) {
+    return Q4K::load_x(xw, dx, xs, sb, c);
+  }
+  static JQ_HD float dot(const W& w, const X& x, int c) {
+    const int g = c >> 1;
+    uint32_t a[4], b[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t v = comp(w.q4.q, i), h = comp(w.h, i);
+      a[i] = (v & 0x0F0F0F0Fu) | (((h >> (2 * g)) & 0x01010101u) << 4);
+      b[i] = ((v >> 4) & 0x0F0F0F0Fu) | (((h >> (2 * g + 1)) & 0x01010101u) << 4);
+    }
+    return Q4K::dot_codes(w.q4, a, b, x, c);
   }
 };
 
@@ -387,6 +597,13 @@ ffi::Error run(cudaStream_t stream, int64_t tiling, ffi::RemainingArgs args, ffi
 JQ_GEMV_HANDLER(jq_gemv_q4_k, Q4K)
 JQ_GEMV_HANDLER(jq_gemv_q6_k, Q6K)
 JQ_GEMV_HANDLER(jq_gemv_q8_0, Q80)
+JQ_GEMV_HANDLER(jq_gemv_q5_k, Q5K)
+JQ_GEMV_HANDLER(jq_gemv_q4_0, Q4Legacy<false>)
+JQ_GEMV_HANDLER(jq_gemv_q4_1, Q4Legacy<true>)
+JQ_GEMV_HANDLER(jq_gemv_q5_0, Q5Legacy<false>)
+JQ_GEMV_HANDLER(jq_gemv_q5_1, Q5Legacy<true>)
+JQ_GEMV_HANDLER(jq_gemv_iq4_nl, IQ4NL)
+JQ_GEMV_HANDLER(jq_gemv_iq4_xs, IQ4XS)
 
 // The same product on the CPU (tests), nb in units: 0, or 1 for an unknown format, 2 for an unknown tiling.
 extern "C" int jq_gemv_host(const char* fmt, int64_t tiling, const void* const* arrays, const void* xw,
@@ -397,5 +614,15 @@ extern "C" int jq_gemv_host(const char* fmt, int64_t tiling, const void* const* 
     return with_tiling(tiling, [&](auto t) { host_gemv<F, decltype(t)::R, decltype(t)::S>(F::args(arrays), o); }) ? 0 : 2;
   };
   const std::string name(fmt);
-  return name == "Q4_K" ? on(Q4K{}) : name == "Q6_K" ? on(Q6K{}) : name == "Q8_0" ? on(Q80{}) : 1;
+  return name == "Q4_K"     ? on(Q4K{})
+         : name == "Q5_K"   ? on(Q5K{})
+         : name == "Q6_K"   ? on(Q6K{})
+         : name == "Q8_0"   ? on(Q80{})
+         : name == "Q4_0"   ? on(Q4Legacy<false>{})
+         : name == "Q4_1"   ? on(Q4Legacy<true>{})
+         : name == "Q5_0"   ? on(Q5Legacy<false>{})
+         : name == "Q5_1"   ? on(Q5Legacy<true>{})
+         : name == "IQ4_NL" ? on(IQ4NL{})
+         : name == "IQ4_XS" ? on(IQ4XS{})
+                            : 1;
 }

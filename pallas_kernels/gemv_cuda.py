@@ -1,8 +1,8 @@
-"""Matrix-vector products (M = 1) of Q4_K, Q6_K and Q8_0 weights as CUDA kernels, called through the
-XLA FFI.
+"""Matrix-vector products (M = 1) of llama.cpp's 4- to 8-bit block formats as CUDA kernels, called
+through the XLA FFI.
 
 ``gemv_cuda.cu`` holds the kernels; this module compiles it with the machine's ``nvcc`` at first use
-(a few seconds; cached under ``$JAXQUANT_CACHE/cuda`` by the source's and the toolchain's hash),
+(15-20 s; cached under ``$JAXQUANT_CACHE/cuda`` by the source's and the toolchain's hash),
 registers its handlers with XLA and registers them as ``gemv`` kernels of backend ``"cuda"``.
 Triton would not issue a row block's loads together ahead of their use, nor keep the activations
 in L1 (its launches carve 233 KB of shared memory out of it): NOTES-gpu.md, session 6. The arithmetic
@@ -33,11 +33,15 @@ from jaxquant.qtensor import QTensor
 from pallas_kernels.gemv import quantize_activations
 
 SOURCE = Path(__file__).with_name("gemv_cuda.cu")
-FORMATS = {"Q4_K": "jq_gemv_q4_k", "Q6_K": "jq_gemv_q6_k", "Q8_0": "jq_gemv_q8_0"}
-UNIT = {"Q4_K": 256, "Q6_K": 256, "Q8_0": 128}  # weights whose codes fill 128 bytes: K is whole units
+FORMATS = {f: f"jq_gemv_{f.lower()}" for f in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K",
+                                               "IQ4_NL", "IQ4_XS")}
+# weights a lane group's 128 code bytes hold (4 blocks of Q8_0, 8 of the other legacy formats, one
+# super-block of the K-quants): K must be whole units
+UNIT = {**dict.fromkeys(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL"), 256), "Q8_0": 128,
+        **dict.fromkeys(("Q4_K", "Q5_K", "Q6_K", "IQ4_XS"), 256)}
 # What qdot sends here: formats whose CUDA gemv was timed on the GPU faster than their Triton one
-# (benchmarks/RESULTS.md). Q8_0's is checked on the CPU (tests/test_gemv_cuda.py) but not yet timed;
-# benchmarks/qmatmul.py --sweep and tests/gpu/check_kernels.py reach it by name.
+# (benchmarks/RESULTS.md). The others are checked on the CPU (tests/test_gemv_cuda.py) but not yet
+# timed; benchmarks/qmatmul.py --sweep and tests/gpu/check_kernels.py reach them by name.
 SELECTED = frozenset({"Q4_K", "Q6_K"})
 # (rows a warp, warps splitting a row's K): the template instances, each some shape's fastest
 TILINGS = ((4, 1), (4, 2), (2, 4))

@@ -52,7 +52,7 @@ def host_gemv(lib, x: jax.Array, w, tiling: tuple[int, int]) -> np.ndarray:
     n, nb = w.shape[0], w.shape[1] // gemv_cuda.UNIT[w.fmt]
     out = np.full(n, np.nan, np.float32)
     rows, warps = tiling
-    rc = lib.jq_gemv_host(w.fmt.encode(), 10 * rows + warps, (ctypes.c_void_p * 4)(*(a.ctypes.data for a in arrays)),
+    rc = lib.jq_gemv_host(w.fmt.encode(), 10 * rows + warps, (ctypes.c_void_p * len(arrays))(*(a.ctypes.data for a in arrays)),
                           *(a.ctypes.data for a in acts), out.ctypes.data, n, nb)
     assert rc == 0
     return out
@@ -74,7 +74,7 @@ def test_lanes_equal_dequantize_dot(lib, fmt, tiling):
 
 def test_host_entry_rejects_unknown_format_and_tiling(lib):
     null = (ctypes.c_void_p * 4)()
-    assert lib.jq_gemv_host(b"Q5_K", 41, null, None, None, None, None, 0, 0) == 1
+    assert lib.jq_gemv_host(b"Q2_K", 41, null, None, None, None, None, 0, 0) == 1
     assert lib.jq_gemv_host(b"Q4_K", 44, null, None, None, None, None, 0, 0) == 2
 
 
