@@ -10,6 +10,7 @@ each result is checked against dequantize + f32 dot.
 
     python benchmarks/qmatmul.py [--formats Q4_0,Q4_K] [--shapes 4096x14336,14336x4096] [--m 1,16,2048]
     python benchmarks/qmatmul.py --sweep --formats Q4_0 --shapes 4096x14336 --m 1   # tiling sweep
+    python benchmarks/qmatmul.py --sweep gemv --formats Q8_0 --m 1   # the CUDA gemv's tilings and Triton's default
     XLA_FLAGS=--xla_gpu_autotune_level=0 timeout 300 ncu --clock-control none -k regex:qmm -c 2 --set full \
         python benchmarks/qmatmul.py --once --formats Q4_K --shapes 4096x14336 --m 1    # hardware counters
     python benchmarks/qmatmul.py --cpu --formats Q4_K,IQ2_XS --shapes 1024x2048     # XLA's CPU path, M = 1
@@ -81,17 +82,20 @@ def bench_bf16(k: int, n: int, m: int, args) -> dict:
     return dict(format="bf16", shape=f"{k}x{n}", m=m, us=us, gbs=(nbytes + 2 * m * k + 2 * m * n) / us / 1e3)
 
 
-def sweep_configs(fmt: str, k: int, n: int, m: int):
+def sweep_configs(fmt: str, k: int, n: int, m: int, which: str = "all"):
     """Tilings tried by ``--sweep``: (label, matmul) pairs: the CUDA gemv's tilings, then around
-    the default of the Triton ``gemv`` (M = 1) or
+    the default of the Triton ``gemv`` (M = 1; ``which="gemv"``: the default only) or
     ``qmm`` (large M runs the dequantize + dot path, which has no tiling to sweep)."""
     import pallas_kernels as pk
     from pallas_kernels import gemv, gemv_cuda, gemv_ggml, qmm
 
     if m == 1 and fmt in gemv_cuda.FORMATS and gemv_cuda.available():
         for tiling in gemv_cuda.TILINGS:
-            yield f"cuda rows, unroll={tiling}", (lambda x, w, t=tiling: gemv_cuda.gemv(x, w, tiling=t))
+            yield f"cuda (rows, warps)={tiling}", (lambda x, w, t=tiling: gemv_cuda.gemv(x, w, tiling=t))
     gdec = {d.fmt: d for d in gemv_ggml.DECODERS}.get(fmt)
+    if m == 1 and gdec is not None and which == "gemv":
+        yield "triton default", (lambda x, w: gemv.gemv(x, w, gdec))
+        return
     if m == 1 and gdec is not None:
         g = gemv.default_config(gdec, n, k)
         for v in ({}, {"prefetch": True}, {"prefetch": False}, {"block_n": 64}, {"block_n": 64, "prefetch": False},
@@ -162,7 +166,9 @@ def main() -> None:
     ap.add_argument("--m", default="1,16,2048")
     ap.add_argument("--min-mb", type=float, default=150.0, help="weight bytes per timed call")
     ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--sweep", action="store_true", help="time tiling variants instead of the defaults")
+    ap.add_argument("--sweep", nargs="?", const="all", choices=("all", "gemv"),
+                    help="time tiling variants instead of the defaults (gemv: at M = 1 the CUDA gemv's tilings "
+                         "and the Triton gemv's default only)")
     ap.add_argument("--json", help="write all rows to this file")
     ap.add_argument("--once", action="store_true", help="run each kernel a few times, untimed (for ncu)")
     args = ap.parse_args()
@@ -183,7 +189,7 @@ def main() -> None:
             print(f"bf16 {shape} M={m}: {base['us']:.1f} us {base['gbs']:.0f} GB/s", flush=True)
             for fmt in args.formats.split(","):
                 if args.sweep:
-                    cands = list(sweep_configs(fmt, k, n, m))
+                    cands = list(sweep_configs(fmt, k, n, m, args.sweep))
                 else:
                     cands = [("default", None)]
                 for label, mm in cands:
