@@ -1,14 +1,19 @@
-// Matrix-vector products of llama.cpp's 4- to 8-bit block formats at M = 1 in CUDA, called from JAX through the
-// XLA FFI (gemv_cuda.py builds this file with the device's nvcc at first use).
+// Matrix-vector products of llama.cpp's 4- to 8-bit block formats at M = 1 in CUDA, called from JAX
+// through the XLA FFI (gemv_cuda.py builds this file with the machine's nvcc at first use).
 //
 // Same arithmetic as gemv.py (int16 activations per 32 with float32 scales and integer sums, dp2a
 // on the weights' integer codes, scales and mins per group in float32); what Triton would not give:
-// - a warp's 32 lanes read 4 consecutive super-blocks of a row with one 16-byte load each (512
-//   contiguous bytes per warp instruction), R rows a warp, each step's loads issued before the
-//   previous step's arithmetic; where rows are few, S warps split K (~2048 warps in all);
+// - a warp's 32 lanes read 4 consecutive units of 128 code bytes of a row (a K-quant super-block,
+//   4 or 8 legacy blocks) with one 16-byte load each (512 contiguous bytes per warp instruction),
+//   R rows a warp, each step's loads issued before the previous step's arithmetic; where rows are
+//   few, S warps split K (~2048 warps in all);
 // - weights bypass L1 (ld.global.nc.L1::no_allocate) and the launch prefers L1 over shared memory
 //   (carveout 0), so the activations (<= 64 KB for K = 14336) stay in L1 for every warp of an SM;
 // - the activation loads are shared by the R rows of a warp.
+//
+// A format is a struct: kArrays (its QTensor's arrays, sorted by name, as args() takes them),
+// kUnitBlocks / kUnitX32 (format blocks / activation blocks of 32 in a unit), W (a lane's loads of
+// one row and unit: load_w), X (its activations: load_x) and dot(W, X, chunk) -> float.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
