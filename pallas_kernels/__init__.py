@@ -5,7 +5,20 @@ from __future__ import annotations
 
 import functools
 
-from pallas_kernels import bitstream, bnb, dequant, fp8, gemv, gemv_cuda, gemv_ggml, ggml_iq, ggml_k, ggml_legacy, nvfp4, qmm
+from pallas_kernels import (
+    bitstream,
+    bnb,
+    dequant,
+    fp8,
+    gemv,
+    gemv_cuda,
+    gemv_ggml,
+    ggml_iq,
+    ggml_k,
+    ggml_legacy,
+    nvfp4,
+    qmm,
+)
 from pallas_kernels.registry import QMM_MAX_M, Kernel, kernels, lookup, register, select
 
 # Every decoder passes tests/gpu/check_kernels.py on the H200 (benchmarks/RESULTS.md).
@@ -21,5 +34,7 @@ for _gdec in gemv_ggml.DECODERS:
                     functools.partial(gemv.supports, _gdec)))
 for _fmt in gemv_cuda.FORMATS:
     register(Kernel(_fmt, "gemv", "cuda", gemv_cuda.gemv, functools.partial(gemv_cuda.supports, _fmt)))
+for _fmt in gemv_cuda.BATCH_FORMATS:
+    register(Kernel(_fmt, "batch", "cuda", gemv_cuda.batch, functools.partial(gemv_cuda.batch_supports, _fmt)))
 
 __all__ = ["DECODERS", "QMM_MAX_M", "Kernel", "kernels", "lookup", "register", "select"]

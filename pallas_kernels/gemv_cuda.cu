@@ -43,6 +43,16 @@ JQ_HD uint4 ld_stream(const uint4* p) {  // read once: keep L1 for the activatio
 #endif
 }
 
+JQ_HD uint2 ld_stream(const uint2* p) {
+#ifdef __CUDA_ARCH__
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+#else
+  return *p;
+#endif
+}
+
 template <class T>
 JQ_HD T ldg(const T* p) {
 #ifdef __CUDA_ARCH__
@@ -589,6 +599,228 @@ ffi::Error run(cudaStream_t stream, int64_t tiling, ffi::RemainingArgs args, ffi
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Q4_K for up to 8 activation rows on the tensor cores, with gemv's arithmetic exactly: IMMA
+// m16n8k32 (int8 x int8 -> int32) on the weights' codes, the int16 activations split into a signed
+// high and an unsigned low byte (two IMMAs: hi * 256 + lo), one sub-block of 32 per tile so that
+// its scale and min apply to the tile's int32 sums. A warp owns 16 rows (A) and the 8 activation
+// rows (B, zero past M); the S warps of a block split K.
+//
+// Fragments (PTX, m16n8k32 .s8/.u8), lane = 4 g + t: a0 / a1 rows g / g + 8 at k 4t .. 4t + 3,
+// a2 / a3 the same rows at k 16 + 4t ..; b0 / b1 column g at k 4t .. and 16 + 4t ..; c0, c1 row
+// g, columns 2t, 2t + 1; c2, c3 row g + 8. k is permuted alike in A and B: fragment k 4t + i and
+// 16 + 4t + i are elements 8t + i and 8t + 4 + i of the sub-block, so a lane's A bytes are 8
+// consecutive qs bytes of each of its rows.
+
+struct BatchFrags {
+  uint32_t a[4], bh[2], bl[2];
+};
+
+// The warp's 16 x 8 int32 product of one tile into c (this lane's four): on the GPU from each
+// lane's `mine`; on the host from every lane's `all(lane)`, placed as the PTX layout says.
+template <class All>
+JQ_HD void imma(const BatchFrags& mine, const All& all, int lane, int (&c)[4]) {
+#ifdef __CUDA_ARCH__
+  int h[4], l[4];
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %10, %10, %10};"
+      : "=r"(h[0]), "=r"(h[1]), "=r"(h[2]), "=r"(h[3])
+      : "r"(mine.a[0]), "r"(mine.a[1]), "r"(mine.a[2]), "r"(mine.a[3]), "r"(mine.bh[0]), "r"(mine.bh[1]), "r"(0));
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %10, %10, %10};"
+      : "=r"(l[0]), "=r"(l[1]), "=r"(l[2]), "=r"(l[3])
+      : "r"(mine.a[0]), "r"(mine.a[1]), "r"(mine.a[2]), "r"(mine.a[3]), "r"(mine.bl[0]), "r"(mine.bl[1]), "r"(0));
+  for (int i = 0; i < 4; ++i) c[i] = h[i] * 256 + l[i];
+#else
+  int a[16][32], b[32][8];
+  for (int q = 0; q < 32; ++q) {
+    const BatchFrags f = all(q);
+    const int g = q >> 2, t = q & 3;
+    for (int i = 0; i < 4; ++i) {
+      const int sh = 8 * i;
+      a[g][4 * t + i] = static_cast<int8_t>(f.a[0] >> sh);
+      a[g + 8][4 * t + i] = static_cast<int8_t>(f.a[1] >> sh);
+      a[g][16 + 4 * t + i] = static_cast<int8_t>(f.a[2] >> sh);
+      a[g + 8][16 + 4 * t + i] = static_cast<int8_t>(f.a[3] >> sh);
+      b[4 * t + i][g] = static_cast<int8_t>(f.bh[0] >> sh) * 256 + static_cast<uint8_t>(f.bl[0] >> sh);
+      b[16 + 4 * t + i][g] = static_cast<int8_t>(f.bh[1] >> sh) * 256 + static_cast<uint8_t>(f.bl[1] >> sh);
+    }
+  }
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+    c[i] = 0;
+    for (int k = 0; k < 32; ++k) c[i] += a[row][k] * b[k][col];
+  }
+#endif
+}
+
+// A lane's loads of one super-block: qs bytes 32 p + 8t .. + 7 (pair p of sub-blocks) of its rows
+// g, g + 8, their scale words, d and dmin.
+struct Q4KBatchW {
+  uint2 q[2][4];
+  uint32_t s[2][3];
+  float d[2], dmin[2];
+};
+
+JQ_HD Q4KBatchW q4k_batch_load(const Q4K::Args& w, int row0, int nb, int sb, int lane) {
+  Q4KBatchW o;
+  const int g = lane >> 2, t = lane & 3;
+  for (int r = 0; r < 2; ++r) {
+    const size_t blk = static_cast<size_t>(row0 + g + 8 * r) * nb + (sb < nb ? sb : nb - 1);
+    const uint2* q = reinterpret_cast<const uint2*>(w.qs + 8 * blk);
+    for (int p = 0; p < 4; ++p) o.q[r][p] = ld_stream(q + 4 * p + t);
+    for (int i = 0; i < 3; ++i) o.s[r][i] = ldg(w.scales + 3 * blk + i);
+    o.d[r] = __half2float(w.d[blk]);
+    o.dmin[r] = __half2float(w.dmin[blk]);
+  }
+  return o;
+}
+
+// Activations, per row m and block of 32: 4 x 16 bytes (lane t: the high bytes of elements 8t ..
+// 8t + 7, then their low bytes); per block and row, (scale, scale * sum of the block).
+JQ_HD uint4 q4k_batch_x(const uint4* xb, int nb, int sb, int j, int lane) {
+  return ldg(xb + (static_cast<size_t>(lane >> 2) * nb * 8 + 8 * sb + j) * 4 + (lane & 3));
+}
+
+JQ_HD BatchFrags q4k_batch_frags(const Q4KBatchW& w, const uint4& x, int j) {
+  const int p = j >> 1, sh = 4 * (j & 1);
+  BatchFrags f;
+  f.a[0] = (w.q[0][p].x >> sh) & 0x0F0F0F0Fu;
+  f.a[1] = (w.q[1][p].x >> sh) & 0x0F0F0F0Fu;
+  f.a[2] = (w.q[0][p].y >> sh) & 0x0F0F0F0Fu;
+  f.a[3] = (w.q[1][p].y >> sh) & 0x0F0F0F0Fu;
+  f.bh[0] = x.x;
+  f.bh[1] = x.y;
+  f.bl[0] = x.z;
+  f.bl[1] = x.w;
+  return f;
+}
+
+// ggml's get_scale_min_k4 of sub-block j from a row's 3 scale words.
+JQ_HD void scale_min_k4(const uint32_t (&s)[3], int j, float& sc, float& mn) {
+  const int k = 8 * (j & 3);
+  const uint32_t lo = j < 4 ? (s[0] >> k) & 63u : ((s[2] >> k) & 0xFu) | ((s[0] >> (k + 6)) & 3u) << 4;
+  const uint32_t hi = j < 4 ? (s[1] >> k) & 63u : ((s[2] >> (k + 4)) & 0xFu) | ((s[1] >> (k + 6)) & 3u) << 4;
+  sc = static_cast<float>(lo);
+  mn = static_cast<float>(hi);
+}
+
+template <int S>
+JQ_HD void q4k_batch_lane(const Q4K::Args& w, const uint4* __restrict__ xb, const float4* __restrict__ xs, int nb,
+                          int row0, int part, int lane, float (&acc)[4]) {
+  const int t = lane & 3;
+  for (int i = 0; i < 4; ++i) acc[i] = 0.f;
+  Q4KBatchW cur = q4k_batch_load(w, row0, nb, part, lane);
+  for (int sb = part; sb < nb; sb += S) {
+    const Q4KBatchW nxt = q4k_batch_load(w, row0, nb, sb + S, lane);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      int c[4];
+      const auto all = [&](int l) {
+        return q4k_batch_frags(q4k_batch_load(w, row0, nb, sb, l), q4k_batch_x(xb, nb, sb, j, l), j);
+      };
+      imma(q4k_batch_frags(cur, q4k_batch_x(xb, nb, sb, j, lane), j), all, lane, c);
+      const float4 x = ldg(xs + (static_cast<size_t>(8 * sb + j) * 8 + 2 * t) / 2);  // (dx, dx * sum) of 2t, 2t + 1
+      for (int r = 0; r < 2; ++r) {
+        float sc, mn;
+        scale_min_k4(cur.s[r], j, sc, mn);
+        const float ds = cur.d[r] * sc, dm = cur.dmin[r] * mn;
+        acc[2 * r] += ds * x.x * static_cast<float>(c[2 * r]) - dm * x.y;
+        acc[2 * r + 1] += ds * x.z * static_cast<float>(c[2 * r + 1]) - dm * x.w;
+      }
+    }
+    cur = nxt;
+  }
+}
+
+template <int S>
+__global__ void __launch_bounds__(S * 32) q4k_batch_kernel(Q4K::Args w, const uint4* __restrict__ xb,
+                                                           const float4* __restrict__ xs, float* __restrict__ out,
+                                                           int n, int nb, int m) {
+  const int lane = threadIdx.x & 31, part = threadIdx.x / 32, row0 = 16 * blockIdx.x;
+  float acc[4];
+  q4k_batch_lane<S>(w, xb, xs, nb, row0, part, lane, acc);
+  if constexpr (S > 1) {
+    __shared__ float parts[S][32][4];
+    for (int i = 0; i < 4; ++i) parts[part][lane][i] = acc[i];
+    __syncthreads();
+    if (part != 0) return;
+    for (int q = 1; q < S; ++q) {
+      for (int i = 0; i < 4; ++i) acc[i] += parts[q][lane][i];
+    }
+  }
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int col = 2 * t + (i & 1);
+    if (col < m) out[static_cast<size_t>(col) * n + row0 + g + 8 * (i >> 1)] = acc[i];
+  }
+}
+
+struct BatchOperands {
+  const void *xb, *xs;
+  float* out;
+  int n, nb, m;
+};
+
+// The warps splitting K (gemv_cuda.BATCH_WARPS): fn(Tiling<16, S>{}), false if none.
+template <class Fn>
+bool with_warps(int64_t warps, Fn&& fn) {
+  switch (warps) {
+    case 1: fn(Tiling<16, 1>{}); return true;
+    case 2: fn(Tiling<16, 2>{}); return true;
+    case 4: fn(Tiling<16, 4>{}); return true;
+    case 8: fn(Tiling<16, 8>{}); return true;
+    default: return false;
+  }
+}
+
+template <int S>
+void q4k_batch_host(const Q4K::Args& w, const BatchOperands& o) {
+  for (int row0 = 0; row0 < o.n; row0 += 16) {
+    float total[32][4] = {};
+    for (int part = 0; part < S; ++part) {
+      for (int lane = 0; lane < 32; ++lane) {
+        float acc[4];
+        q4k_batch_lane<S>(w, static_cast<const uint4*>(o.xb), static_cast<const float4*>(o.xs), o.nb, row0, part,
+                          lane, acc);
+        for (int i = 0; i < 4; ++i) total[lane][i] += acc[i];
+      }
+    }
+    for (int lane = 0; lane < 32; ++lane) {
+      for (int i = 0; i < 4; ++i) {
+        const int col = 2 * (lane & 3) + (i & 1);
+        if (col < o.m) o.out[static_cast<size_t>(col) * o.n + row0 + (lane >> 2) + 8 * (i >> 1)] = total[lane][i];
+      }
+    }
+  }
+}
+
+// Q4_K's arrays (d, dmin, qs, scales), then the activations' bytes and scales; out [M, N].
+ffi::Error q4k_batch(cudaStream_t stream, int64_t warps, ffi::AnyBuffer d, ffi::AnyBuffer dmin, ffi::AnyBuffer qs,
+                     ffi::AnyBuffer scales, ffi::AnyBuffer xb, ffi::AnyBuffer xs, ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  const auto dims = d.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("q4k_batch: scales must be [N, blocks]");
+  const int64_t n = dims[0], nb = dims[1], m = n ? static_cast<int64_t>(out->element_count()) / n : 0;
+  if (n % 16 || m < 1 || m > 8 || m * n != static_cast<int64_t>(out->element_count()) ||
+      xb.element_count() != static_cast<size_t>(8 * nb * 8 * 64)) {
+    return ffi::Error::InvalidArgument("q4k_batch: operand shapes do not match");
+  }
+  const void* a[] = {d.untyped_data(), dmin.untyped_data(), qs.untyped_data(), scales.untyped_data()};
+  const Q4K::Args w = Q4K::args(a);
+  cudaError_t err = cudaSuccess;
+  const bool known = with_warps(warps, [&](auto t) {
+    constexpr int S = decltype(t)::S;
+    q4k_batch_kernel<S><<<n / 16, S * 32, 0, stream>>>(w, static_cast<const uint4*>(xb.untyped_data()),
+                                                       static_cast<const float4*>(xs.untyped_data()),
+                                                       out->typed_data(), n, nb, m);
+    err = cudaGetLastError();
+  });
+  if (!known) return ffi::Error::InvalidArgument("q4k_batch: no kernel for this many warps");
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("q4k_batch: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define JQ_GEMV_HANDLER(name, F)                                                                          \
@@ -609,6 +841,26 @@ JQ_GEMV_HANDLER(jq_gemv_q5_0, Q5Legacy<false>)
 JQ_GEMV_HANDLER(jq_gemv_q5_1, Q5Legacy<true>)
 JQ_GEMV_HANDLER(jq_gemv_iq4_nl, IQ4NL)
 JQ_GEMV_HANDLER(jq_gemv_iq4_xs, IQ4XS)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jq_batch_q4_k, q4k_batch,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Attr<int64_t>("warps")
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// The batch kernel on the CPU (tests), its lanes one by one with an emulated IMMA: 0, or 2 for an
+// unknown number of warps.
+extern "C" int jq_batch_q4_k_host(int64_t warps, const void* const* arrays, const void* xb, const void* xs,
+                                  float* out, int n, int nb, int m) {
+  const BatchOperands o{xb, xs, out, n, nb, m};
+  return with_warps(warps, [&](auto t) { q4k_batch_host<decltype(t)::S>(Q4K::args(arrays), o); }) ? 0 : 2;
+}
 
 // The same product on the CPU (tests), nb in units: 0, or 1 for an unknown format, 2 for an unknown tiling.
 extern "C" int jq_gemv_host(const char* fmt, int64_t tiling, const void* const* arrays, const void* xw,

@@ -91,7 +91,7 @@ def available() -> bool:
     except (JaxquantError, OSError, AttributeError, subprocess.SubprocessError) as e:
         warnings.warn(f"CUDA gemv kernels unavailable, using Triton's: {e}", RuntimeWarning, stacklevel=2)
         return False
-    for name in FORMATS.values():
+    for name in (*FORMATS.values(), *BATCH_FORMATS.values()):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="CUDA")
     return True
 
@@ -122,3 +122,54 @@ def gemv(x: jax.Array, w: QTensor, tiling: tuple[int, int] | None = None, interp
     call = jax.ffi.ffi_call(FORMATS[w.fmt], jax.ShapeDtypeStruct((n,), jnp.float32))
     rows, warps = tiling
     return call(*arrays, xw, dx, sums, tiling=np.int64(10 * rows + warps))[None]
+
+
+# Batch decoding (2 to 8 activation rows) of Q4_K on the tensor cores (IMMA, exact integer sums):
+# not yet run on the GPU, so qdot does not select it (BATCH_SELECTED); checked on the CPU by
+# tests/test_gemv_cuda.py through its lanes' emulation.
+BATCH_FORMATS = {"Q4_K": "jq_batch_q4_k"}
+BATCH_SELECTED: frozenset[str] = frozenset()
+BATCH_WARPS = (1, 2, 4, 8)  # warps of a block splitting K, one block a 16-row group
+
+
+def batch_supports(fmt: str, m: int, n: int, k: int) -> bool:
+    return fmt in BATCH_SELECTED and 2 <= m <= 8 and k % 256 == 0 and n % 16 == 0 and available()
+
+
+def batch_warps(n: int) -> int:
+    """Warps splitting K so that the grid holds about 2048 warps (16 an SM)."""
+    return next((s for s in BATCH_WARPS if n // 16 * s >= 2048), BATCH_WARPS[-1])
+
+
+def batch_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x [M <= 8, K]`` -> the batch kernel's activations: per row (padded to 8 with zeros) and block
+    of 32, int16 as ``quantize_activations`` makes them, as 4 x 16 bytes (lane t: the high bytes of
+    elements 8t .. 8t + 7, then their low bytes) ``[8, K / 32, 64]`` uint8; and float32 ``[K / 32, 8,
+    2]``: each block's scale and scale times the sum of its values."""
+    m, k = x.shape
+    blocks = jnp.zeros((8, k), jnp.float32).at[:m].set(x.astype(jnp.float32)).reshape(8, k // 32, 32)
+    amax = jnp.max(jnp.abs(blocks), axis=-1)
+    dx = jnp.where(jnp.isnan(blocks).any(-1), jnp.nan, amax / 32767.0)
+    inv = jnp.where(dx > 0, 1.0 / dx, 0.0)[..., None]
+    q = jnp.clip(jnp.floor(blocks * inv + 0.5), -32767.0, 32767.0).astype(jnp.int32)
+    hi = jax.lax.bitcast_convert_type((q >> 8).astype(jnp.int8), jnp.uint8)
+    lo = (q & 0xFF).astype(jnp.uint8)
+    xb = jnp.concatenate([hi.reshape(8, k // 32, 4, 8), lo.reshape(8, k // 32, 4, 8)], -1).reshape(8, k // 32, 64)
+    xs = jnp.stack([dx, dx * jnp.sum(q, -1).astype(jnp.float32)], -1)
+    return xb, jnp.transpose(xs, (1, 0, 2))
+
+
+@functools.partial(jax.jit, static_argnames=("warps", "interpret"))
+def batch(x: jax.Array, w: QTensor, warps: int | None = None, interpret: bool = False) -> jax.Array:
+    """``x [M, K] @ dequantize(w).T`` -> ``[M, N]`` float32 for a Q4_K ``w`` and 1 <= M <= 8."""
+    if interpret:
+        raise JaxquantError("gemv_cuda has no interpreter; use the Triton kernels")
+    m, n = x.shape[0], w.shape[0]
+    if not 1 <= m <= 8 or w.fmt not in BATCH_FORMATS:
+        raise JaxquantError(f"gemv_cuda.batch: {w.fmt} with {m} activation rows (Q4_K, 1 to 8 rows)")
+    warps = warps or batch_warps(n)
+    if warps not in BATCH_WARPS:
+        raise JaxquantError(f"gemv_cuda.batch: warps must be one of {BATCH_WARPS}, not {warps}")
+    xb, xs = batch_activations(x)
+    call = jax.ffi.ffi_call(BATCH_FORMATS[w.fmt], jax.ShapeDtypeStruct((m * n,), jnp.float32))
+    return call(*(w.arrays[k] for k in sorted(w.arrays)), xb, xs, warps=np.int64(warps)).reshape(m, n)

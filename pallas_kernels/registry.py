@@ -1,7 +1,8 @@
 """Kernel registry: (format, op, backend) -> kernel.
 
 ``op`` is ``"gemv"`` (one activation row, integer dot products on the CUDA cores, ``gemv.py``, for
-the formats it has; ``gemv_cuda.py`` for the K-quants of llama.cpp's mixes), ``"qmm"`` (up to
+the formats it has; ``gemv_cuda.py`` for the K-quants of llama.cpp's mixes), ``"batch"`` (2 to 8
+rows, integer tensor-core products, ``gemv_cuda.batch``), ``"qmm"`` (up to
 ``QMM_MAX_M`` activation rows: packed weights decoded into the tensor cores' registers, ``qmm.py``)
 or ``"dequant"`` (more rows: one pass to a transient float16 copy, then XLA's dot). ``jaxquant.ops.qdot`` asks ``select`` for a kernel and falls back to XLA
 (dequantize + dot) where none applies.
@@ -70,13 +71,14 @@ def kernels() -> list[tuple[str, str, str]]:
 
 def select(w: QTensor, m: int, interpret: bool = False) -> Kernel | None:
     """The kernel for ``x [m, K] @ w.T``, or None where XLA should run it: at ``m == 1`` the CUDA
-    gemv where it is built for the format (not under the Pallas interpreter), then Triton's."""
+    gemv where it is built for the format (not under the Pallas interpreter), then Triton's; for a
+    few rows the CUDA batch kernel where selected; then qmm up to ``QMM_MAX_M`` rows; then dequant."""
     if len(w.shape) != 2:
         return None
     n, k = w.shape
-    ops = ("gemv", "qmm") if m == 1 else ("qmm",) if m <= QMM_MAX_M else ("dequant",)
+    ops = ("gemv", "qmm") if m == 1 else ("batch", "qmm") if m <= QMM_MAX_M else ("dequant",)
     for op in ops:
-        for backend in ("cuda", "triton") if op == "gemv" and not interpret else ("triton",):
+        for backend in ("cuda", "triton") if op in ("gemv", "batch") and not interpret else ("triton",):
             kern = lookup(w.fmt, op, backend)
             if kern is not None and kern.supports(m, n, k):
                 return kern

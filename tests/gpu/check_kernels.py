@@ -4,7 +4,8 @@
 
 Each registered format, M and shape (``KxN``, not powers of two by default) gets random packed
 bytes and bf16 activations; the kernel ``qdot`` selects (and, at M = 1, every tiling of the CUDA
-gemv of the format, and the Triton gemv where the CUDA one displaces it) must match the float32 reference to a relative error (Frobenius norm) below 2e-3.
+gemv of the format, and the Triton gemv where the CUDA one displaces it; up to 8 rows, every split of
+the CUDA batch kernel) must match the float32 reference to a relative error (Frobenius norm) below 2e-3.
 Exits non-zero on any failure or a missing kernel.
 """
 
@@ -57,6 +58,11 @@ def main() -> int:
                         cases.append((fmt, shape, m, x, w, dataclasses.replace(cuda, fmt=f"{fmt} {t}", fn=fn)))
                     if kern.backend == "cuda":  # and the Triton gemv it displaces
                         cases.append((fmt, shape, m, x, w, pk.lookup(fmt, "gemv", "triton")))
+                if m <= 8 and fmt in gemv_cuda.BATCH_FORMATS and gemv_cuda.available():  # each split, selected or not
+                    cuda = pk.lookup(fmt, "batch", "cuda")
+                    for s in gemv_cuda.BATCH_WARPS:
+                        fn = functools.partial(gemv_cuda.batch, warps=s)
+                        cases.append((fmt, shape, m, x, w, dataclasses.replace(cuda, fmt=f"{fmt} batch/{s}", fn=fn)))
 
     def compile_case(case):
         *_, x, w, kern = case
