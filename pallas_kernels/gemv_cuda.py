@@ -124,10 +124,10 @@ def gemv(x: jax.Array, w: QTensor, tiling: tuple[int, int] | None = None, interp
     return call(*arrays, xw, dx, sums, tiling=np.int64(10 * rows + warps))[None]
 
 
-# Batch decoding (2 to 8 activation rows) of Q4_K on the tensor cores (IMMA, exact integer sums):
+# Batch decoding (2 to 8 activation rows) of Q4_K and Q6_K on the tensor cores (IMMA, exact integer sums):
 # not yet run on the GPU, so qdot does not select it (BATCH_SELECTED); checked on the CPU by
 # tests/test_gemv_cuda.py through its lanes' emulation.
-BATCH_FORMATS = {"Q4_K": "jq_batch_q4_k"}
+BATCH_FORMATS = {"Q4_K": "jq_batch_q4_k", "Q6_K": "jq_batch_q6_k"}
 BATCH_SELECTED: frozenset[str] = frozenset()
 BATCH_WARPS = (1, 2, 4, 8)  # warps of a block splitting K, one block a 16-row group
 
@@ -145,7 +145,7 @@ def batch_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``x [M <= 8, K]`` -> the batch kernel's activations: per row (padded to 8 with zeros) and block
     of 32, int16 as ``quantize_activations`` makes them, as 4 x 16 bytes (lane t: the high bytes of
     elements 8t .. 8t + 7, then their low bytes) ``[8, K / 32, 64]`` uint8; and float32 ``[K / 32, 8,
-    2]``: each block's scale and scale times the sum of its values."""
+    4]``: each block's scale, and the scale times the sum of its values, of its first and its second 16."""
     m, k = x.shape
     blocks = jnp.zeros((8, k), jnp.float32).at[:m].set(x.astype(jnp.float32)).reshape(8, k // 32, 32)
     amax = jnp.max(jnp.abs(blocks), axis=-1)
@@ -155,18 +155,19 @@ def batch_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     hi = jax.lax.bitcast_convert_type((q >> 8).astype(jnp.int8), jnp.uint8)
     lo = (q & 0xFF).astype(jnp.uint8)
     xb = jnp.concatenate([hi.reshape(8, k // 32, 4, 8), lo.reshape(8, k // 32, 4, 8)], -1).reshape(8, k // 32, 64)
-    xs = jnp.stack([dx, dx * jnp.sum(q, -1).astype(jnp.float32)], -1)
+    sums = [jnp.sum(v, -1).astype(jnp.float32) for v in (q, q[..., :16], q[..., 16:])]
+    xs = jnp.stack([dx, *(dx * v for v in sums)], -1)
     return xb, jnp.transpose(xs, (1, 0, 2))
 
 
 @functools.partial(jax.jit, static_argnames=("warps", "interpret"))
 def batch(x: jax.Array, w: QTensor, warps: int | None = None, interpret: bool = False) -> jax.Array:
-    """``x [M, K] @ dequantize(w).T`` -> ``[M, N]`` float32 for a Q4_K ``w`` and 1 <= M <= 8."""
+    """``x [M, K] @ dequantize(w).T`` -> ``[M, N]`` float32 for a Q4_K or Q6_K ``w`` and 1 <= M <= 8."""
     if interpret:
         raise JaxquantError("gemv_cuda has no interpreter; use the Triton kernels")
     m, n = x.shape[0], w.shape[0]
     if not 1 <= m <= 8 or w.fmt not in BATCH_FORMATS:
-        raise JaxquantError(f"gemv_cuda.batch: {w.fmt} with {m} activation rows (Q4_K, 1 to 8 rows)")
+        raise JaxquantError(f"gemv_cuda.batch: {w.fmt} with {m} activation rows ({', '.join(BATCH_FORMATS)}; 1 to 8 rows)")
     warps = warps or batch_warps(n)
     if warps not in BATCH_WARPS:
         raise JaxquantError(f"gemv_cuda.batch: warps must be one of {BATCH_WARPS}, not {warps}")

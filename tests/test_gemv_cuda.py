@@ -29,8 +29,8 @@ def lib(tmp_path_factory):
     handle = ctypes.CDLL(str(path))
     handle.jq_gemv_host.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p),
                                     *[ctypes.c_void_p] * 4, ctypes.c_int, ctypes.c_int]
-    handle.jq_batch_q4_k_host.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p), *[ctypes.c_void_p] * 3,
-                                          ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    handle.jq_batch_host.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p),
+                                     *[ctypes.c_void_p] * 3, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     return handle
 
 
@@ -40,7 +40,8 @@ def test_builds_for_hopper_without_spills(lib, tmp_path):
     report = subprocess.run(gemv_cuda.compile_command(gemv_cuda.nvcc(), "90", tmp_path / "v.so", "-Xptxas", "-v"),
                             capture_output=True, text=True, check=True).stderr
     kernels = re.findall(r"Compiling entry function '(\w+)'", report)
-    assert len(kernels) == len(gemv_cuda.FORMATS) * len(gemv_cuda.TILINGS) + len(gemv_cuda.BATCH_WARPS)
+    assert len(kernels) == (len(gemv_cuda.FORMATS) * len(gemv_cuda.TILINGS)
+                            + len(gemv_cuda.BATCH_FORMATS) * len(gemv_cuda.BATCH_WARPS))
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert len(spills) == len(kernels) and all(s == ("0", "0") for s in spills)
     registers = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
@@ -76,19 +77,20 @@ def test_lanes_equal_dequantize_dot(lib, fmt, tiling):
 
 @pytest.mark.parametrize("warps", gemv_cuda.BATCH_WARPS)
 @pytest.mark.parametrize("m", [1, 3, 8])
-def test_batch_lanes_equal_dequantize_dot(lib, m, warps):
+@pytest.mark.parametrize("fmt", sorted(gemv_cuda.BATCH_FORMATS))
+def test_batch_lanes_equal_dequantize_dot(lib, fmt, m, warps):
     """The batch kernel's lanes with an emulated IMMA (the PTX fragment layout): 2 row groups, 11
     super-blocks (every warp's last step stops part-way), M activation rows of mixed magnitude."""
     n, k = 32, 11 * 256
-    key = jax.random.key(m + 10 * warps)
-    w = random_qtensor("Q4_K", n, k, key)
+    key = jax.random.key(m + 10 * warps + len(fmt))
+    w = random_qtensor(fmt, n, k, key)
     x = jax.random.normal(jax.random.fold_in(key, 1), (m, k), jnp.float32) * jnp.logspace(-2, 3, m)[:, None]
     ref = np.asarray(jnp.dot(x, w.dequantize(jnp.float32).T, precision=jax.lax.Precision.HIGHEST))
     xb, xs = (np.ascontiguousarray(np.asarray(a)) for a in gemv_cuda.batch_activations(x))
     arrays = [np.ascontiguousarray(np.asarray(w.arrays[name])) for name in sorted(w.arrays)]
     out = np.full((m, n), np.nan, np.float32)
-    rc = lib.jq_batch_q4_k_host(warps, (ctypes.c_void_p * 4)(*(a.ctypes.data for a in arrays)), xb.ctypes.data,
-                                xs.ctypes.data, out.ctypes.data, n, k // 256, m)
+    rc = lib.jq_batch_host(fmt.encode(), warps, (ctypes.c_void_p * 4)(*(a.ctypes.data for a in arrays)),
+                           xb.ctypes.data, xs.ctypes.data, out.ctypes.data, n, k // 256, m)
     assert rc == 0
     for row, want in zip(out, ref):
         assert np.linalg.norm(row - want) / np.linalg.norm(want) < 2e-3
@@ -98,7 +100,8 @@ def test_host_entry_rejects_unknown_format_and_tiling(lib):
     null = (ctypes.c_void_p * 4)()
     assert lib.jq_gemv_host(b"Q2_K", 41, null, None, None, None, None, 0, 0) == 1
     assert lib.jq_gemv_host(b"Q4_K", 44, null, None, None, None, None, 0, 0) == 2
-    assert lib.jq_batch_q4_k_host(3, null, None, None, None, 0, 0, 1) == 2
+    assert lib.jq_batch_host(b"Q4_K", 3, null, None, None, None, 0, 0, 1) == 2
+    assert lib.jq_batch_host(b"Q8_0", 1, null, None, None, None, 0, 0, 1) == 1
 
 
 @pytest.mark.parametrize("fmt", sorted(gemv_cuda.FORMATS))
