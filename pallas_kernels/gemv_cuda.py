@@ -1,9 +1,9 @@
-"""Matrix-vector products (M = 1) of llama.cpp's 4- to 8-bit block formats as CUDA kernels, called
-through the XLA FFI.
+"""Matrix-vector products (M = 1) of llama.cpp's 4- to 8-bit block formats, and of Q4_K / Q6_K for
+up to 8 activation rows (``batch``), as CUDA kernels called through the XLA FFI.
 
 ``gemv_cuda.cu`` holds the kernels; this module compiles it with the machine's ``nvcc`` at first use
 (15-20 s; cached under ``$JAXQUANT_CACHE/cuda`` by the source's and the toolchain's hash),
-registers its handlers with XLA and registers them as ``gemv`` kernels of backend ``"cuda"``.
+registers its handlers with XLA, and ``pallas_kernels`` registers them as kernels of backend ``"cuda"``.
 Triton would not issue a row block's loads together ahead of their use, nor keep the activations
 in L1 (its launches carve 233 KB of shared memory out of it): NOTES-gpu.md, session 6. The arithmetic
 is ``gemv.py``'s (same activation quantization, integer dot products, per-group float32 scales), so
