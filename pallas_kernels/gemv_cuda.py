@@ -20,6 +20,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -71,6 +72,8 @@ def build(arch: str, cache: Path | None = None) -> Path:
     lib = cache / f"gemv_cuda-sm{arch}-{key}.so"
     if not lib.exists():
         cache.mkdir(parents=True, exist_ok=True)
+        print(f"jaxquant: compiling the CUDA kernels for sm_{arch} (once, ~20 s) into {lib}", file=sys.stderr,
+              flush=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             part = Path(tmp) / lib.name
             done = subprocess.run(compile_command(compiler, arch, part), capture_output=True, text=True, check=False)
