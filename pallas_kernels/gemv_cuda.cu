@@ -66,7 +66,8 @@ JQ_HD T ldg(const T* p) {
 template <bool HI>
 JQ_HD int dp2a(uint32_t a, uint32_t b, int c) {
 #ifdef __CUDA_ARCH__
-  return HI ? __dp2a_hi(static_cast<int>(a), static_cast<int>(b), c) : __dp2a_lo(static_cast<int>(a), static_cast<int>(b), c);
+  const int sa = static_cast<int>(a), sb = static_cast<int>(b);
+  return HI ? __dp2a_hi(sa, sb, c) : __dp2a_lo(sa, sb, c);
 #else
   const int k = HI ? 16 : 0;
   return c + static_cast<int16_t>(a) * static_cast<int8_t>(b >> k) +
@@ -592,7 +593,8 @@ ffi::Error run(cudaStream_t stream, int64_t tiling, ffi::RemainingArgs args, ffi
   const Operands o{data[F::kArrays], data[F::kArrays + 1], data[F::kArrays + 2], out->typed_data(),
                    static_cast<int>(n), static_cast<int>(nb)};
   cudaError_t err = cudaSuccess;
-  if (!with_tiling(tiling, [&](auto t) { err = launch<F, decltype(t)::R, decltype(t)::S>(stream, F::args(data), o); })) {
+  const auto go = [&](auto t) { err = launch<F, decltype(t)::R, decltype(t)::S>(stream, F::args(data), o); };
+  if (!with_tiling(tiling, go)) {
     return ffi::Error::InvalidArgument("gemv_cuda: no kernel for this tiling");
   }
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("gemv_cuda: ") + cudaGetErrorString(err));
@@ -769,7 +771,8 @@ struct Q6KBatch {
   }
   static JQ_HD BatchFrags frags(const W& w, const uint4* xb, int nb, int sb, int hl, int j, int lane) {
     const int t = lane & 3, chunk = 2 * (hl & 1) + (t >> 1);  // elements 16 l16 + 4t .. in 8-element chunks
-    const uint32_t* x = reinterpret_cast<const uint32_t*>(batch_x(xb, nb, lane >> 2, 8 * sb + 4 * (hl >> 1) + j) + chunk);
+    const int block = 8 * sb + 4 * (hl >> 1) + j;
+    const uint32_t* x = reinterpret_cast<const uint32_t*>(batch_x(xb, nb, lane >> 2, block) + chunk);
     return {{codes(w, 0, hl, j), codes(w, 1, hl, j), 0, 0}, {ldg(x + (t & 1)), 0}, {ldg(x + 2 + (t & 1)), 0}};
   }
   static JQ_HD void step(const Args& w, const W& cur, const uint4* __restrict__ xb, const float4* __restrict__ xs,
@@ -787,7 +790,8 @@ struct Q6KBatch {
         const float4 x0 = ldg(xs + blk), x1 = ldg(xs + blk + 1);
         const float s0 = l16 ? x0.w : x0.z, s1 = l16 ? x1.w : x1.z;  // scale * sum of the half
         for (int r = 0; r < 2; ++r) {
-          const float ds = cur.d[r] * static_cast<float>(static_cast<int8_t>(comp(cur.sc[r], group >> 2) >> (8 * (group & 3))));
+          const int8_t sc = static_cast<int8_t>(comp(cur.sc[r], group >> 2) >> (8 * (group & 3)));
+          const float ds = cur.d[r] * static_cast<float>(sc);
           acc[2 * r] += ds * (x0.x * static_cast<float>(c[2 * r]) - 32.f * s0);
           acc[2 * r + 1] += ds * (x1.x * static_cast<float>(c[2 * r + 1]) - 32.f * s1);
         }
@@ -951,7 +955,8 @@ extern "C" int jq_gemv_host(const char* fmt, int64_t tiling, const void* const* 
   const Operands o{xw, dx, xs, out, n, nb};
   const auto on = [&](auto format) {
     using F = decltype(format);
-    return with_tiling(tiling, [&](auto t) { host_gemv<F, decltype(t)::R, decltype(t)::S>(F::args(arrays), o); }) ? 0 : 2;
+    const auto go = [&](auto t) { host_gemv<F, decltype(t)::R, decltype(t)::S>(F::args(arrays), o); };
+    return with_tiling(tiling, go) ? 0 : 2;
   };
   const std::string name(fmt);
   return name == "Q4_K"     ? on(Q4K{})

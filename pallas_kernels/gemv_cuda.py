@@ -144,23 +144,24 @@ def batch_warps(n: int) -> int:
     return next((s for s in BATCH_WARPS if n // 16 * s >= 2048), BATCH_WARPS[-1])
 
 
-def batch_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``x [M <= 8, K]`` -> the batch kernel's activations: per row (padded to 8 with zeros) and block
-    of 32, int16 as ``quantize_activations`` makes them, as 4 x 16 bytes (lane t: the high bytes of
-    elements 8t .. 8t + 7, then their low bytes) ``[8, K / 32, 64]`` uint8; and float32 ``[K / 32, 8,
-    4]``: each block's scale, and the scale times the sum of its values, of its first and its second 16."""
+def batch_activations(x: jax.Array, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """``x [M <= 8, K]`` -> the batch kernel's activations, quantized by ``quantize_activations``
+    (rows padded to 8 with zeros): per row and block of 32, its int16 values as 4 x 16 bytes (lane
+    t: the high bytes of elements 8t .. 8t + 7, then their low bytes) ``[8, K / 32, 64]`` uint8; and
+    float32 ``[K / 32, 8, 4]``: each block's scale, and the scale times the sum of its values, of
+    its first and of its second 16."""
     m, k = x.shape
-    blocks = jnp.zeros((8, k), jnp.float32).at[:m].set(x.astype(jnp.float32)).reshape(8, k // 32, 32)
-    amax = jnp.max(jnp.abs(blocks), axis=-1)
-    dx = jnp.where(jnp.isnan(blocks).any(-1), jnp.nan, amax / 32767.0)
-    inv = jnp.where(dx > 0, 1.0 / dx, 0.0)[..., None]
-    q = jnp.clip(jnp.floor(blocks * inv + 0.5), -32767.0, 32767.0).astype(jnp.int32)
+    words, dx, sums = quantize_activations(jnp.zeros((8, k), x.dtype).at[:m].set(x).reshape(-1), interpret)
+
+    def int16(v: jax.Array) -> jax.Array:
+        return jax.lax.bitcast_convert_type((v & 0xFFFF).astype(jnp.uint16), jnp.int16).astype(jnp.int32)
+
+    pairs, more = words[:, :8], words[:, 8:]  # elements 4i, 4i + 1 and 4i + 2, 4i + 3
+    q = jnp.stack([int16(pairs), int16(pairs >> 16), int16(more), int16(more >> 16)], -1).reshape(8, k // 32, 4, 8)
     hi = jax.lax.bitcast_convert_type((q >> 8).astype(jnp.int8), jnp.uint8)
-    lo = (q & 0xFF).astype(jnp.uint8)
-    xb = jnp.concatenate([hi.reshape(8, k // 32, 4, 8), lo.reshape(8, k // 32, 4, 8)], -1).reshape(8, k // 32, 64)
-    sums = [jnp.sum(v, -1).astype(jnp.float32) for v in (q, q[..., :16], q[..., 16:])]
-    xs = jnp.stack([dx, *(dx * v for v in sums)], -1)
-    return xb, jnp.transpose(xs, (1, 0, 2))
+    xb = jnp.concatenate([hi, (q & 0xFF).astype(jnp.uint8)], -1).reshape(8, k // 32, 64)
+    xs = dx * jnp.concatenate([jnp.ones_like(dx), sums[:, 2:3], sums[:, :2]], -1).astype(jnp.float32)
+    return xb, jnp.transpose(xs.reshape(8, k // 32, 4), (1, 0, 2))
 
 
 @functools.partial(jax.jit, static_argnames=("warps", "interpret"))
@@ -170,7 +171,8 @@ def batch(x: jax.Array, w: QTensor, warps: int | None = None, interpret: bool = 
         raise JaxquantError("gemv_cuda has no interpreter; use the Triton kernels")
     m, n = x.shape[0], w.shape[0]
     if not 1 <= m <= 8 or w.fmt not in BATCH_FORMATS:
-        raise JaxquantError(f"gemv_cuda.batch: {w.fmt} with {m} activation rows ({', '.join(BATCH_FORMATS)}; 1 to 8 rows)")
+        raise JaxquantError(f"gemv_cuda.batch: {w.fmt} with {m} activation rows "
+                            f"({', '.join(BATCH_FORMATS)}; 1 to 8 rows)")
     warps = warps or batch_warps(n)
     if warps not in BATCH_WARPS:
         raise JaxquantError(f"gemv_cuda.batch: warps must be one of {BATCH_WARPS}, not {warps}")

@@ -2,10 +2,10 @@
 
 ``op`` is ``"gemv"`` (one activation row, integer dot products on the CUDA cores, ``gemv.py``, for
 the formats it has; ``gemv_cuda.py`` for the K-quants of llama.cpp's mixes), ``"batch"`` (2 to 8
-rows, integer tensor-core products, ``gemv_cuda.batch``), ``"qmm"`` (up to
-``QMM_MAX_M`` activation rows: packed weights decoded into the tensor cores' registers, ``qmm.py``)
-or ``"dequant"`` (more rows: one pass to a transient float16 copy, then XLA's dot). ``jaxquant.ops.qdot`` asks ``select`` for a kernel and falls back to XLA
-(dequantize + dot) where none applies.
+rows, integer tensor-core products, ``gemv_cuda.batch``), ``"qmm"`` (up to ``QMM_MAX_M`` activation
+rows: packed weights decoded into the tensor cores' registers, ``qmm.py``) or ``"dequant"`` (more
+rows: one pass to a transient float16 copy, then XLA's dot). ``jaxquant.ops.qdot`` asks ``select``
+for a kernel and falls back to XLA (dequantize + dot) where none applies.
 
 Backend: Pallas' Triton lowering (``backend="triton"``), chosen deliberately on JAX 0.11.2:
 - The work per weight is bit-field extraction and packed half2 arithmetic in registers, laid out

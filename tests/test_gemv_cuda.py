@@ -55,7 +55,8 @@ def host_gemv(lib, x: jax.Array, w, tiling: tuple[int, int]) -> np.ndarray:
     n, nb = w.shape[0], w.shape[1] // gemv_cuda.UNIT[w.fmt]
     out = np.full(n, np.nan, np.float32)
     rows, warps = tiling
-    rc = lib.jq_gemv_host(w.fmt.encode(), 10 * rows + warps, (ctypes.c_void_p * len(arrays))(*(a.ctypes.data for a in arrays)),
+    pointers = (ctypes.c_void_p * len(arrays))(*(a.ctypes.data for a in arrays))
+    rc = lib.jq_gemv_host(w.fmt.encode(), 10 * rows + warps, pointers,
                           *(a.ctypes.data for a in acts), out.ctypes.data, n, nb)
     assert rc == 0
     return out
@@ -86,7 +87,7 @@ def test_batch_lanes_equal_dequantize_dot(lib, fmt, m, warps):
     w = random_qtensor(fmt, n, k, key)
     x = jax.random.normal(jax.random.fold_in(key, 1), (m, k), jnp.float32) * jnp.logspace(-2, 3, m)[:, None]
     ref = np.asarray(jnp.dot(x, w.dequantize(jnp.float32).T, precision=jax.lax.Precision.HIGHEST))
-    xb, xs = (np.ascontiguousarray(np.asarray(a)) for a in gemv_cuda.batch_activations(x))
+    xb, xs = (np.ascontiguousarray(np.asarray(a)) for a in gemv_cuda.batch_activations(x, interpret=True))
     arrays = [np.ascontiguousarray(np.asarray(w.arrays[name])) for name in sorted(w.arrays)]
     out = np.full((m, n), np.nan, np.float32)
     rc = lib.jq_batch_host(fmt.encode(), warps, (ctypes.c_void_p * 4)(*(a.ctypes.data for a in arrays)),
