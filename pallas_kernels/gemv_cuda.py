@@ -40,10 +40,6 @@ FORMATS = {f: f"jq_gemv_{f.lower()}" for f in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "
 # super-block of the K-quants): K must be whole units
 UNIT = {**dict.fromkeys(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL"), 256), "Q8_0": 128,
         **dict.fromkeys(("Q4_K", "Q5_K", "Q6_K", "IQ4_XS"), 256)}
-# What qdot sends here: formats whose CUDA gemv was timed on the GPU faster than their Triton one
-# (benchmarks/RESULTS.md). The others are checked on the CPU (tests/test_gemv_cuda.py) but not yet
-# timed; benchmarks/qmatmul.py --sweep and tests/gpu/check_kernels.py reach them by name.
-SELECTED = frozenset({"Q4_K", "Q6_K"})
 # (rows a warp, warps splitting a row's K): the template instances, each some shape's fastest
 TILINGS = ((4, 1), (4, 2), (2, 4))
 
@@ -94,20 +90,31 @@ def available() -> bool:
     except (JaxquantError, OSError, AttributeError, subprocess.SubprocessError) as e:
         warnings.warn(f"CUDA gemv kernels unavailable, using Triton's: {e}", RuntimeWarning, stacklevel=2)
         return False
-    for name in (*FORMATS.values(), *BATCH_FORMATS.values()):
+    for name in (*FORMATS.values(), *BATCH_FORMATS.values(), "jq_quantize_x"):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="CUDA")
     return True
 
 
 def supports(fmt: str, m: int, n: int, k: int) -> bool:
-    return fmt in SELECTED and m == 1 and k % UNIT[fmt] == 0 and n % 4 == 0 and available()
+    return fmt in FORMATS and m == 1 and k % UNIT[fmt] == 0 and n % 4 == 0 and available()
 
 
 def default_tiling(n: int) -> tuple[int, int]:
     """About 2048 warps (16 an SM), from 4 rows a warp and K split over 1, 2 or 4 warps. The fastest
     of 7 tilings for Q4_K and Q6_K on the H200 at N = 1024, 4096 (K = 4096, 14336) and N >= 14336
-    (benchmarks/RESULTS.md, session 7; Q6_K at N >= 14336 within 3% of 2 rows a warp)."""
+    (benchmarks/RESULTS.md, session 7; Q6_K at N >= 14336 within 3% of 2 rows a warp), and of the
+    3 built for each other format at N = 4096 and 14336 (session 8)."""
     return (4, 1) if n >= 8192 else (4, 2) if n >= 4096 else (2, 4)
+
+
+def quantize_x(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``quantize_activations(x)`` (the same words, scales and sums; x float32, bfloat16 or float16
+    ``[K]``) in one CUDA kernel: a thread a block of 32."""
+    blocks = x.shape[0] // 32
+    call = jax.ffi.ffi_call("jq_quantize_x", (jax.ShapeDtypeStruct((blocks, 16), jnp.uint32),
+                                              jax.ShapeDtypeStruct((blocks, 1), jnp.float32),
+                                              jax.ShapeDtypeStruct((blocks, 4), jnp.int32)))
+    return tuple(call(x))
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
@@ -120,7 +127,7 @@ def gemv(x: jax.Array, w: QTensor, tiling: tuple[int, int] | None = None, interp
     tiling = tiling or default_tiling(n)
     if tiling not in TILINGS:
         raise JaxquantError(f"gemv_cuda: tiling {tiling} is not one of {TILINGS}")
-    xw, dx, sums = quantize_activations(x[0])
+    xw, dx, sums = quantize_x(x[0])
     arrays = [w.arrays[name] for name in sorted(w.arrays)]
     call = jax.ffi.ffi_call(FORMATS[w.fmt], jax.ShapeDtypeStruct((n,), jnp.float32))
     rows, warps = tiling

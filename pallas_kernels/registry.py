@@ -1,7 +1,7 @@
 """Kernel registry: (format, op, backend) -> kernel.
 
 ``op`` is ``"gemv"`` (one activation row, integer dot products on the CUDA cores, ``gemv.py``, for
-the formats it has; ``gemv_cuda.py`` for the K-quants of llama.cpp's mixes), ``"batch"`` (2 to 8
+the formats it has; ``gemv_cuda.py`` for its 4- to 8-bit formats), ``"batch"`` (2 to 8
 rows, integer tensor-core products, ``gemv_cuda.batch``), ``"qmm"`` (up to ``QMM_MAX_M`` activation
 rows: packed weights decoded into the tensor cores' registers, ``qmm.py``) or ``"dequant"`` (more
 rows: one pass to a transient float16 copy, then XLA's dot). ``jaxquant.ops.qdot`` asks ``select``
@@ -15,7 +15,7 @@ Backend: Pallas' Triton lowering (``backend="triton"``), chosen deliberately on 
   warpgroup/TMA model with its own register layouts and no inline PTX; ``jax-triton`` needs a
   wheel the device image lacks and has no CPU interpreter for the tests.
 - Where Triton's code generation stood in the way, an XLA FFI kernel in CUDA (``backend="cuda"``,
-  compiled with the machine's nvcc at first use): the Q4_K / Q6_K gemv, whose Triton version
+  compiled with the machine's nvcc at first use): the gemv of 10 formats, whose Triton version
   left its loads waiting one at a time and could not keep the activations in L1 (``gemv_cuda.py``).
 - Pallas Triton runs in the Pallas interpreter on any platform, so the CPU suite tests every
   decoder bit for bit (``halfpack`` has a jnp twin of each PTX line), and ``benchmarks/sass.py``

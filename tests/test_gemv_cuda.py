@@ -31,17 +31,18 @@ def lib(tmp_path_factory):
                                     *[ctypes.c_void_p] * 4, ctypes.c_int, ctypes.c_int]
     handle.jq_batch_host.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p),
                                      *[ctypes.c_void_p] * 3, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    handle.jq_quantize_host.argtypes = [ctypes.c_void_p, ctypes.c_int, *[ctypes.c_void_p] * 3]
     return handle
 
 
 def test_builds_for_hopper_without_spills(lib, tmp_path):
-    for name in (*gemv_cuda.FORMATS.values(), *gemv_cuda.BATCH_FORMATS.values()):
+    for name in (*gemv_cuda.FORMATS.values(), *gemv_cuda.BATCH_FORMATS.values(), "jq_quantize_x"):
         assert getattr(lib, name)
     report = subprocess.run(gemv_cuda.compile_command(gemv_cuda.nvcc(), "90", tmp_path / "v.so", "-Xptxas", "-v"),
                             capture_output=True, text=True, check=True).stderr
     kernels = re.findall(r"Compiling entry function '(\w+)'", report)
     assert len(kernels) == (len(gemv_cuda.FORMATS) * len(gemv_cuda.TILINGS)
-                            + len(gemv_cuda.BATCH_FORMATS) * len(gemv_cuda.BATCH_WARPS))
+                            + len(gemv_cuda.BATCH_FORMATS) * len(gemv_cuda.BATCH_WARPS) + 3)  # + quantize_x's 3 dtypes
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert len(spills) == len(kernels) and all(s == ("0", "0") for s in spills)
     registers = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
@@ -60,6 +61,23 @@ def host_gemv(lib, x: jax.Array, w, tiling: tuple[int, int]) -> np.ndarray:
                           *(a.ctypes.data for a in acts), out.ctypes.data, n, nb)
     assert rc == 0
     return out
+
+
+def test_quantize_x_equals_quantize_activations(lib):
+    """The CUDA activation quantizer's code, run on the host, gives the Pallas quantizer's words,
+    scales and sums bit for bit: blocks of magnitudes 1e-30 to 1e30, a zero block, rounding ties."""
+    k = 64 * 32
+    x = np.array(jax.random.normal(jax.random.key(3), (k // 32, 32), jnp.float32))
+    x *= np.logspace(-30, 30, k // 32, dtype=np.float32)[:, None]
+    x[5] = 0.0
+    x[6] = np.arange(32) - 15.5  # dx = 16.5 / 32767: ties of x / dx + 1/2 where it is exact
+    x[7, 0] = -np.abs(x[7]).max() * 1.5  # the largest magnitude, negative: -32767
+    x = np.ascontiguousarray(x.reshape(-1))
+    words, dx, sums = (np.zeros((k // 32, c), t) for c, t in ((16, np.uint32), (1, np.float32), (4, np.int32)))
+    lib.jq_quantize_host(x.ctypes.data, k // 32, words.ctypes.data, dx.ctypes.data, sums.ctypes.data)
+    want = [np.asarray(a) for a in quantize_activations(jnp.asarray(x), interpret=True)]
+    for got, ref in zip((words, dx, sums), want):
+        np.testing.assert_array_equal(got, ref)
 
 
 @pytest.mark.parametrize("tiling", gemv_cuda.TILINGS)
@@ -107,11 +125,11 @@ def test_host_entry_rejects_unknown_format_and_tiling(lib):
 
 @pytest.mark.parametrize("fmt", sorted(gemv_cuda.FORMATS))
 def test_selected_only_where_it_runs(fmt):
-    """The CUDA gemv is qdot's choice at M = 1 only for the formats timed faster on the GPU and
-    where it is built (a GPU with nvcc), never under the Pallas interpreter."""
+    """The CUDA gemv (timed faster than the Triton one for every format it has) is qdot's choice at
+    M = 1 where it is built (a GPU with nvcc), never under the Pallas interpreter."""
     w = random_qtensor(fmt, 64, 512, jax.random.key(0))
     assert pallas_kernels.lookup(fmt, "gemv", "cuda") is not None
-    cuda = gemv_cuda.available() and fmt in gemv_cuda.SELECTED
+    cuda = gemv_cuda.available()
     assert pallas_kernels.select(w, 1).backend == ("cuda" if cuda else "triton")
     assert pallas_kernels.select(w, 1, interpret=True).backend == "triton"
 
