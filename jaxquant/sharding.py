@@ -60,13 +60,13 @@ def spec(field: str, shape: tuple[int, ...], cfg: ModelConfig, tp: int, axis: st
          blocks: int | None = None) -> PartitionSpec:
     """The logical partition of one model tensor: ``field`` (a ``Layer``/``Params`` field name),
     its logical shape, and for a row-parallel QTensor its blocks per row (None: plain, any column
-    split is whole). Stacked fields (``attn_qkv``, a gate+up ``ffn_up``) split by plain rows here;
+    split is whole). Stacked fields (``attn_qkv``, ``attn_qk``, a gate+up ``ffn_up``) split by plain rows here;
     ``unfuse`` regroups them."""
     if tp == 1:
         return PartitionSpec()
     name = field.removesuffix("_bias")
     heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads, "attn_v": cfg.n_kv_heads}
-    if field in COLUMN + VOCAB + ("attn_qkv",) or (field.endswith("_bias") and name in heads):
+    if field in COLUMN + VOCAB + ("attn_qkv", "attn_qk") or (field.endswith("_bias") and name in heads):
         rows_ok = shape[0] % tp == 0 and (name not in heads or heads[name] % tp == 0)
         return PartitionSpec(axis) if rows_ok else PartitionSpec()
     if field in ROW:
@@ -127,20 +127,21 @@ def _rows(w: Weight, lo: int, hi: int) -> Weight:
 
 
 def unfuse(params: Params, cfg: ModelConfig, mesh: Mesh) -> Params:
-    """Stacked ``attn_qkv`` split into q, k, v rows and a gate+up ``ffn_up`` into ``ffn_gate`` and
-    ``ffn_up``, each placed by the plan (formats whose blocks span rows stay stacked)."""
+    """Stacked ``attn_qkv`` (``attn_qk``) split into q, k, v (q, k) rows and a gate+up ``ffn_up`` into
+    ``ffn_gate`` and ``ffn_up``, each placed by the plan (formats whose blocks span rows stay stacked)."""
     put = placer(cfg, mesh)
     nq, nkv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     layers = []
     for layer in params.layers:
         new = {}
-        qkv = layer.attn_qkv
-        if qkv is not None and (not isinstance(qkv, QTensor) or qkv.format.separable):
-            bounds = {"attn_q": (0, nq), "attn_k": (nq, nq + nkv), "attn_v": (nq + nkv, nq + 2 * nkv)}
-            new.update({f: put(f, _rows(qkv, lo, hi)) for f, (lo, hi) in bounds.items()}, attn_qkv=None)
-            if layer.attn_qkv_bias is not None:
-                new.update({f"{f}_bias": put(f"{f}_bias", layer.attn_qkv_bias[lo:hi]) for f, (lo, hi) in bounds.items()},
-                           attn_qkv_bias=None)
+        bounds = {"attn_q": (0, nq), "attn_k": (nq, nq + nkv), "attn_v": (nq + nkv, nq + 2 * nkv)}
+        for fused, parts in (("attn_qkv", 3), ("attn_qk", 2)):
+            w, bias, split = getattr(layer, fused), getattr(layer, f"{fused}_bias"), list(bounds.items())[:parts]
+            if w is not None and (not isinstance(w, QTensor) or w.format.separable):
+                new.update({f: put(f, _rows(w, lo, hi)) for f, (lo, hi) in split}, **{fused: None})
+                if bias is not None:
+                    new.update({f"{f}_bias": put(f"{f}_bias", bias[lo:hi]) for f, (lo, hi) in split},
+                               **{f"{fused}_bias": None})
         up = layer.ffn_up
         if layer.ffn_gate is None and up is not None and (not isinstance(up, QTensor) or up.format.separable):
             new.update(ffn_gate=put("ffn_gate", _rows(up, 0, cfg.ffn_dim)),

@@ -172,6 +172,25 @@ def test_generation_identical(family: str, tp: int, root: str):
     assert jq.generate_tokens(model, _prompts(model.cfg), max_tokens=6) == _reference_tokens(family, root)
 
 
+def test_stacked_projections_kept_apart(root: str):
+    """Params fused for one GPU (q/k/v, or q/k where v's format differs, and gate/up stacked) are
+    split again on a mesh, each device holding its heads, with the one-device logits."""
+    model = _one_device("qwen2", root)
+    layers = [dataclasses.replace(layer, attn_v=jq.quantize(layer.attn_v.dequantize(jnp.float32), "Q5_0"))
+              for layer in model.params.layers]
+    params = dataclasses.replace(model.params, layers=layers)
+    fused = models.fuse_projections(params)
+    assert fused.layers[0].attn_qk is not None and fused.layers[0].attn_qk_bias is not None
+    sharded = sharding.shard(fused, model.cfg, _mesh(2))
+    layer = sharded.layers[0]
+    assert layer.attn_qk is None and layer.attn_qk_bias is None and layer.ffn_gate is not None
+    assert layer.attn_q.arrays["qs"].sharding.spec == jax.sharding.PartitionSpec("tp")
+    cache = sharding.cache_sharding(sharded, model.cfg)
+    ref = np.asarray(_logits(params, _tokens(model.cfg), model.cfg, None))
+    rel = _rel(np.asarray(_logits(sharded, _tokens(model.cfg), model.cfg, cache)), ref)
+    assert rel < TOL, rel
+
+
 @pytest.mark.slow
 def test_mesh_with_a_replica_axis(root: str):
     """A 2 x 4 mesh ("dp", "tp"): the weights split over "tp" and repeat over "dp"."""

@@ -47,6 +47,8 @@ class Layer:
     attn_v: Weight | None = None
     attn_qkv: Weight | None = None  # Phi-3, and fuse_projections: q, k, v rows stacked
     attn_qkv_bias: jax.Array | None = None
+    attn_qk: Weight | None = None  # fuse_projections where v's format differs: q, k rows stacked
+    attn_qk_bias: jax.Array | None = None
     attn_q_bias: jax.Array | None = None
     attn_k_bias: jax.Array | None = None
     attn_v_bias: jax.Array | None = None
@@ -182,17 +184,20 @@ def _stack_rows(ws: list) -> Weight:
 def fuse_projections(params: Params) -> Params:
     """q, k, v stacked into ``attn_qkv`` and gate, up into ``ffn_up`` (gate rows first), as Phi-3
     stores them, wherever the formats allow: one matmul kernel instead of three and two per layer
-    at decode. Each output row is computed exactly as before."""
+    at decode. Where v's format differs from q's and k's (llama.cpp's Q4_K_M gives v Q6_K), q and
+    k alone are stacked into ``attn_qk``. Each output row is computed exactly as before."""
     layers = []
     for layer in params.layers:
         new = {}
-        qkv = [layer.attn_q, layer.attn_k, layer.attn_v]
-        biases = [layer.attn_q_bias, layer.attn_k_bias, layer.attn_v_bias]
-        if all(w is not None for w in qkv) and _stackable(qkv) and (all(b is None for b in biases)
-                                                                    or all(b is not None for b in biases)):
-            new.update(attn_qkv=_stack_rows(qkv), attn_q=None, attn_k=None, attn_v=None,
-                       attn_qkv_bias=None if biases[0] is None else jnp.concatenate(biases),
-                       attn_q_bias=None, attn_k_bias=None, attn_v_bias=None)
+        names = ("attn_q", "attn_k", "attn_v")
+        for fused, n in (("attn_qkv", 3), ("attn_qk", 2)):
+            ws = [getattr(layer, f) for f in names[:n]]
+            biases = [getattr(layer, f"{f}_bias") for f in names[:n]]
+            if all(w is not None for w in ws) and _stackable(ws) and len({b is None for b in biases}) == 1:
+                new.update({f: None for f in names[:n]}, **{f"{f}_bias": None for f in names[:n]})
+                new.update({fused: _stack_rows(ws),
+                            f"{fused}_bias": None if biases[0] is None else jnp.concatenate(biases)})
+                break
         gate_up = [layer.ffn_gate, layer.ffn_up]
         if all(w is not None for w in gate_up) and _stackable(gate_up):
             new.update(ffn_up=_stack_rows(gate_up), ffn_gate=None)

@@ -18,10 +18,14 @@ REQUIRED = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm"
 
 def qkv(layer: Layer, x: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [B, T, E] -> q [B, T, H, D], k, v [B, T, KV, D]; biases where present (Qwen2), q/k norm
-    when the config has it (Qwen3, Gemma 3). q, k, v may be one stacked matrix (``attn_qkv``)."""
+    when the config has it (Qwen3, Gemma 3). q, k, v may be one stacked matrix (``attn_qkv``), or
+    q, k one (``attn_qk``)."""
+    nq, nkv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     if layer.attn_qkv is not None:
-        nq, nkv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         q, k, v = jnp.split(linear(x, layer.attn_qkv, layer.attn_qkv_bias), [nq, nq + nkv], axis=-1)
+    elif layer.attn_qk is not None:
+        q, k = jnp.split(linear(x, layer.attn_qk, layer.attn_qk_bias), [nq], axis=-1)
+        v = linear(x, layer.attn_v, layer.attn_v_bias)
     else:
         q, k, v = (linear(x, w, b) for w, b in ((layer.attn_q, layer.attn_q_bias), (layer.attn_k, layer.attn_k_bias),
                                                  (layer.attn_v, layer.attn_v_bias)))

@@ -151,21 +151,30 @@ def test_bfloat16_compute(case: str, tmp_root: str):
         assert _rel(prefill[row], ref[:n]) < 5e-2 and _rel(decode[row], ref[n:]) < 5e-2
 
 
-@pytest.mark.parametrize("case,fmt", [("llama-bias", None), ("qwen2", "Q8_0"), ("gemma3", "Q4_0")])
-def test_fused_projections(case: str, fmt, tmp_root: str):
+@pytest.mark.parametrize("case,fmt,v_fmt", [("llama-bias", None, None), ("qwen2", "Q8_0", None),
+                                            ("gemma3", "Q4_0", None), ("qwen2", "Q4_0", "Q8_0")])
+def test_fused_projections(case: str, fmt, v_fmt, tmp_root: str):
     """q/k/v and gate/up stacked into one matmul each (the GPU default) compute the same logits,
-    for plain weights and for QTensors (stacked row-wise, still packed); biases are stacked too."""
+    for plain weights and for QTensors (stacked row-wise, still packed); biases are stacked too.
+    With v in another format than q and k, q and k alone are stacked."""
     _, path = _model(case, tmp_root)
     source = open_model(path)
     cfg = source.config
     params = models.load_params(source, cfg)
     if fmt is not None:
         params = jax.tree.map(lambda a: quantize(a, fmt) if a.ndim == 2 else a, params)
+    if v_fmt is not None:
+        params = dataclasses.replace(params, layers=[
+            dataclasses.replace(layer, attn_v=quantize(layer.attn_v.dequantize(jnp.float32), v_fmt))
+            for layer in params.layers])
     fused = models.fuse_projections(params)
     layer = fused.layers[0]
-    assert layer.attn_q is None and layer.ffn_gate is None and layer.attn_qkv.shape[0] == (
-        cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
-    assert (layer.attn_qkv_bias is not None) == (params.layers[0].attn_q_bias is not None)
+    stacked, nq = (layer.attn_qk, 1) if v_fmt else (layer.attn_qkv, 2)
+    assert layer.attn_q is None and layer.attn_k is None and layer.ffn_gate is None
+    assert (layer.attn_v is None) == (v_fmt is None) and (layer.attn_qkv is None) == (v_fmt is not None)
+    assert stacked.shape[0] == (cfg.n_heads + nq * cfg.n_kv_heads) * cfg.head_dim
+    bias = layer.attn_qk_bias if v_fmt else layer.attn_qkv_bias
+    assert (bias is not None) == (params.layers[0].attn_q_bias is not None)
     assert isinstance(layer.ffn_up, QTensor) == (fmt is not None)
     tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (len(LENGTHS), PREFILL + DECODE)).astype(np.int32)
     for a, b in zip(_run(params, cfg, tokens), _run(fused, cfg, tokens)):
