@@ -20,8 +20,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -63,6 +65,40 @@ JQ_HD T ldg(const T* p) {
 #else
   return *p;
 #endif
+}
+
+// Programmatic dependent launch (sm_90): a kernel launched with launch_early() may start while the
+// kernel before it in the stream runs (once that one has released its dependents, or ended), read
+// what the previous kernel cannot have written (the weights), and waits before anything else.
+JQ_HD void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+JQ_HD void release_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// JAXQUANT_CUDA_PDL=0 launches every kernel after the previous one has ended (for comparison).
+template <class... Params, class... Args>
+cudaError_t launch_early(cudaStream_t stream, dim3 grid, dim3 block, void (*kernel)(Params...), Args... args) {
+  static const bool early = [] {
+    const char* v = std::getenv("JAXQUANT_CUDA_PDL");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = early ? 1 : 0;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
 }
 
 // dp2a: two int16 of a (packed) times bytes 0, 1 (HI: 2, 3) of b, signed, plus c.
@@ -467,6 +503,7 @@ JQ_HD void lane_sums(const typename F::Args& w, const uint4* __restrict__ xw, co
     acc[r] = 0.f;
     if (live) cur[r] = load(r, first);
   }
+  wait_for_previous_kernel();  // the activations come from it
   for (int sb = first; live && sb < nb; sb += kStep) {
 #pragma unroll
     for (int r = 0; r < R; ++r) nxt[r] = load(r, sb + kStep);
@@ -546,10 +583,9 @@ cudaError_t launch(cudaStream_t stream, const typename F::Args& w, const Operand
       cudaFuncSetAttribute(gemv_kernel<F, R, S>, cudaFuncAttributePreferredSharedMemoryCarveout, 0);
   if (attr != cudaSuccess) return attr;
   constexpr int kRows = R * kWarps / S;  // a block's
-  gemv_kernel<F, R, S><<<(o.n + kRows - 1) / kRows, kWarps * 32, 0, stream>>>(
-      w, static_cast<const uint4*>(o.xw), static_cast<const float*>(o.dx), static_cast<const int*>(o.xs), o.out,
-      o.n, o.nb);
-  return cudaGetLastError();
+  return launch_early(stream, (o.n + kRows - 1) / kRows, kWarps * 32, gemv_kernel<F, R, S>, w,
+                      static_cast<const uint4*>(o.xw), static_cast<const float*>(o.dx), static_cast<const int*>(o.xs),
+                      o.out, o.n, o.nb);
 }
 
 // The kernel's lanes one after another on the host (the lanes' sums added in another order).
@@ -569,46 +605,12 @@ void host_gemv(const typename F::Args& w, const Operands& o) {
   }
 }
 
-// The QTensor's arrays in sorted field order, then the activations (words, scales, sums).
-template <class F>
-ffi::Error run(cudaStream_t stream, int64_t tiling, ffi::RemainingArgs args, ffi::Result<ffi::Buffer<ffi::F32>> out) {
-  if (args.size() != F::kArrays + 3) return ffi::Error::InvalidArgument("gemv_cuda: wrong number of operands");
-  const void* data[F::kArrays + 3];
-  int64_t n = 0, blocks = 0;
-  size_t words = 0;
-  for (int i = 0; i < F::kArrays + 3; ++i) {
-    const auto b = args.get<ffi::AnyBuffer>(i);
-    if (b.has_error()) return b.error();
-    data[i] = b->untyped_data();
-    if (i == 0) {  // d: [N, blocks]
-      const auto dims = b->dimensions();
-      if (dims.size() != 2) return ffi::Error::InvalidArgument("gemv_cuda: scales must be [N, blocks]");
-      n = dims[0];
-      blocks = dims[1];
-    }
-    if (i == F::kArrays) words = b->element_count();
-  }
-  const int64_t nb = blocks / F::kUnitBlocks;
-  if (blocks % F::kUnitBlocks || n % (tiling / 10) || words != static_cast<size_t>(nb * F::kUnitX32 * 16) ||
-      out->element_count() != static_cast<size_t>(n)) {
-    return ffi::Error::InvalidArgument("gemv_cuda: operand shapes do not match");
-  }
-  const Operands o{data[F::kArrays], data[F::kArrays + 1], data[F::kArrays + 2], out->typed_data(),
-                   static_cast<int>(n), static_cast<int>(nb)};
-  cudaError_t err = cudaSuccess;
-  const auto go = [&](auto t) { err = launch<F, decltype(t)::R, decltype(t)::S>(stream, F::args(data), o); };
-  if (!with_tiling(tiling, go)) {
-    return ffi::Error::InvalidArgument("gemv_cuda: no kernel for this tiling");
-  }
-  if (err != cudaSuccess) return ffi::Error::Internal(std::string("gemv_cuda: ") + cudaGetErrorString(err));
-  return ffi::Error::Success();
-}
-
 // ---------------------------------------------------------------------------------------------
 // The gemvs' activations by gemv.quantize_activations' rule, a thread a block of 32: int16 values
 // floor(x / dx + 1/2) with dx = amax / 32767 (NaN where a value is NaN), as 16 words (word i: elements
 // 4i, 4i + 1; word 8 + i: 4i + 2, 4i + 3), dx, and the integer sums of each half, of both, and a 0.
-// One small kernel in place of the Pallas one (2.1-2.6 us a call on the H200, 4 calls a layer).
+// One small kernel in place of the Pallas one (2.1-2.6 us a call on the H200, 4 calls a layer), in
+// the gemv's FFI call, so that the gemv launched after it may start reading its weights at once.
 
 JQ_HD float to_float(float v) { return v; }
 JQ_HD float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -659,6 +661,8 @@ JQ_HD void quantize_block(const float (&v)[32], uint32_t (&words)[16], float& dx
 template <class T>
 __global__ void __launch_bounds__(32) quantize_kernel(const T* __restrict__ x, uint4* __restrict__ words,
                                                       float* __restrict__ dx, int4* __restrict__ sums, int blocks) {
+  release_dependents();  // the gemv after it may launch and start reading its weights
+  wait_for_previous_kernel();
   const int b = blockIdx.x * 32 + threadIdx.x;
   if (b >= blocks) return;
   constexpr int kVec = 16 / sizeof(T);
@@ -679,26 +683,69 @@ __global__ void __launch_bounds__(32) quantize_kernel(const T* __restrict__ x, u
   sums[b] = make_int4(s[0], s[1], s[2], s[3]);
 }
 
-ffi::Error quantize_x(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::U32>> words,
-                      ffi::Result<ffi::Buffer<ffi::F32>> dx, ffi::Result<ffi::Buffer<ffi::S32>> sums) {
-  const size_t k = x.element_count(), blocks = k / 32;
-  if (k % 32 || words->element_count() != 16 * blocks || dx->element_count() != blocks ||
-      sums->element_count() != 4 * blocks) {
-    return ffi::Error::InvalidArgument("gemv_cuda quantize_x: operand shapes do not match");
+// Launched early: it reads nothing before waiting for the kernel before it (which wrote x).
+ffi::Error quantize_x(cudaStream_t stream, const ffi::AnyBuffer& x, uint32_t* words, float* dx, int* sums) {
+  const int blocks = static_cast<int>(x.element_count() / 32);
+  if (reinterpret_cast<uintptr_t>(x.untyped_data()) % 16) {
+    return ffi::Error::InvalidArgument("gemv_cuda: activations must be 16-byte aligned");
   }
   const auto go = [&](auto* typed) {
-    quantize_kernel<<<(blocks + 31) / 32, 32, 0, stream>>>(typed, reinterpret_cast<uint4*>(words->typed_data()),
-                                                         dx->typed_data(), reinterpret_cast<int4*>(sums->typed_data()),
-                                                         static_cast<int>(blocks));
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(typed)>>;
+    return launch_early(stream, (blocks + 31) / 32, 32, quantize_kernel<T>, typed, reinterpret_cast<uint4*>(words), dx,
+                        reinterpret_cast<int4*>(sums), blocks);
   };
+  cudaError_t err;
   switch (x.element_type()) {
-    case ffi::DataType::F32: go(static_cast<const float*>(x.untyped_data())); break;
-    case ffi::DataType::BF16: go(static_cast<const __nv_bfloat16*>(x.untyped_data())); break;
-    case ffi::DataType::F16: go(static_cast<const __half*>(x.untyped_data())); break;
-    default: return ffi::Error::InvalidArgument("gemv_cuda quantize_x: activations must be f32, bf16 or f16");
+    case ffi::DataType::F32: err = go(static_cast<const float*>(x.untyped_data())); break;
+    case ffi::DataType::BF16: err = go(static_cast<const __nv_bfloat16*>(x.untyped_data())); break;
+    case ffi::DataType::F16: err = go(static_cast<const __half*>(x.untyped_data())); break;
+    default: return ffi::Error::InvalidArgument("gemv_cuda: activations must be f32, bf16 or f16");
   }
-  const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("gemv_cuda quantize_x: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+// The QTensor's arrays in sorted field order, then the activations x [K] (f32, bf16 or f16). Results:
+// the product [N], then x quantized (words, scales, sums: scratch, for the gemv). x is quantized by
+// a kernel of this call, so the gemv, launched early, overlaps only it, which writes no weights.
+template <class F>
+ffi::Error run(cudaStream_t stream, int64_t tiling, ffi::RemainingArgs args, ffi::Result<ffi::Buffer<ffi::F32>> out,
+               ffi::Result<ffi::Buffer<ffi::U32>> words, ffi::Result<ffi::Buffer<ffi::F32>> dx,
+               ffi::Result<ffi::Buffer<ffi::S32>> sums) {
+  if (args.size() != F::kArrays + 1) return ffi::Error::InvalidArgument("gemv_cuda: wrong number of operands");
+  const void* data[F::kArrays];
+  int64_t n = 0, blocks = 0;
+  for (int i = 0; i < F::kArrays; ++i) {
+    const auto b = args.get<ffi::AnyBuffer>(i);
+    if (b.has_error()) return b.error();
+    data[i] = b->untyped_data();
+    if (i == 0) {  // d: [N, blocks]
+      const auto dims = b->dimensions();
+      if (dims.size() != 2) return ffi::Error::InvalidArgument("gemv_cuda: scales must be [N, blocks]");
+      n = dims[0];
+      blocks = dims[1];
+    }
+  }
+  const auto x = args.get<ffi::AnyBuffer>(F::kArrays);
+  if (x.has_error()) return x.error();
+  const int64_t nb = blocks / F::kUnitBlocks, x32 = nb * F::kUnitX32;  // activation blocks of 32
+  if (blocks % F::kUnitBlocks || n % (tiling / 10) || x->element_count() != static_cast<size_t>(32 * x32) ||
+      words->element_count() != static_cast<size_t>(16 * x32) || dx->element_count() != static_cast<size_t>(x32) ||
+      sums->element_count() != static_cast<size_t>(4 * x32) || out->element_count() != static_cast<size_t>(n)) {
+    return ffi::Error::InvalidArgument("gemv_cuda: operand shapes do not match");
+  }
+  if (const ffi::Error e = quantize_x(stream, *x, words->typed_data(), dx->typed_data(), sums->typed_data());
+      e.failure()) {
+    return e;
+  }
+  const Operands o{words->typed_data(), dx->typed_data(), sums->typed_data(), out->typed_data(), static_cast<int>(n),
+                   static_cast<int>(nb)};
+  cudaError_t err = cudaSuccess;
+  const auto go = [&](auto t) { err = launch<F, decltype(t)::R, decltype(t)::S>(stream, F::args(data), o); };
+  if (!with_tiling(tiling, go)) {
+    return ffi::Error::InvalidArgument("gemv_cuda: no kernel for this tiling");
+  }
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("gemv_cuda: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }
 
@@ -1008,7 +1055,10 @@ ffi::Error batch(cudaStream_t stream, int64_t warps, ffi::AnyBuffer a0, ffi::Any
                                     .Ctx<ffi::PlatformStream<cudaStream_t>>()                             \
                                     .Attr<int64_t>("tiling")                                              \
                                     .RemainingArgs()                                                      \
-                                    .Ret<ffi::Buffer<ffi::F32>>());
+                                    .Ret<ffi::Buffer<ffi::F32>>()                                         \
+                                    .Ret<ffi::Buffer<ffi::U32>>()                                         \
+                                    .Ret<ffi::Buffer<ffi::F32>>()                                         \
+                                    .Ret<ffi::Buffer<ffi::S32>>());
 
 JQ_GEMV_HANDLER(jq_gemv_q4_k, Q4K)
 JQ_GEMV_HANDLER(jq_gemv_q6_k, Q6K)
@@ -1020,14 +1070,6 @@ JQ_GEMV_HANDLER(jq_gemv_q5_0, Q5Legacy<false>)
 JQ_GEMV_HANDLER(jq_gemv_q5_1, Q5Legacy<true>)
 JQ_GEMV_HANDLER(jq_gemv_iq4_nl, IQ4NL)
 JQ_GEMV_HANDLER(jq_gemv_iq4_xs, IQ4XS)
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jq_quantize_x, quantize_x,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::U32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 #define JQ_BATCH_HANDLER(name, B)                                                                         \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, batch<B>,                                                           \

@@ -9,6 +9,11 @@ in L1 (its launches carve 233 KB of shared memory out of it): NOTES-gpu.md, sess
 is ``gemv.py``'s (same activation quantization, integer dot products, per-group float32 scales), so
 results equal the Triton kernel's up to the order of float32 sums.
 
+A gemv's FFI call quantizes the activations itself (``quantize_activations``' rule in a CUDA
+kernel, a thread a block of 32) and launches the product to start while that runs (programmatic
+dependent launch: the first weights are read before it waits for the activations);
+``JAXQUANT_CUDA_PDL=0`` launches each kernel after the previous one ends.
+
 Without ``nvcc`` or a GPU the kernels are unavailable and ``qdot`` uses the Triton ones.
 """
 
@@ -90,7 +95,7 @@ def available() -> bool:
     except (JaxquantError, OSError, AttributeError, subprocess.SubprocessError) as e:
         warnings.warn(f"CUDA gemv kernels unavailable, using Triton's: {e}", RuntimeWarning, stacklevel=2)
         return False
-    for name in (*FORMATS.values(), *BATCH_FORMATS.values(), "jq_quantize_x"):
+    for name in (*FORMATS.values(), *BATCH_FORMATS.values()):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="CUDA")
     return True
 
@@ -107,16 +112,6 @@ def default_tiling(n: int) -> tuple[int, int]:
     return (4, 1) if n >= 8192 else (4, 2) if n >= 4096 else (2, 4)
 
 
-def quantize_x(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``quantize_activations(x)`` (the same words, scales and sums; x float32, bfloat16 or float16
-    ``[K]``) in one CUDA kernel: a thread a block of 32."""
-    blocks = x.shape[0] // 32
-    call = jax.ffi.ffi_call("jq_quantize_x", (jax.ShapeDtypeStruct((blocks, 16), jnp.uint32),
-                                              jax.ShapeDtypeStruct((blocks, 1), jnp.float32),
-                                              jax.ShapeDtypeStruct((blocks, 4), jnp.int32)))
-    return tuple(call(x))
-
-
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
 def gemv(x: jax.Array, w: QTensor, tiling: tuple[int, int] | None = None, interpret: bool = False) -> jax.Array:
     """``x [1, K] @ dequantize(w).T`` -> ``[1, N]`` float32 for a ``w`` of one of ``FORMATS``; ``tiling``:
@@ -127,16 +122,21 @@ def gemv(x: jax.Array, w: QTensor, tiling: tuple[int, int] | None = None, interp
     tiling = tiling or default_tiling(n)
     if tiling not in TILINGS:
         raise JaxquantError(f"gemv_cuda: tiling {tiling} is not one of {TILINGS}")
-    xw, dx, sums = quantize_x(x[0])
-    arrays = [w.arrays[name] for name in sorted(w.arrays)]
-    call = jax.ffi.ffi_call(FORMATS[w.fmt], jax.ShapeDtypeStruct((n,), jnp.float32))
+    blocks = w.shape[1] // 32
+    # the product, then the activations as quantize_activations gives them (scratch of the call)
+    results = (jax.ShapeDtypeStruct((n,), jnp.float32), jax.ShapeDtypeStruct((blocks, 16), jnp.uint32),
+               jax.ShapeDtypeStruct((blocks, 1), jnp.float32), jax.ShapeDtypeStruct((blocks, 4), jnp.int32))
+    call = jax.ffi.ffi_call(FORMATS[w.fmt], results)
     rows, warps = tiling
-    return call(*arrays, xw, dx, sums, tiling=np.int64(10 * rows + warps))[None]
+    out, *_ = call(*(w.arrays[name] for name in sorted(w.arrays)), x[0], tiling=np.int64(10 * rows + warps))
+    return out[None]
 
 
-# Batch decoding (2 to 8 activation rows) of Q4_K and Q6_K on the tensor cores (IMMA, exact integer sums):
-# not yet run on the GPU, so qdot does not select it (BATCH_SELECTED); checked on the CPU by
-# tests/test_gemv_cuda.py through its lanes' emulation.
+# Batch decoding (2 to 8 activation rows) of Q4_K and Q6_K on the tensor cores (IMMA, exact integer sums),
+# checked on the CPU by tests/test_gemv_cuda.py through its lanes' emulation and on the H200 (60/60).
+# qdot does not select it (BATCH_SELECTED): at M = 8 it lost to qmm but for Q4_K at K = 14336 (28.2
+# against 33.7 us; Q6_K 46.2 against 47.0), and would need about twice its speed to matter
+# (benchmarks/RESULTS.md, session 8).
 BATCH_FORMATS = {"Q4_K": "jq_batch_q4_k", "Q6_K": "jq_batch_q6_k"}
 BATCH_SELECTED: frozenset[str] = frozenset()
 BATCH_WARPS = (1, 2, 4, 8)  # warps of a block splitting K, one block a 16-row group

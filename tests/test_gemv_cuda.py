@@ -36,13 +36,13 @@ def lib(tmp_path_factory):
 
 
 def test_builds_for_hopper_without_spills(lib, tmp_path):
-    for name in (*gemv_cuda.FORMATS.values(), *gemv_cuda.BATCH_FORMATS.values(), "jq_quantize_x"):
+    for name in (*gemv_cuda.FORMATS.values(), *gemv_cuda.BATCH_FORMATS.values()):
         assert getattr(lib, name)
     report = subprocess.run(gemv_cuda.compile_command(gemv_cuda.nvcc(), "90", tmp_path / "v.so", "-Xptxas", "-v"),
                             capture_output=True, text=True, check=True).stderr
     kernels = re.findall(r"Compiling entry function '(\w+)'", report)
     assert len(kernels) == (len(gemv_cuda.FORMATS) * len(gemv_cuda.TILINGS)
-                            + len(gemv_cuda.BATCH_FORMATS) * len(gemv_cuda.BATCH_WARPS) + 3)  # + quantize_x's 3 dtypes
+                            + len(gemv_cuda.BATCH_FORMATS) * len(gemv_cuda.BATCH_WARPS) + 3)  # + quantize_kernel's 3 dtypes
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert len(spills) == len(kernels) and all(s == ("0", "0") for s in spills)
     registers = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
