@@ -78,21 +78,23 @@ class Params:
 
 @_pytree
 class KVCache:
-    """Per-layer keys and values ``[B, max_len, n_kv_heads, head_dim]``; slot s holds the token at
-    position s (written by ``forward``), so no separate length is kept."""
+    """Per-layer keys and values ``[B, max_len + 1, n_kv_heads, head_dim]``; slot s holds the token
+    at position s (written by ``forward``), so no separate length is kept. The last slot takes the
+    writes of padding (positions < 0) and is never attended to: a decode step's write is then one
+    in-place update, where dropping it would take a read, a select and the update (3 kernels)."""
 
     k: list[jax.Array]
     v: list[jax.Array]
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[1] - 1
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, sharding=None) -> KVCache:
     """An empty cache for ``batch`` sequences of up to ``max_len`` positions, created with
     ``sharding`` (``jaxquant.sharding.cache_sharding``; None: the default device)."""
-    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    shape = (batch, max_len + 1, cfg.n_kv_heads, cfg.head_dim)
     return KVCache([jnp.zeros(shape, dtype, device=sharding) for _ in range(cfg.n_layers)],
                    [jnp.zeros(shape, dtype, device=sharding) for _ in range(cfg.n_layers)])
 
@@ -309,17 +311,21 @@ def _fused_decode(q: jax.Array, cache_k: jax.Array, ctx: LayerCtx) -> bool:
 
 
 def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv: KV, ctx: LayerCtx) -> tuple[jax.Array, KV]:
-    """Rope q [B, T, H, D] and k [B, T, KV, D], write k and v into the cache at slot = position,
-    attend over the cache. Returns ([B, T, H * D], updated (k, v) cache)."""
+    """Rope q [B, T, H, D] and k [B, T, KV, D], write k and v into the cache at slot = position
+    (padding into the last slot), attend over the cache. Returns ([B, T, H * D], updated (k, v) cache)."""
     cfg, pos = ctx.cfg, ctx.positions
     q, k = rope(q, pos, ctx.inv_freq, cfg.rope_neox), rope(k, pos, ctx.inv_freq, cfg.rope_neox)
     cache_k, cache_v = kv
     b, t, n_heads, d = q.shape
     s, n_kv = cache_k.shape[1], cache_k.shape[2]
-    slot = jnp.where(pos >= 0, pos, s)  # padding goes out of range and is dropped
-    rows = jnp.arange(b)[:, None]
-    cache_k = cache_k.at[rows, slot].set(k.astype(cache_k.dtype), mode="drop")
-    cache_v = cache_v.at[rows, slot].set(v.astype(cache_v.dtype), mode="drop")
+    slot = jnp.where(pos >= 0, pos, s - 1)
+    if b == t == 1:  # one sequence decoding: an in-place update (a scatter would check its bounds)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, slot[0, 0], 0, 0))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, slot[0, 0], 0, 0))
+    else:  # positions past the cache (a caller's error) are dropped
+        rows = jnp.arange(b)[:, None]
+        cache_k = cache_k.at[rows, slot].set(k.astype(cache_k.dtype), mode="drop")
+        cache_v = cache_v.at[rows, slot].set(v.astype(cache_v.dtype), mode="drop")
 
     if _fused_decode(q, cache_k, ctx):
         out = jax.nn.dot_product_attention(q.astype(cache_k.dtype), cache_k, cache_v,

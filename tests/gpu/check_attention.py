@@ -30,7 +30,8 @@ def case(b: int, h: int, kv: int, d: int, s: int, dtype, seed: int) -> float:
     q = jax.random.normal(keys[0], (b, 1, h, d), jnp.float32)
     k, v = (jax.random.normal(kk, (b, 1, kv, d), jnp.float32) for kk in keys[1:3])
     cache = tuple(jax.random.normal(kk, (b, s, kv, d), jnp.float32).astype(dtype) for kk in keys[3:5])
-    pos = jnp.asarray(np.r_[0, jax.random.randint(keys[5], (b - 1,), 1, s)][:b, None], jnp.int32)
+    # the cache's last slot is padding's (base.KVCache): positions 0 .. s - 2
+    pos = jnp.asarray(np.r_[0, jax.random.randint(keys[5], (b - 1,), 1, s - 1)][:b, None], jnp.int32)
     inv = jnp.asarray(base.rope_inv_freq(cfg, 0))
 
     def run(fused: bool, dt):
