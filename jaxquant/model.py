@@ -73,7 +73,8 @@ def load(path: str | os.PathLike | None = None, *, dtype=None, compute_dtype=Non
     Quantized tensors stay packed QTensors in their file format; plain matrices become ``dtype``;
     activations entering matmuls and the KV cache are ``compute_dtype`` (both default to
     ``default_dtype()``: bfloat16 on GPU, float32 elsewhere). ``fuse`` (default: on GPU) stacks q/k/v
-    and gate/up into one matmul each where their formats match (``models.fuse_projections``).
+    (q/k where v's format differs) and gate/up into one matmul each where their formats match
+    (``models.fuse_projections``).
     ``isq``: quantize at load by a policy (a ``jaxquant.isq.Policy``, a llama.cpp mix such as
     ``"Q4_K_M"`` or a policy YAML), one tensor at a time, with ``imatrix`` (a file or ``Imatrix``).
     ``mesh`` (a ``jax.sharding.Mesh``): tensor-parallel over it (``jaxquant.sharding``), each tensor
