@@ -13,7 +13,9 @@ whole-model ISQ from an F16 file); then times on each file llama-bench (tg128, p
 
 It resumes: each finished stage (the build, each file, each row) is kept under ``--work``, so a run
 cut at the device's 10-minute limit goes on where it stopped when called again on a warm machine.
-``--build-only`` starts the build and returns, for other measurements to fill its six minutes.
+``--build-only`` starts the build and returns, for other measurements to fill its six minutes;
+``--llama-bench PATH`` takes a binary built beforehand instead (benchmarks/NOTES-gpu.md, session 8:
+built on the 2-core CPU machine in ~50 minutes and carried, it saves the device's six).
 """
 
 from __future__ import annotations
@@ -226,6 +228,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--small", action="store_true", help="tiny dimensions (a smoke test of the pipeline)")
     p.add_argument("--no-llama", action="store_true", help="skip building and running llama.cpp")
+    p.add_argument("--llama-bench", help="a llama-bench built elsewhere (same source, CUDA, sm_90): no build here")
     p.add_argument("--build-only", action="store_true",
                    help="start the llama.cpp build in the background and return (measure other things meanwhile)")
     p.add_argument("--tokens", type=int, default=128)
@@ -238,7 +241,7 @@ def main() -> None:
     import jax
 
     os.makedirs(args.work, exist_ok=True)
-    binary = None if args.no_llama else start_build(args.src, args.work)
+    binary = None if args.no_llama else args.llama_bench or start_build(args.src, args.work)
     if args.build_only:
         return
     f16 = os.path.join(args.work, "model-f16.gguf")
@@ -254,7 +257,8 @@ def main() -> None:
                 ours, path, "bfloat16" if name == "F16" else None, args.tokens, args.prefill))
             for name, path in files.items()}
     if binary is not None:
-        wait_build(binary, args.work)
+        if not args.llama_bench:
+            wait_build(binary, args.work)
         for name, path in files.items():
             rows[name].update(stage(args.work, f"llama.cpp {name}", functools.partial(llama_bench, binary, path)))
     out = io.StringIO()
