@@ -707,7 +707,9 @@ ffi::Error quantize_x(cudaStream_t stream, const ffi::AnyBuffer& x, uint32_t* wo
 
 // The QTensor's arrays in sorted field order, then the activations x [K] (f32, bf16 or f16). Results:
 // the product [N], then x quantized (words, scales, sums: scratch, for the gemv). x is quantized by
-// a kernel of this call, so the gemv, launched early, overlaps only it, which writes no weights.
+// a kernel of this call, and the gemv, launched early, may start once that one has (itself after
+// every block of the kernel before it has ended): its early weight reads overlap no kernel that
+// could write weights (as one that requantizes them inside the same jit).
 template <class F>
 ffi::Error run(cudaStream_t stream, int64_t tiling, ffi::RemainingArgs args, ffi::Result<ffi::Buffer<ffi::F32>> out,
                ffi::Result<ffi::Buffer<ffi::U32>> words, ffi::Result<ffi::Buffer<ffi::F32>> dx,
