@@ -4,7 +4,9 @@ On GPU a QTensor goes to a fused Pallas kernel (``pallas_kernels``) that reads t
 bytes once; elsewhere, and for formats or shapes without a kernel, XLA dequantizes and runs
 ``dot`` in float32. The backend is chosen when a function is traced (under ``jax.jit``: at
 compile time) from, in order: the ``backend=`` argument, the innermost ``use_backend(...)``
-block, the ``JAXQUANT_QDOT_BACKEND`` environment variable, and ``"auto"``.
+block, the ``JAXQUANT_QDOT_BACKEND`` environment variable, and ``"auto"``. Its input may be an
+``Activation`` (an RMS norm or gated unit that a GPU kernel computes as it reads its input), and a
+residual may be added to the product (which that kernel does as it writes).
 
 On several devices a QTensor product is one ``custom_partitioning`` op: whatever sharding the
 weight's arrays carry (rows = output features, axis 1 = input blocks, see ``jaxquant.sharding``),
@@ -17,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import itertools
+import math
 import os
 from collections.abc import Callable, Iterator
 
@@ -77,31 +81,94 @@ def resolve_backend(backend: str | None = None) -> str:
     return name
 
 
-def qdot(x: jax.Array, w, *, backend: str | None = None) -> jax.Array:
-    """``x [..., K] @ w.T`` for ``w`` a plain ``[N, K]`` array or a QTensor of shape ``[N, K]``.
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """x / rms(x) * w over the last axis, in float32 (Gemma's 1 + w is already folded into w)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
-    Accumulates in float32; the result has the dtype ``x`` and ``w`` promote to (a QTensor
-    counts as its ``dtype``).
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["x", "weight"], meta_fields=["kind", "eps", "dtype"])
+@dataclasses.dataclass(frozen=True)
+class Activation:
+    """A matmul input that ``qdot`` computes from ``x``: ``kind="rms_norm"``, ``rms_norm(x, weight,
+    eps)`` cast to ``dtype``; or a gated unit (``kind`` one of ``ACTIVATIONS``), ``act(gate) * up``
+    of ``x = [gate | up]`` (``weight`` None). The CUDA gemv computes it in the kernel that quantizes
+    its activations (one kernel where XLA's norm takes two and the gated unit one); every other
+    path multiplies ``value()``, the ops the model ran before."""
+
+    x: jax.Array
+    kind: str
+    weight: jax.Array | None = None
+    eps: float = 0.0
+    dtype: jnp.dtype = jnp.dtype(jnp.float32)
+
+    def __post_init__(self):
+        if self.kind != "rms_norm" and self.kind not in ACTIVATIONS:
+            raise JaxquantError(f"Activation: unknown kind {self.kind!r}; valid: rms_norm, {', '.join(ACTIVATIONS)}")
+
+    def value(self) -> jax.Array:
+        if self.kind == "rms_norm":
+            return rms_norm(self.x, self.weight, self.eps).astype(self.dtype)
+        gate, up = jnp.split(self.x, 2, axis=-1)
+        return ACTIVATIONS[self.kind](gate) * up
+
+
+def qdot(x: jax.Array | Activation, w, *, residual: jax.Array | None = None, backend: str | None = None) -> jax.Array:
+    """``x [..., K] @ w.T`` for ``w`` a plain ``[N, K]`` array or a QTensor of shape ``[N, K]``,
+    plus ``residual [..., N]`` if given; ``x`` may be an ``Activation`` (the input it computes).
+
+    Accumulates in float32; the product has the dtype ``x`` and ``w`` promote to (a QTensor
+    counts as its ``dtype``), and is then added to ``residual``.
     """
+    xin = x.value() if isinstance(x, Activation) else x  # unused (and dropped by XLA) where a kernel fuses it
     is_q = isinstance(w, QTensor)
     shape = tuple(w.shape)
-    if len(shape) != 2 or x.shape[-1] != shape[1]:
-        raise JaxquantError(f"qdot: x of shape {tuple(x.shape)} cannot multiply a weight of shape {shape} "
+    if len(shape) != 2 or xin.shape[-1] != shape[1]:
+        raise JaxquantError(f"qdot: x of shape {tuple(xin.shape)} cannot multiply a weight of shape {shape} "
                             "(expected x [..., K] and w [N, K])")
+    if residual is not None and tuple(residual.shape) != (*xin.shape[:-1], shape[0]):
+        raise JaxquantError(f"qdot: residual of shape {tuple(residual.shape)} cannot be added to the product "
+                            f"{(*xin.shape[:-1], shape[0])}")
     for fn in _taps.get():
-        fn(x, w)
-    out_dtype = jnp.result_type(x.dtype, w.dtype)
-    x2 = x.reshape(-1, shape[1])
+        fn(xin, w)
+    out_dtype = jnp.result_type(xin.dtype, w.dtype)
+    lead = xin.shape[:-1]
+    x2 = xin.reshape(-1, shape[1])
     if is_q and "perm" in w.arrays:  # act order: gather x's columns once, not the weight's (registry doc)
         x2 = jnp.take(x2, w.arrays["perm"], axis=1)
         w = QTensor({k: a for k, a in w.arrays.items() if k != "perm"}, w.fmt, w.shape, w.dtype)
+        x = x2
     name = resolve_backend(backend)
     if is_q and jax.device_count() > 1 and splittable(w):
         names = tuple(w.arrays)
         y = _on_shards(name, w.fmt, w.dtype, names, shape[1], x2, *(w.arrays[k] for k in names))
     else:
+        fused = _fused(x, w, name, math.prod(lead), out_dtype, residual)
+        if fused is not None:
+            return fused.reshape(*lead, shape[0]).astype(out_dtype)
         y = _product(x2, w, name)
-    return y.reshape(*x.shape[:-1], shape[0]).astype(out_dtype)
+    y = y.reshape(*lead, shape[0]).astype(out_dtype)
+    return y if residual is None else y + residual
+
+
+def _fused(x, w, name: str, m: int, out_dtype, residual: jax.Array | None) -> jax.Array | None:
+    """The product by a kernel that computes an ``Activation`` input and adds a float32 residual
+    itself (the CUDA gemv), or None where there is nothing to fuse or no such kernel."""
+    if not isinstance(w, QTensor) or name != "gpu" or (not isinstance(x, Activation) and residual is None):
+        return None
+    if residual is not None and (residual.dtype != jnp.float32 or out_dtype != jnp.float32):
+        return None  # the unfused sum rounds the product to out_dtype first
+    import pallas_kernels
+
+    kern = pallas_kernels.select(w, m)
+    if kern is None or not kern.fuses:
+        return None
+    flat = dataclasses.replace(x, x=x.x.reshape(m, -1)) if isinstance(x, Activation) else x.reshape(m, -1)
+    return kern.fn(flat, w, residual=None if residual is None else residual.reshape(m, -1))
 
 
 def splittable(w: QTensor) -> bool:

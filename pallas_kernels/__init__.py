@@ -33,7 +33,8 @@ for _gdec in gemv_ggml.DECODERS:
     register(Kernel(_gdec.fmt, "gemv", "triton", functools.partial(gemv.gemv, dec=_gdec),
                     functools.partial(gemv.supports, _gdec)))
 for _fmt in gemv_cuda.FORMATS:
-    register(Kernel(_fmt, "gemv", "cuda", gemv_cuda.gemv, functools.partial(gemv_cuda.supports, _fmt)))
+    register(Kernel(_fmt, "gemv", "cuda", gemv_cuda.gemv, functools.partial(gemv_cuda.supports, _fmt),
+                    fuses=gemv_cuda.fuses()))
 for _fmt in gemv_cuda.BATCH_FORMATS:
     register(Kernel(_fmt, "batch", "cuda", gemv_cuda.batch, functools.partial(gemv_cuda.batch_supports, _fmt)))
 

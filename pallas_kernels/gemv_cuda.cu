@@ -520,7 +520,8 @@ JQ_HD void lane_sums(const typename F::Args& w, const uint4* __restrict__ xw, co
 template <class F, int R, int S>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(typename F::Args w, const uint4* __restrict__ xw,
                                                              const float* __restrict__ dx,
-                                                             const int* __restrict__ xs, float* __restrict__ out,
+                                                             const int* __restrict__ xs,
+                                                             const float* __restrict__ res, float* __restrict__ out,
                                                              int n, int nb) {
   static_assert(kWarps % S == 0);
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, part = warp % S;
@@ -551,12 +552,13 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(typename F::Args w, c
     float v = acc[0];
 #pragma unroll
     for (int r = 1; r < R; ++r) v = lane == r ? acc[r] : v;
-    out[row0 + lane] = v;
+    out[row0 + lane] = res != nullptr ? v + res[row0 + lane] : v;  // res: written before x (see run)
   }
 }
 
 struct Operands {
   const void *xw, *dx, *xs;
+  const float* res;  // added to the product, or nullptr
   float* out;
   int n, nb;
 };
@@ -585,7 +587,7 @@ cudaError_t launch(cudaStream_t stream, const typename F::Args& w, const Operand
   constexpr int kRows = R * kWarps / S;  // a block's
   return launch_early(stream, (o.n + kRows - 1) / kRows, kWarps * 32, gemv_kernel<F, R, S>, w,
                       static_cast<const uint4*>(o.xw), static_cast<const float*>(o.dx), static_cast<const int*>(o.xs),
-                      o.out, o.n, o.nb);
+                      o.res, o.out, o.n, o.nb);
 }
 
 // The kernel's lanes one after another on the host (the lanes' sums added in another order).
@@ -601,7 +603,7 @@ void host_gemv(const typename F::Args& w, const Operands& o) {
         for (int r = 0; r < R; ++r) total[r] += acc[r];
       }
     }
-    for (int r = 0; r < R; ++r) o.out[row0 + r] = total[r];
+    for (int r = 0; r < R; ++r) o.out[row0 + r] = o.res != nullptr ? total[r] + o.res[row0 + r] : total[r];
   }
 }
 
@@ -611,10 +613,78 @@ void host_gemv(const typename F::Args& w, const Operands& o) {
 // 4i, 4i + 1; word 8 + i: 4i + 2, 4i + 3), dx, and the integer sums of each half, of both, and a 0.
 // One small kernel in place of the Pallas one (2.1-2.6 us a call on the H200, 4 calls a layer), in
 // the gemv's FFI call, so that the gemv launched after it may start reading its weights at once.
+//
+// Before quantizing, the kernel computes the product's input from the call's x (a Prologue,
+// gemv_cuda.PROLOGUES, as ops.Activation defines it): x as it is; x's RMS norm times a weight,
+// rounded to the compute dtype (XLA's two kernels of a norm); or the gated unit act(gate) * up of
+// x = [gate | up] (XLA's one kernel).
+
+enum Prologue : int64_t { kAsIs = 0, kRmsNorm = 1, kSilu = 2, kGeluTanh = 3 };
+enum Rounding : int64_t { kToF32 = 0, kToBF16 = 1, kToF16 = 2 };
 
 JQ_HD float to_float(float v) { return v; }
 JQ_HD float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 JQ_HD float to_float(__half v) { return __half2float(v); }
+
+JQ_HD float rounded(float v, int64_t to) {  // to the compute dtype and back, as XLA's cast
+  return to == kToBF16 ? __bfloat162float(__float2bfloat16_rn(v)) : to == kToF16 ? __half2float(__float2half_rn(v)) : v;
+}
+
+template <class T>
+JQ_HD void load32(const T* __restrict__ p, float (&v)[32]) {  // 16-byte aligned
+  constexpr int kVec = 16 / sizeof(T);
+#pragma unroll
+  for (int j = 0; j < 32 / kVec; ++j) {
+    const uint4 u = ldg(reinterpret_cast<const uint4*>(p) + j);
+    T e[kVec];
+    memcpy(e, &u, sizeof(u));
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) v[kVec * j + i] = to_float(e[i]);
+  }
+}
+
+JQ_HD float sum_squares(const float (&v)[32]) {
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) s += v[i] * v[i];
+  return s;
+}
+
+JQ_HD float norm_scale(float sum_sq, int k, float eps) {  // rsqrt(mean(x * x) + eps)
+#ifdef __CUDA_ARCH__
+  return rsqrtf(sum_sq / static_cast<float>(k) + eps);
+#else
+  return 1.0f / sqrtf(sum_sq / static_cast<float>(k) + eps);
+#endif
+}
+
+template <int P>
+JQ_HD float gated(float g, float u) {  // jax.nn.silu / gelu(approximate=True) of g, times u
+  if constexpr (P == kSilu) {
+    return g * (1.0f / (1.0f + expf(-g))) * u;
+  } else {
+    return g * (0.5f * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * (g * g * g))))) * u;
+  }
+}
+
+// The product's inputs of block b (of k): x's own (kAsIs), or the prologue's, rounded to ``round``.
+// kRmsNorm takes float32 x, its weight and the norm's scale.
+template <int P, class T>
+JQ_HD void prologue_block(const T* __restrict__ x, const float* __restrict__ weight, float scale, int64_t round,
+                          int k, int b, float (&v)[32]) {
+  load32(x + 32 * static_cast<size_t>(b), v);
+  if constexpr (P == kRmsNorm) {
+    float w[32];
+    load32(weight + 32 * static_cast<size_t>(b), w);
+#pragma unroll
+    for (int i = 0; i < 32; ++i) v[i] = rounded(v[i] * scale * w[i], round);
+  } else if constexpr (P != kAsIs) {
+    float u[32];
+    load32(x + k + 32 * static_cast<size_t>(b), u);
+#pragma unroll
+    for (int i = 0; i < 32; ++i) v[i] = rounded(gated<P>(v[i], u[i]), round);
+  }
+}
 
 JQ_HD float scaled_plus_half(float v, float inv) {  // v * inv + 0.5, two roundings (no FMA), as XLA
 #ifdef __CUDA_ARCH__
@@ -658,23 +728,8 @@ JQ_HD void quantize_block(const float (&v)[32], uint32_t (&words)[16], float& dx
   sums[3] = 0;
 }
 
-template <class T>
-__global__ void __launch_bounds__(32) quantize_kernel(const T* __restrict__ x, uint4* __restrict__ words,
-                                                      float* __restrict__ dx, int4* __restrict__ sums, int blocks) {
-  release_dependents();  // the gemv after it may launch and start reading its weights
-  wait_for_previous_kernel();
-  const int b = blockIdx.x * 32 + threadIdx.x;
-  if (b >= blocks) return;
-  constexpr int kVec = 16 / sizeof(T);
-  float v[32];
-#pragma unroll
-  for (int j = 0; j < 32 / kVec; ++j) {
-    const uint4 u = ldg(reinterpret_cast<const uint4*>(x + 32 * static_cast<size_t>(b)) + j);
-    T e[kVec];
-    memcpy(e, &u, sizeof(u));
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) v[kVec * j + i] = to_float(e[i]);
-  }
+__device__ void store_quantized(const float (&v)[32], uint4* __restrict__ words, float* __restrict__ dx,
+                                int4* __restrict__ sums, int b) {
   uint32_t w[16];
   int s[4];
   quantize_block(v, w, dx[b], s);
@@ -683,38 +738,108 @@ __global__ void __launch_bounds__(32) quantize_kernel(const T* __restrict__ x, u
   sums[b] = make_int4(s[0], s[1], s[2], s[3]);
 }
 
-// Launched early: it reads nothing before waiting for the kernel before it (which wrote x).
-ffi::Error quantize_x(cudaStream_t stream, const ffi::AnyBuffer& x, uint32_t* words, float* dx, int* sums) {
-  const int blocks = static_cast<int>(x.element_count() / 32);
-  if (reinterpret_cast<uintptr_t>(x.untyped_data()) % 16) {
-    return ffi::Error::InvalidArgument("gemv_cuda: activations must be 16-byte aligned");
+// Both kernels release the gemv after them at once (it may start reading its weights) and wait for
+// the kernel before them, which wrote x.
+template <class T, int P>
+__global__ void __launch_bounds__(32) quantize_kernel(const T* __restrict__ x, int64_t round, uint4* __restrict__ words,
+                                                      float* __restrict__ dx, int4* __restrict__ sums, int blocks) {
+  release_dependents();
+  wait_for_previous_kernel();
+  const int b = blockIdx.x * 32 + threadIdx.x;
+  if (b >= blocks) return;
+  float v[32];
+  prologue_block<P>(x, nullptr, 0.f, round, 32 * blocks, b, v);
+  store_quantized(v, words, dx, sums, b);
+}
+
+// The norm needs all of x first: one block, a thread a block of 32 at a time (x is read twice, the
+// second time from L1).
+constexpr int kNormThreads = 256;
+
+__global__ void __launch_bounds__(kNormThreads) norm_quantize_kernel(const float* __restrict__ x,
+                                                                     const float* __restrict__ weight, float eps,
+                                                                     int64_t round, uint4* __restrict__ words,
+                                                                     float* __restrict__ dx, int4* __restrict__ sums,
+                                                                     int blocks) {
+  release_dependents();
+  wait_for_previous_kernel();
+  __shared__ float warp_sums[kNormThreads / 32];
+  __shared__ float scale;
+  float s = 0.f;
+  for (int b = threadIdx.x; b < blocks; b += kNormThreads) {
+    float v[32];
+    load32(x + 32 * static_cast<size_t>(b), v);
+    s += sum_squares(v);
   }
-  const auto go = [&](auto* typed) {
-    using T = std::remove_cv_t<std::remove_pointer_t<decltype(typed)>>;
-    return launch_early(stream, (blocks + 31) / 32, 32, quantize_kernel<T>, typed, reinterpret_cast<uint4*>(words), dx,
-                        reinterpret_cast<int4*>(sums), blocks);
-  };
-  cudaError_t err;
-  switch (x.element_type()) {
-    case ffi::DataType::F32: err = go(static_cast<const float*>(x.untyped_data())); break;
-    case ffi::DataType::BF16: err = go(static_cast<const __nv_bfloat16*>(x.untyped_data())); break;
-    case ffi::DataType::F16: err = go(static_cast<const __half*>(x.untyped_data())); break;
-    default: return ffi::Error::InvalidArgument("gemv_cuda: activations must be f32, bf16 or f16");
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, o);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kNormThreads / 32; ++w) total += warp_sums[w];
+    scale = norm_scale(total, 32 * blocks, eps);
   }
-  if (err != cudaSuccess) return ffi::Error::Internal(std::string("gemv_cuda quantize_x: ") + cudaGetErrorString(err));
+  __syncthreads();
+  for (int b = threadIdx.x; b < blocks; b += kNormThreads) {
+    float v[32];
+    prologue_block<kRmsNorm>(x, weight, scale, round, 32 * blocks, b, v);
+    store_quantized(v, words, dx, sums, b);
+  }
+}
+
+// The product's K / 32 blocks of activations from x (K or, gated, 2K elements; f32, bf16 or f16;
+// the norm's f32) into words, dx, sums. Launched early: it reads nothing before it waits.
+ffi::Error prepare_x(cudaStream_t stream, int64_t prologue, int64_t round, float eps, const ffi::AnyBuffer& x,
+                     const float* weight, int blocks, uint32_t* words, float* dx, int* sums) {
+  if (reinterpret_cast<uintptr_t>(x.untyped_data()) % 16 || reinterpret_cast<uintptr_t>(weight) % 16) {
+    return ffi::Error::InvalidArgument("gemv_cuda: activations and norm weights must be 16-byte aligned");
+  }
+  auto* w4 = reinterpret_cast<uint4*>(words);
+  auto* s4 = reinterpret_cast<int4*>(sums);
+  cudaError_t err = cudaErrorInvalidValue;
+  if (prologue == kRmsNorm) {
+    if (x.element_type() != ffi::DataType::F32) return ffi::Error::InvalidArgument("gemv_cuda: the norm's x must be f32");
+    err = launch_early(stream, 1, kNormThreads, norm_quantize_kernel, static_cast<const float*>(x.untyped_data()),
+                       weight, eps, round, w4, dx, s4, blocks);
+  } else {
+    const auto go = [&](auto* typed) {
+      using T = std::remove_cv_t<std::remove_pointer_t<decltype(typed)>>;
+      const dim3 grid((blocks + 31) / 32);
+      switch (prologue) {
+        case kAsIs: return launch_early(stream, grid, 32, quantize_kernel<T, kAsIs>, typed, round, w4, dx, s4, blocks);
+        case kSilu: return launch_early(stream, grid, 32, quantize_kernel<T, kSilu>, typed, round, w4, dx, s4, blocks);
+        case kGeluTanh:
+          return launch_early(stream, grid, 32, quantize_kernel<T, kGeluTanh>, typed, round, w4, dx, s4, blocks);
+        default: return cudaErrorInvalidValue;
+      }
+    };
+    switch (x.element_type()) {
+      case ffi::DataType::F32: err = go(static_cast<const float*>(x.untyped_data())); break;
+      case ffi::DataType::BF16: err = go(static_cast<const __nv_bfloat16*>(x.untyped_data())); break;
+      case ffi::DataType::F16: err = go(static_cast<const __half*>(x.untyped_data())); break;
+      default: return ffi::Error::InvalidArgument("gemv_cuda: activations must be f32, bf16 or f16");
+    }
+  }
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("gemv_cuda prepare_x: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }
 
-// The QTensor's arrays in sorted field order, then the activations x [K] (f32, bf16 or f16). Results:
-// the product [N], then x quantized (words, scales, sums: scratch, for the gemv). x is quantized by
-// a kernel of this call, and the gemv, launched early, may start once that one has (itself after
-// every block of the kernel before it has ended): its early weight reads overlap no kernel that
-// could write weights (as one that requantizes them inside the same jit).
+// The QTensor's arrays in sorted field order, the call's x (see prepare_x), the norm's weight [K]
+// (f32) for kRmsNorm, and optionally a residual [N] (f32) added to the product. Results: the
+// product [N], then the activations quantized (words, scales, sums: scratch, for the gemv). The
+// gemv, launched early, may start once prepare_x's kernel has (itself after every block of the
+// kernel before it has ended): its early weight reads overlap no kernel that could write weights
+// (as one that requantizes them inside the same jit). It reads x's quantization and the residual
+// after griddepcontrol.wait: prepare_x's kernel has then ended, and it ended after waiting for the
+// kernels before it, which wrote the residual.
 template <class F>
-ffi::Error run(cudaStream_t stream, int64_t tiling, ffi::RemainingArgs args, ffi::Result<ffi::Buffer<ffi::F32>> out,
-               ffi::Result<ffi::Buffer<ffi::U32>> words, ffi::Result<ffi::Buffer<ffi::F32>> dx,
-               ffi::Result<ffi::Buffer<ffi::S32>> sums) {
-  if (args.size() != F::kArrays + 1) return ffi::Error::InvalidArgument("gemv_cuda: wrong number of operands");
+ffi::Error run(cudaStream_t stream, int64_t tiling, int64_t prologue, int64_t round, float eps,
+               ffi::RemainingArgs args, ffi::Result<ffi::Buffer<ffi::F32>> out, ffi::Result<ffi::Buffer<ffi::U32>> words,
+               ffi::Result<ffi::Buffer<ffi::F32>> dx, ffi::Result<ffi::Buffer<ffi::S32>> sums) {
+  const size_t fixed = F::kArrays + 1 + (prologue == kRmsNorm ? 1 : 0);
+  if (args.size() != fixed && args.size() != fixed + 1) return ffi::Error::InvalidArgument("gemv_cuda: wrong number of operands");
   const void* data[F::kArrays];
   int64_t n = 0, blocks = 0;
   for (int i = 0; i < F::kArrays; ++i) {
@@ -728,20 +853,41 @@ ffi::Error run(cudaStream_t stream, int64_t tiling, ffi::RemainingArgs args, ffi
       blocks = dims[1];
     }
   }
+  const int64_t nb = blocks / F::kUnitBlocks, x32 = nb * F::kUnitX32;  // activation blocks of 32
   const auto x = args.get<ffi::AnyBuffer>(F::kArrays);
   if (x.has_error()) return x.error();
-  const int64_t nb = blocks / F::kUnitBlocks, x32 = nb * F::kUnitX32;  // activation blocks of 32
-  if (blocks % F::kUnitBlocks || n % (tiling / 10) || x->element_count() != static_cast<size_t>(32 * x32) ||
+  const bool gated = prologue == kSilu || prologue == kGeluTanh;
+  const float* weight = nullptr;
+  if (prologue == kRmsNorm) {
+    const auto w = args.get<ffi::AnyBuffer>(F::kArrays + 1);
+    if (w.has_error()) return w.error();
+    if (w->element_type() != ffi::DataType::F32 || w->element_count() != static_cast<size_t>(32 * x32)) {
+      return ffi::Error::InvalidArgument("gemv_cuda: the norm's weight must be f32 [K]");
+    }
+    weight = static_cast<const float*>(w->untyped_data());
+  }
+  const float* res = nullptr;
+  if (args.size() == fixed + 1) {
+    const auto r = args.get<ffi::AnyBuffer>(fixed);
+    if (r.has_error()) return r.error();
+    if (r->element_type() != ffi::DataType::F32 || r->element_count() != static_cast<size_t>(n)) {
+      return ffi::Error::InvalidArgument("gemv_cuda: the residual must be f32 [N]");
+    }
+    res = static_cast<const float*>(r->untyped_data());
+  }
+  if (blocks % F::kUnitBlocks || n % (tiling / 10) ||
+      x->element_count() != static_cast<size_t>((gated ? 64 : 32) * x32) ||
       words->element_count() != static_cast<size_t>(16 * x32) || dx->element_count() != static_cast<size_t>(x32) ||
       sums->element_count() != static_cast<size_t>(4 * x32) || out->element_count() != static_cast<size_t>(n)) {
     return ffi::Error::InvalidArgument("gemv_cuda: operand shapes do not match");
   }
-  if (const ffi::Error e = quantize_x(stream, *x, words->typed_data(), dx->typed_data(), sums->typed_data());
+  if (const ffi::Error e = prepare_x(stream, prologue, round, eps, *x, weight, static_cast<int>(x32),
+                                     words->typed_data(), dx->typed_data(), sums->typed_data());
       e.failure()) {
     return e;
   }
-  const Operands o{words->typed_data(), dx->typed_data(), sums->typed_data(), out->typed_data(), static_cast<int>(n),
-                   static_cast<int>(nb)};
+  const Operands o{words->typed_data(), dx->typed_data(), sums->typed_data(), res, out->typed_data(),
+                   static_cast<int>(n), static_cast<int>(nb)};
   cudaError_t err = cudaSuccess;
   const auto go = [&](auto t) { err = launch<F, decltype(t)::R, decltype(t)::S>(stream, F::args(data), o); };
   if (!with_tiling(tiling, go)) {
@@ -1056,6 +1202,9 @@ ffi::Error batch(cudaStream_t stream, int64_t warps, ffi::AnyBuffer a0, ffi::Any
                                 ffi::Ffi::Bind()                                                          \
                                     .Ctx<ffi::PlatformStream<cudaStream_t>>()                             \
                                     .Attr<int64_t>("tiling")                                              \
+                                    .Attr<int64_t>("prologue")                                            \
+                                    .Attr<int64_t>("round")                                               \
+                                    .Attr<float>("eps")                                                   \
                                     .RemainingArgs()                                                      \
                                     .Ret<ffi::Buffer<ffi::F32>>()                                         \
                                     .Ret<ffi::Buffer<ffi::U32>>()                                         \
@@ -1102,10 +1251,11 @@ extern "C" int jq_batch_host(const char* fmt, int64_t warps, const void* const* 
   return name == "Q4_K" ? on(Q4KBatch{}) : name == "Q6_K" ? on(Q6KBatch{}) : 1;
 }
 
-// The same product on the CPU (tests), nb in units: 0, or 1 for an unknown format, 2 for an unknown tiling.
+// The same product on the CPU (tests), nb in units, res nullable: 0, or 1 for an unknown format, 2
+// for an unknown tiling.
 extern "C" int jq_gemv_host(const char* fmt, int64_t tiling, const void* const* arrays, const void* xw,
-                            const void* dx, const void* xs, float* out, int n, int nb) {
-  const Operands o{xw, dx, xs, out, n, nb};
+                            const void* dx, const void* xs, const float* res, float* out, int n, int nb) {
+  const Operands o{xw, dx, xs, res, out, n, nb};
   const auto on = [&](auto format) {
     using F = decltype(format);
     const auto go = [&](auto t) { host_gemv<F, decltype(t)::R, decltype(t)::S>(F::args(arrays), o); };
@@ -1125,15 +1275,37 @@ extern "C" int jq_gemv_host(const char* fmt, int64_t tiling, const void* const* 
                             : 1;
 }
 
-// quantize_x on the CPU (tests): blocks of 32 float32 activations -> words, scales, sums.
-extern "C" void jq_quantize_host(const float* x, int blocks, uint32_t* words, float* dx, int* sums) {
+// prepare_x on the CPU (tests): x (f32) -> the product's inputs (the prologue's values, before
+// quantizing; the norm's sum in another order), and those quantized: words, scales, sums. 0, or 1
+// for an unknown prologue.
+extern "C" int jq_prepare_host(int64_t prologue, int64_t round, const float* x, const float* weight, float eps,
+                               int blocks, float* values, uint32_t* words, float* dx, int* sums) {
+  if (prologue < kAsIs || prologue > kGeluTanh) return 1;
+  const int k = 32 * blocks;
+  float scale = 0.f;
+  if (prologue == kRmsNorm) {
+    float sum_sq = 0.f;
+    for (int b = 0; b < blocks; ++b) {
+      float v[32];
+      load32(x + 32 * static_cast<size_t>(b), v);
+      sum_sq += sum_squares(v);
+    }
+    scale = norm_scale(sum_sq, k, eps);
+  }
   for (int b = 0; b < blocks; ++b) {
     float v[32];
+    switch (prologue) {
+      case kAsIs: prologue_block<kAsIs>(x, weight, scale, round, k, b, v); break;
+      case kRmsNorm: prologue_block<kRmsNorm>(x, weight, scale, round, k, b, v); break;
+      case kSilu: prologue_block<kSilu>(x, weight, scale, round, k, b, v); break;
+      default: prologue_block<kGeluTanh>(x, weight, scale, round, k, b, v); break;
+    }
     uint32_t w[16];
     int s[4];
-    memcpy(v, x + 32 * static_cast<size_t>(b), sizeof(v));
     quantize_block(v, w, dx[b], s);
+    memcpy(values + 32 * static_cast<size_t>(b), v, sizeof(v));
     memcpy(words + 16 * static_cast<size_t>(b), w, sizeof(w));
     memcpy(sums + 4 * static_cast<size_t>(b), s, sizeof(s));
   }
+  return 0;
 }

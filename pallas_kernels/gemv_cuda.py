@@ -12,7 +12,10 @@ results equal the Triton kernel's up to the order of float32 sums.
 A gemv's FFI call quantizes the activations itself (``quantize_activations``' rule in a CUDA
 kernel, a thread a block of 32) and launches the product to start while that runs (programmatic
 dependent launch: the first weights are read before it waits for the activations);
-``JAXQUANT_CUDA_PDL=0`` launches each kernel after the previous one ends.
+``JAXQUANT_CUDA_PDL=0`` launches each kernel after the previous one ends. That kernel also computes
+an ``ops.Activation`` input (RMS norm, gated unit) before quantizing it, and the product adds a
+residual as it is written: a decoder layer's norms, gated unit and residual sums take no kernels
+of their own (``JAXQUANT_CUDA_FUSE=0``: XLA computes them, for comparison).
 
 Without ``nvcc`` or a GPU the kernels are unavailable and ``qdot`` uses the Triton ones.
 """
@@ -35,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.errors import JaxquantError
+from jaxquant.ops import Activation
 from jaxquant.qtensor import QTensor
 from pallas_kernels.gemv import quantize_activations
 
@@ -47,6 +51,10 @@ UNIT = {**dict.fromkeys(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL"), 256), "Q8_0"
         **dict.fromkeys(("Q4_K", "Q5_K", "Q6_K", "IQ4_XS"), 256)}
 # (rows a warp, warps splitting a row's K): the template instances, each some shape's fastest
 TILINGS = ((4, 1), (4, 2), (2, 4))
+# what the call computes from its x before quantizing (gemv_cuda.cu's Prologue), and the dtype it
+# rounds that to (Rounding)
+PROLOGUES = {None: 0, "rms_norm": 1, "silu": 2, "gelu_tanh": 3}
+ROUNDING = {jnp.dtype(jnp.float32): 0, jnp.dtype(jnp.bfloat16): 1, jnp.dtype(jnp.float16): 2}
 
 
 def nvcc() -> str | None:
@@ -100,6 +108,11 @@ def available() -> bool:
     return True
 
 
+def fuses() -> bool:
+    """Whether qdot hands the gemv its ``Activation`` inputs and residuals (``JAXQUANT_CUDA_FUSE``)."""
+    return os.environ.get("JAXQUANT_CUDA_FUSE", "1") != "0"
+
+
 def supports(fmt: str, m: int, n: int, k: int) -> bool:
     return fmt in FORMATS and m == 1 and k % UNIT[fmt] == 0 and n % 4 == 0 and available()
 
@@ -113,22 +126,34 @@ def default_tiling(n: int) -> tuple[int, int]:
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
-def gemv(x: jax.Array, w: QTensor, tiling: tuple[int, int] | None = None, interpret: bool = False) -> jax.Array:
-    """``x [1, K] @ dequantize(w).T`` -> ``[1, N]`` float32 for a ``w`` of one of ``FORMATS``; ``tiling``:
-    one of ``TILINGS`` (default ``default_tiling``)."""
+def gemv(x: jax.Array | Activation, w: QTensor, residual: jax.Array | None = None,
+         tiling: tuple[int, int] | None = None, interpret: bool = False) -> jax.Array:
+    """``x [1, K] @ dequantize(w).T`` (+ ``residual [1, N]`` float32) -> ``[1, N]`` float32 for a ``w``
+    of one of ``FORMATS``; ``x`` may be an ``ops.Activation`` (the norm's x float32); ``tiling``: one of
+    ``TILINGS`` (default ``default_tiling``)."""
     if interpret:
         raise JaxquantError("gemv_cuda has no interpreter; use the Triton gemv")
     n = w.shape[0]
     tiling = tiling or default_tiling(n)
     if tiling not in TILINGS:
         raise JaxquantError(f"gemv_cuda: tiling {tiling} is not one of {TILINGS}")
+    if not isinstance(x, Activation):
+        prologue, eps, operands, rounding = PROLOGUES[None], 0.0, [x[0]], jnp.float32
+    elif x.kind == "rms_norm":
+        prologue, eps, rounding = PROLOGUES["rms_norm"], x.eps, x.dtype
+        operands = [x.x[0].astype(jnp.float32), x.weight.astype(jnp.float32)]
+    else:  # the gated unit of [gate | up], in x's dtype as jnp computes it
+        prologue, eps, operands, rounding = PROLOGUES[x.kind], 0.0, [x.x[0]], x.x.dtype
+    if residual is not None:
+        operands.append(residual[0].astype(jnp.float32))
     blocks = w.shape[1] // 32
     # the product, then the activations as quantize_activations gives them (scratch of the call)
     results = (jax.ShapeDtypeStruct((n,), jnp.float32), jax.ShapeDtypeStruct((blocks, 16), jnp.uint32),
                jax.ShapeDtypeStruct((blocks, 1), jnp.float32), jax.ShapeDtypeStruct((blocks, 4), jnp.int32))
     call = jax.ffi.ffi_call(FORMATS[w.fmt], results)
     rows, warps = tiling
-    out, *_ = call(*(w.arrays[name] for name in sorted(w.arrays)), x[0], tiling=np.int64(10 * rows + warps))
+    out, *_ = call(*(w.arrays[name] for name in sorted(w.arrays)), *operands, tiling=np.int64(10 * rows + warps),
+                   prologue=np.int64(prologue), round=np.int64(ROUNDING[jnp.dtype(rounding)]), eps=np.float32(eps))
     return out[None]
 
 

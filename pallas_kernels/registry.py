@@ -40,13 +40,16 @@ QMM_MAX_M = 256
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-    """``fn(x [M, K], w: QTensor, interpret: bool) -> [M, N] float32`` for shapes ``supports`` accepts."""
+    """``fn(x [M, K], w: QTensor, interpret: bool) -> [M, N] float32`` for shapes ``supports`` accepts.
+    A kernel that ``fuses`` also takes ``x`` as a ``jaxquant.ops.Activation`` (which it computes)
+    and ``residual=`` (float32 ``[M, N]``, added to the product)."""
 
     fmt: str
     op: str
     backend: str
     fn: Callable[..., jax.Array]
     supports: Callable[[int, int, int], bool]
+    fuses: bool = False
 
 
 _KERNELS: dict[tuple[str, str, str], Kernel] = {}

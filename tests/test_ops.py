@@ -135,6 +135,50 @@ def test_auto_backend_on_a_gpu_runs_a_kernel_where_one_exists(monkeypatch, fmt, 
             ops._product(x, w, "pallas")
 
 
+@pytest.mark.parametrize("kind", ["rms_norm", "silu", "gelu_tanh"])
+def test_activation_input_and_residual(kind):
+    """An ``Activation`` input is multiplied as its ``value()`` (the model's norm or gated unit, bit
+    for bit) and a residual is added to the product after its cast, as the model added it before."""
+    w = random_qtensor("Q4_K", 48, 512, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (2, 3, 512 if kind == "rms_norm" else 1024), jnp.float32)
+    act = ops.Activation(x, kind, jnp.linspace(0.5, 2, 512), 1e-6, jnp.dtype(jnp.bfloat16)) if kind == "rms_norm" \
+        else ops.Activation(x, kind)
+    r = jax.random.normal(jax.random.key(2), (2, 3, 48), jnp.float32)
+    plain = ops.qdot(act.value(), w)
+    np.testing.assert_array_equal(ops.qdot(act, w), plain)
+    np.testing.assert_array_equal(ops.qdot(act, w, residual=r), plain + r)
+    with pytest.raises(JaxquantError, match="residual of shape"):
+        ops.qdot(act, w, residual=r[..., :47])
+    with pytest.raises(JaxquantError, match="unknown kind"):
+        ops.Activation(x, "relu")
+
+
+def test_fusing_kernel_gets_the_activation_and_residual(monkeypatch):
+    """On a GPU, a kernel that ``fuses`` receives the ``Activation`` itself (rows flattened) and a
+    float32 residual [M, N]; a residual it could not add as the unfused sum does (bfloat16) is added
+    by XLA, and the kernel gets the computed input."""
+    calls = []
+
+    def fn(x, w, residual=None, interpret=False):
+        calls.append((type(x).__name__, x.x.shape if isinstance(x, ops.Activation) else x.shape,
+                      None if residual is None else residual.shape))
+        y = ops._xla_dot(x.value() if isinstance(x, ops.Activation) else x, w)
+        return y if residual is None else y + residual
+
+    kern = pallas_kernels.Kernel("Q4_K", "gemv", "cuda", fn, lambda m, n, k: True, fuses=True)
+    monkeypatch.setattr(pallas_kernels, "select", lambda w, m, interpret=False: kern)
+    monkeypatch.setattr(ops, "resolve_backend", lambda backend=None: "gpu")
+    w = random_qtensor("Q4_K", 48, 512, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (1, 1, 512), jnp.float32)
+    act = ops.Activation(x, "rms_norm", jnp.linspace(0.5, 2, 512), 1e-6, jnp.dtype(jnp.float32))
+    r = jax.random.normal(jax.random.key(2), (1, 1, 48), jnp.float32)
+    want = ops._xla_dot(act.value()[0], w)[None] + r
+    np.testing.assert_array_equal(ops.qdot(act, w, residual=r), want)
+    np.testing.assert_array_equal(ops.qdot(act, w, residual=r.astype(jnp.bfloat16)),
+                                  ops._xla_dot(act.value()[0], w)[None] + r.astype(jnp.bfloat16))
+    assert calls == [("Activation", (1, 512), (1, 48)), ("ArrayImpl", (1, 512), None)]
+
+
 def test_kernel_activations_beyond_float16_range():
     """Rows past float16's range are scaled by a power of two before the float16 MMA, not
     overflowed; NaN stays NaN."""

@@ -12,7 +12,6 @@ is ``ops.qdot`` (any weight may be a QTensor); tensor names and value convention
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable
 
@@ -22,7 +21,7 @@ import numpy as np
 
 from jaxquant.config import ModelConfig
 from jaxquant.errors import FileFormatError
-from jaxquant.ops import qdot
+from jaxquant.ops import Activation, qdot, rms_norm
 from jaxquant.qtensor import QTensor, lookup
 
 Weight = jax.Array | QTensor
@@ -211,24 +210,13 @@ def fuse_projections(params: Params) -> Params:
 # Elementwise pieces
 
 
-def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
-    """x / rms(x) * w over the last axis, in float32 (Gemma's 1 + w is already folded into w)."""
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * w
-
-
-def linear(x: jax.Array, w: Weight, bias: jax.Array | None = None) -> jax.Array:
-    y = qdot(x, w)
-    return y if bias is None else y + bias
-
-
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
-
-
-def glu(gate: jax.Array, up: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """The gated FFN's hidden activation: act(gate) * up."""
-    return ACTIVATIONS[cfg.activation](gate) * up
+def linear(x: jax.Array | Activation, w: Weight, bias: jax.Array | None = None,
+           residual: jax.Array | None = None) -> jax.Array:
+    """``x @ w.T`` (+ ``bias``) (+ ``residual``); ``x`` may be an ``ops.Activation``."""
+    if bias is None:
+        return qdot(x, w, residual=residual)
+    y = qdot(x, w) + bias
+    return y if residual is None else y + residual
 
 
 def heads(x: jax.Array, n: int) -> jax.Array:
@@ -295,9 +283,10 @@ class LayerCtx:
     window: int | None
     dtype: jnp.dtype = jnp.dtype(jnp.float32)
 
-    def norm(self, x: jax.Array, w: jax.Array) -> jax.Array:
-        """RMS norm of the residual stream (float32) as the next matmul's input (compute dtype)."""
-        return rms_norm(x, w, self.cfg.norm_eps).astype(self.dtype)
+    def norm(self, x: jax.Array, w: jax.Array) -> Activation:
+        """RMS norm of the residual stream (float32) as the next matmuls' input (compute dtype),
+        left to them (``ops.Activation``: a CUDA gemv norms while it quantizes)."""
+        return Activation(x, "rms_norm", w, self.cfg.norm_eps, self.dtype)
 
 
 def _fused_decode(q: jax.Array, cache_k: jax.Array, ctx: LayerCtx) -> bool:

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.config import ModelConfig
-from jaxquant.models.base import KV, Layer, LayerCtx, glu, heads, linear, qk_norm, self_attention
+from jaxquant.models.base import KV, Layer, LayerCtx, heads, linear, qk_norm, self_attention
+from jaxquant.ops import Activation
 
 REQUIRED = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -35,25 +36,26 @@ def qkv(layer: Layer, x: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Ar
     return q, k, v
 
 
-def ffn(layer: Layer, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Gated FFN [B, T, E] -> [B, T, E]: down(act(gate(x)) * up(x)); without ``ffn_gate``,
-    ``ffn_up`` holds the gate rows, then the up rows."""
+def ffn(layer: Layer, x: jax.Array | Activation, cfg: ModelConfig, residual: jax.Array | None = None) -> jax.Array:
+    """Gated FFN [B, T, E] -> [B, T, E] (+ ``residual``): down(act(gate(x)) * up(x)); without
+    ``ffn_gate``, ``ffn_up`` holds the gate rows, then the up rows."""
     if layer.ffn_gate is None:
-        gate, up = jnp.split(linear(x, layer.ffn_up), 2, axis=-1)
+        gate_up = linear(x, layer.ffn_up)
     else:
-        gate, up = linear(x, layer.ffn_gate), linear(x, layer.ffn_up)
-    return linear(glu(gate, up, cfg), layer.ffn_down)
+        gate_up = jnp.concatenate([linear(x, layer.ffn_gate), linear(x, layer.ffn_up)], -1)
+    return linear(Activation(gate_up, cfg.activation), layer.ffn_down, residual=residual)
 
 
-def attention(layer: Layer, x: jax.Array, kv: KV, ctx: LayerCtx, qkv=qkv) -> tuple[jax.Array, KV]:
-    """Self-attention of normed x [B, T, E] -> [B, T, E], updated cache of this layer."""
+def attention(layer: Layer, x: jax.Array | Activation, kv: KV, ctx: LayerCtx, qkv=qkv,
+              residual: jax.Array | None = None) -> tuple[jax.Array, KV]:
+    """Self-attention of normed x [B, T, E] -> [B, T, E] (+ ``residual``), updated cache of this layer."""
     q, k, v = qkv(layer, x, ctx.cfg)
     out, kv = self_attention(q, k, v, kv, ctx)
-    return linear(out, layer.attn_output, layer.attn_output_bias), kv
+    return linear(out, layer.attn_output, layer.attn_output_bias, residual), kv
 
 
 def block(layer: Layer, x: jax.Array, kv: KV, ctx: LayerCtx, qkv=qkv, ffn=ffn) -> tuple[jax.Array, KV]:
-    """One decoder layer on the residual stream x [B, T, E]."""
-    a, kv = attention(layer, ctx.norm(x, layer.attn_norm), kv, ctx, qkv)
-    h = x + a
-    return h + ffn(layer, ctx.norm(h, layer.ffn_norm), ctx.cfg), kv
+    """One decoder layer on the residual stream x [B, T, E]; the residual sums are the matmuls'
+    (a CUDA gemv adds them as it writes)."""
+    h, kv = attention(layer, ctx.norm(x, layer.attn_norm), kv, ctx, qkv, residual=x)
+    return ffn(layer, ctx.norm(h, layer.ffn_norm), ctx.cfg, residual=h), kv

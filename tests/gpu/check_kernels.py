@@ -6,6 +6,8 @@ Each registered format, M and shape (``KxN``, not powers of two by default) gets
 bytes and bf16 activations; the kernel ``qdot`` selects (and, at M = 1, every tiling of the CUDA
 gemv of the format, and the Triton gemv where the CUDA one displaces it; up to 8 rows, every split of
 the CUDA batch kernel) must match the float32 reference to a relative error (Frobenius norm) below 2e-3.
+The CUDA gemv also runs fused, as a decoder calls it: its input an RMS norm (bf16) with a residual
+added, or a gated unit (SiLU), against the reference product of ``Activation.value()``.
 Exits non-zero on any failure or a missing kernel.
 """
 
@@ -23,10 +25,25 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels as pk
+from jaxquant.ops import Activation
 from pallas_kernels import gemv_cuda
 from pallas_kernels.testing import random_qtensor
 
 TOL = 2e-3
+FUSED = ("rms_norm+residual", "silu")
+
+
+def operands(variant: str | None, x: jax.Array):
+    """(the kernel's input, the reference's input, whether a residual is added) of a case: x itself,
+    or an Activation made from it (the norm's input scaled as a residual stream, a [gate | up] pair)."""
+    if variant is None:
+        return x, x, False
+    if variant == "silu":
+        act = Activation(jnp.concatenate([x, x[:, ::-1]], -1).astype(jnp.float32) * 2, "silu")
+        return act, act.value(), False
+    weight = jnp.linspace(0.2, 3, x.shape[1])
+    act = Activation(x.astype(jnp.float32) * 40, "rms_norm", weight, 1e-6, jnp.dtype(jnp.bfloat16))
+    return act, act.value(), True
 
 
 def main() -> int:
@@ -50,25 +67,32 @@ def main() -> int:
                 if kern is None:
                     print(f"FAIL {fmt} {shape} M={m}: no kernel selected")
                     return 1
-                cases.append((fmt, shape, m, x, w, kern))
+                cases.append((fmt, shape, m, x, w, kern, None))
                 if m == 1 and fmt in gemv_cuda.FORMATS and gemv_cuda.available():  # each tiling, selected or not
                     cuda = pk.lookup(fmt, "gemv", "cuda")
                     for t in gemv_cuda.TILINGS:
                         fn = functools.partial(gemv_cuda.gemv, tiling=t)
-                        cases.append((fmt, shape, m, x, w, dataclasses.replace(cuda, fmt=f"{fmt} {t}", fn=fn)))
+                        cases.append((fmt, shape, m, x, w, dataclasses.replace(cuda, fmt=f"{fmt} {t}", fn=fn), None))
+                    for variant in FUSED:
+                        cases.append((fmt, shape, m, x, w, dataclasses.replace(cuda, fmt=f"{fmt} {variant}"), variant))
                     if kern.backend == "cuda":  # and the Triton gemv it displaces
-                        cases.append((fmt, shape, m, x, w, pk.lookup(fmt, "gemv", "triton")))
+                        cases.append((fmt, shape, m, x, w, pk.lookup(fmt, "gemv", "triton"), None))
                 if m <= 8 and fmt in gemv_cuda.BATCH_FORMATS and gemv_cuda.available():  # each split, selected or not
                     cuda = pk.lookup(fmt, "batch", "cuda")
                     for s in gemv_cuda.BATCH_WARPS:
                         fn = functools.partial(gemv_cuda.batch, warps=s)
-                        cases.append((fmt, shape, m, x, w, dataclasses.replace(cuda, fmt=f"{fmt} batch/{s}", fn=fn)))
+                        cases.append((fmt, shape, m, x, w, dataclasses.replace(cuda, fmt=f"{fmt} batch/{s}", fn=fn),
+                                      None))
 
     def compile_case(case):
-        *_, x, w, kern = case
+        *_, x, w, kern, variant = case
         def both(x, w):  # the kernel and the reference, compiled together
-            ref = jnp.dot(x.astype(jnp.float32), w.dequantize(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
-            return kern.fn(x, w, interpret=False).astype(jnp.float32), ref
+            xk, xr, residual = operands(variant, x)
+            ref = jnp.dot(xr.astype(jnp.float32), w.dequantize(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
+            if not residual:
+                return kern.fn(xk, w, interpret=False).astype(jnp.float32), ref
+            res = jnp.linspace(-1, 1, ref.shape[1]) * jnp.sqrt(jnp.mean(ref * ref))  # as large as the product
+            return kern.fn(xk, w, residual=res[None], interpret=False), ref + res
 
         return jax.jit(both).lower(x, w).compile()
 
@@ -80,7 +104,7 @@ def main() -> int:
     failures = 0
     worst: dict[str, float] = {}
     for case, fut in zip(cases, futures):
-        _, shape, m, x, w, kern = case
+        _, shape, m, x, w, kern, _ = case
         fmt = f"{kern.fmt} {kern.op}/{kern.backend}"
         try:
             y, ref = fut.result()(x, w)
