@@ -147,28 +147,46 @@ def qdot(x: jax.Array | Activation, w, *, residual: jax.Array | None = None, bac
         names = tuple(w.arrays)
         y = _on_shards(name, w.fmt, w.dtype, names, shape[1], x2, *(w.arrays[k] for k in names))
     else:
-        fused = _fused(x, w, name, math.prod(lead), out_dtype, residual)
+        # the unfused sum rounds the product to out_dtype first: a kernel adds only a float32 one
+        plain_sum = residual is not None and (residual.dtype != jnp.float32 or out_dtype != jnp.float32)
+        fused = None if plain_sum or (residual is None and not isinstance(x, Activation)) else \
+            _fused(x, (w,), name, math.prod(lead), residual)
         if fused is not None:
-            return fused.reshape(*lead, shape[0]).astype(out_dtype)
+            return fused[0].reshape(*lead, shape[0]).astype(out_dtype)
         y = _product(x2, w, name)
     y = y.reshape(*lead, shape[0]).astype(out_dtype)
     return y if residual is None else y + residual
 
 
-def _fused(x, w, name: str, m: int, out_dtype, residual: jax.Array | None) -> jax.Array | None:
-    """The product by a kernel that computes an ``Activation`` input and adds a float32 residual
-    itself (the CUDA gemv), or None where there is nothing to fuse or no such kernel."""
-    if not isinstance(w, QTensor) or name != "gpu" or (not isinstance(x, Activation) and residual is None):
+def qdots(x: jax.Array | Activation, ws) -> list[jax.Array]:
+    """``[qdot(x, w) for w in ws]``: the products of one input (q/k and v where v's format differs).
+    Where one kernel that fuses takes them all (the CUDA gemv), one call prepares the input (norm,
+    quantization) once for every weight."""
+    xin = x.value() if isinstance(x, Activation) else x
+    if len(ws) > 1 and not _taps.get() and jax.device_count() == 1 and \
+            all(isinstance(w, QTensor) and "perm" not in w.arrays and w.shape[1:] == xin.shape[-1:] for w in ws):
+        lead = xin.shape[:-1]
+        fused = _fused(x, tuple(ws), resolve_backend(), math.prod(lead), None)
+        if fused is not None:
+            return [y.reshape(*lead, w.shape[0]).astype(jnp.result_type(xin.dtype, w.dtype)) for y, w in zip(fused, ws)]
+    return [qdot(x, w) for w in ws]
+
+
+def _fused(x, ws: tuple[QTensor, ...], name: str, m: int, residual: jax.Array | None) -> list[jax.Array] | None:
+    """The float32 products ``[m, N]`` of QTensors ``ws`` by one kernel that computes an
+    ``Activation`` input and adds a float32 residual itself (the CUDA gemv, which also takes
+    several weights), or None where no such kernel takes them all."""
+    if name != "gpu" or not all(isinstance(w, QTensor) for w in ws):
         return None
-    if residual is not None and (residual.dtype != jnp.float32 or out_dtype != jnp.float32):
-        return None  # the unfused sum rounds the product to out_dtype first
     import pallas_kernels
 
-    kern = pallas_kernels.select(w, m)
-    if kern is None or not kern.fuses:
+    kerns = [pallas_kernels.select(w, m) for w in ws]
+    if any(k is None or not k.fuses or k.fn is not kerns[0].fn for k in kerns):
         return None
     flat = dataclasses.replace(x, x=x.x.reshape(m, -1)) if isinstance(x, Activation) else x.reshape(m, -1)
-    return kern.fn(flat, w, residual=None if residual is None else residual.reshape(m, -1))
+    if len(ws) > 1:
+        return list(kerns[0].fn(flat, ws))
+    return [kerns[0].fn(flat, ws[0], residual=None if residual is None else residual.reshape(m, -1))]
 
 
 def splittable(w: QTensor) -> bool:

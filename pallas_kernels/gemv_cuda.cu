@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <string_view>
 #include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
@@ -826,34 +827,71 @@ ffi::Error prepare_x(cudaStream_t stream, int64_t prologue, int64_t round, float
   return ffi::Error::Success();
 }
 
-// The QTensor's arrays in sorted field order, the call's x (see prepare_x), the norm's weight [K]
-// (f32) for kRmsNorm, and optionally a residual [N] (f32) added to the product. Results: the
-// product [N], then the activations quantized (words, scales, sums: scratch, for the gemv). The
-// gemv, launched early, may start once prepare_x's kernel has (itself after every block of the
-// kernel before it has ended): its early weight reads overlap no kernel that could write weights
-// (as one that requantizes them inside the same jit). It reads x's quantization and the residual
-// after griddepcontrol.wait: prepare_x's kernel has then ended, and it ended after waiting for the
-// kernels before it, which wrote the residual.
+// The formats by name (gemv_cuda.FORMATS): fn(F{}), false if none.
+template <class Fn>
+bool with_format(std::string_view name, Fn&& fn) {
+  if (name == "Q4_K") return fn(Q4K{}), true;
+  if (name == "Q5_K") return fn(Q5K{}), true;
+  if (name == "Q6_K") return fn(Q6K{}), true;
+  if (name == "Q8_0") return fn(Q80{}), true;
+  if (name == "Q4_0") return fn(Q4Legacy<false>{}), true;
+  if (name == "Q4_1") return fn(Q4Legacy<true>{}), true;
+  if (name == "Q5_0") return fn(Q5Legacy<false>{}), true;
+  if (name == "Q5_1") return fn(Q5Legacy<true>{}), true;
+  if (name == "IQ4_NL") return fn(IQ4NL{}), true;
+  if (name == "IQ4_XS") return fn(IQ4XS{}), true;
+  return false;
+}
+
+// A QTensor of format F at args[first ..] (its arrays in sorted field order, d: [N, blocks]) and
+// the product's operands for it: launched early with `tiling` into out [N]; `x32` checks its K.
 template <class F>
-ffi::Error run(cudaStream_t stream, int64_t tiling, int64_t prologue, int64_t round, float eps,
-               ffi::RemainingArgs args, ffi::Result<ffi::Buffer<ffi::F32>> out, ffi::Result<ffi::Buffer<ffi::U32>> words,
-               ffi::Result<ffi::Buffer<ffi::F32>> dx, ffi::Result<ffi::Buffer<ffi::S32>> sums) {
-  const size_t fixed = F::kArrays + 1 + (prologue == kRmsNorm ? 1 : 0);
-  if (args.size() != fixed && args.size() != fixed + 1) return ffi::Error::InvalidArgument("gemv_cuda: wrong number of operands");
+ffi::Error launch_weight(cudaStream_t stream, int64_t tiling, const ffi::RemainingArgs& args, size_t first, int64_t x32,
+                         Operands o, ffi::Result<ffi::Buffer<ffi::F32>> out) {
   const void* data[F::kArrays];
   int64_t n = 0, blocks = 0;
   for (int i = 0; i < F::kArrays; ++i) {
-    const auto b = args.get<ffi::AnyBuffer>(i);
+    const auto b = args.get<ffi::AnyBuffer>(first + i);
     if (b.has_error()) return b.error();
     data[i] = b->untyped_data();
-    if (i == 0) {  // d: [N, blocks]
+    if (i == 0) {
       const auto dims = b->dimensions();
       if (dims.size() != 2) return ffi::Error::InvalidArgument("gemv_cuda: scales must be [N, blocks]");
       n = dims[0];
       blocks = dims[1];
     }
   }
-  const int64_t nb = blocks / F::kUnitBlocks, x32 = nb * F::kUnitX32;  // activation blocks of 32
+  if (blocks % F::kUnitBlocks || blocks / F::kUnitBlocks * F::kUnitX32 != x32 || tiling < 10 || n % (tiling / 10) ||
+      out->element_count() != static_cast<size_t>(n)) {
+    return ffi::Error::InvalidArgument("gemv_cuda: operand shapes do not match");
+  }
+  o.out = out->typed_data();
+  o.n = static_cast<int>(n);
+  o.nb = static_cast<int>(blocks / F::kUnitBlocks);
+  cudaError_t err = cudaSuccess;
+  const auto go = [&](auto t) { err = launch<F, decltype(t)::R, decltype(t)::S>(stream, F::args(data), o); };
+  if (!with_tiling(tiling, go)) return ffi::Error::InvalidArgument("gemv_cuda: no kernel for this tiling");
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("gemv_cuda: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+// The QTensor's arrays in sorted field order, the call's x (see prepare_x), the norm's weight [K]
+// (f32) for kRmsNorm, then either a residual [N] (f32) added to the product, or the arrays of the
+// weights `more` names ("Q6_K:24,...": format and tiling of each), products of the same input.
+// Results: the product [N], the activations quantized (words, scales, sums: scratch, for the
+// gemvs), then the products of `more`'s weights. Each gemv, launched early, may start once the
+// kernel before it has (prepare_x's, after every block of the kernel before the call has ended; or
+// the previous gemv): its early weight reads overlap no kernel that could write weights (as one
+// that requantizes them inside the same jit). It reads x's quantization and the residual after
+// griddepcontrol.wait: prepare_x's kernel has then ended, and it ended after waiting for the
+// kernels before it, which wrote the residual.
+template <class F>
+ffi::Error run(cudaStream_t stream, int64_t tiling, int64_t prologue, int64_t round, float eps, std::string_view more,
+               ffi::RemainingArgs args, ffi::Result<ffi::Buffer<ffi::F32>> out, ffi::Result<ffi::Buffer<ffi::U32>> words,
+               ffi::Result<ffi::Buffer<ffi::F32>> dx, ffi::Result<ffi::Buffer<ffi::S32>> sums,
+               ffi::RemainingRets more_outs) {
+  const size_t fixed = F::kArrays + 1 + (prologue == kRmsNorm ? 1 : 0);
+  const int64_t x32 = static_cast<int64_t>(dx->element_count());  // activation blocks of 32 (K / 32)
   const auto x = args.get<ffi::AnyBuffer>(F::kArrays);
   if (x.has_error()) return x.error();
   const bool gated = prologue == kSilu || prologue == kGeluTanh;
@@ -867,18 +905,18 @@ ffi::Error run(cudaStream_t stream, int64_t tiling, int64_t prologue, int64_t ro
     weight = static_cast<const float*>(w->untyped_data());
   }
   const float* res = nullptr;
-  if (args.size() == fixed + 1) {
+  if (more.empty() && args.size() == fixed + 1) {
     const auto r = args.get<ffi::AnyBuffer>(fixed);
     if (r.has_error()) return r.error();
-    if (r->element_type() != ffi::DataType::F32 || r->element_count() != static_cast<size_t>(n)) {
+    if (r->element_type() != ffi::DataType::F32 || r->element_count() != out->element_count()) {
       return ffi::Error::InvalidArgument("gemv_cuda: the residual must be f32 [N]");
     }
     res = static_cast<const float*>(r->untyped_data());
+  } else if (more.empty() && args.size() != fixed) {
+    return ffi::Error::InvalidArgument("gemv_cuda: wrong number of operands");
   }
-  if (blocks % F::kUnitBlocks || n % (tiling / 10) ||
-      x->element_count() != static_cast<size_t>((gated ? 64 : 32) * x32) ||
-      words->element_count() != static_cast<size_t>(16 * x32) || dx->element_count() != static_cast<size_t>(x32) ||
-      sums->element_count() != static_cast<size_t>(4 * x32) || out->element_count() != static_cast<size_t>(n)) {
+  if (x->element_count() != static_cast<size_t>((gated ? 64 : 32) * x32) ||
+      words->element_count() != static_cast<size_t>(16 * x32) || sums->element_count() != static_cast<size_t>(4 * x32)) {
     return ffi::Error::InvalidArgument("gemv_cuda: operand shapes do not match");
   }
   if (const ffi::Error e = prepare_x(stream, prologue, round, eps, *x, weight, static_cast<int>(x32),
@@ -886,14 +924,30 @@ ffi::Error run(cudaStream_t stream, int64_t tiling, int64_t prologue, int64_t ro
       e.failure()) {
     return e;
   }
-  const Operands o{words->typed_data(), dx->typed_data(), sums->typed_data(), res, out->typed_data(),
-                   static_cast<int>(n), static_cast<int>(nb)};
-  cudaError_t err = cudaSuccess;
-  const auto go = [&](auto t) { err = launch<F, decltype(t)::R, decltype(t)::S>(stream, F::args(data), o); };
-  if (!with_tiling(tiling, go)) {
-    return ffi::Error::InvalidArgument("gemv_cuda: no kernel for this tiling");
+  const Operands o{words->typed_data(), dx->typed_data(), sums->typed_data(), res, nullptr, 0, 0};
+  if (const ffi::Error e = launch_weight<F>(stream, tiling, args, 0, x32, o, out); e.failure()) return e;
+  size_t first = fixed, index = 0;
+  for (std::string_view rest = more; !rest.empty(); ++index) {  // "FMT:tiling" items, comma-separated
+    const size_t comma = rest.find(','), colon = rest.find(':');
+    const std::string_view item = rest.substr(0, comma);
+    rest = comma == std::string_view::npos ? std::string_view() : rest.substr(comma + 1);
+    if (colon == std::string_view::npos || colon >= item.size()) {
+      return ffi::Error::InvalidArgument("gemv_cuda: `more` items are FORMAT:tiling");
+    }
+    const int64_t t = std::atoll(std::string(item.substr(colon + 1)).c_str());
+    const auto o_i = more_outs.get<ffi::Buffer<ffi::F32>>(index);
+    if (o_i.has_error()) return o_i.error();
+    ffi::Error e = ffi::Error::Success();
+    const bool known = with_format(item.substr(0, colon), [&](auto format) {
+      using G = decltype(format);
+      e = first + G::kArrays > args.size() ? ffi::Error::InvalidArgument("gemv_cuda: wrong number of operands")
+                                           : launch_weight<G>(stream, t, args, first, x32, o, *o_i);
+      first += G::kArrays;
+    });
+    if (!known) return ffi::Error::InvalidArgument("gemv_cuda: unknown format in `more`");
+    if (e.failure()) return e;
   }
-  if (err != cudaSuccess) return ffi::Error::Internal(std::string("gemv_cuda: ") + cudaGetErrorString(err));
+  if (first != args.size() && !more.empty()) return ffi::Error::InvalidArgument("gemv_cuda: wrong number of operands");
   return ffi::Error::Success();
 }
 
@@ -1205,11 +1259,13 @@ ffi::Error batch(cudaStream_t stream, int64_t warps, ffi::AnyBuffer a0, ffi::Any
                                     .Attr<int64_t>("prologue")                                            \
                                     .Attr<int64_t>("round")                                               \
                                     .Attr<float>("eps")                                                   \
+                                    .Attr<std::string_view>("more")                                       \
                                     .RemainingArgs()                                                      \
                                     .Ret<ffi::Buffer<ffi::F32>>()                                         \
                                     .Ret<ffi::Buffer<ffi::U32>>()                                         \
                                     .Ret<ffi::Buffer<ffi::F32>>()                                         \
-                                    .Ret<ffi::Buffer<ffi::S32>>());
+                                    .Ret<ffi::Buffer<ffi::S32>>()                                         \
+                                    .RemainingRets());
 
 JQ_GEMV_HANDLER(jq_gemv_q4_k, Q4K)
 JQ_GEMV_HANDLER(jq_gemv_q6_k, Q6K)
@@ -1256,23 +1312,13 @@ extern "C" int jq_batch_host(const char* fmt, int64_t warps, const void* const* 
 extern "C" int jq_gemv_host(const char* fmt, int64_t tiling, const void* const* arrays, const void* xw,
                             const void* dx, const void* xs, const float* res, float* out, int n, int nb) {
   const Operands o{xw, dx, xs, res, out, n, nb};
+  int rc = 2;
   const auto on = [&](auto format) {
     using F = decltype(format);
     const auto go = [&](auto t) { host_gemv<F, decltype(t)::R, decltype(t)::S>(F::args(arrays), o); };
-    return with_tiling(tiling, go) ? 0 : 2;
+    rc = with_tiling(tiling, go) ? 0 : 2;
   };
-  const std::string name(fmt);
-  return name == "Q4_K"     ? on(Q4K{})
-         : name == "Q5_K"   ? on(Q5K{})
-         : name == "Q6_K"   ? on(Q6K{})
-         : name == "Q8_0"   ? on(Q80{})
-         : name == "Q4_0"   ? on(Q4Legacy<false>{})
-         : name == "Q4_1"   ? on(Q4Legacy<true>{})
-         : name == "Q5_0"   ? on(Q5Legacy<false>{})
-         : name == "Q5_1"   ? on(Q5Legacy<true>{})
-         : name == "IQ4_NL" ? on(IQ4NL{})
-         : name == "IQ4_XS" ? on(IQ4XS{})
-                            : 1;
+  return with_format(fmt, on) ? rc : 1;
 }
 
 // prepare_x on the CPU (tests): x (f32) -> the product's inputs (the prologue's values, before

@@ -125,18 +125,27 @@ def default_tiling(n: int) -> tuple[int, int]:
     return (4, 1) if n >= 8192 else (4, 2) if n >= 4096 else (2, 4)
 
 
-@functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
-def gemv(x: jax.Array | Activation, w: QTensor, residual: jax.Array | None = None,
-         tiling: tuple[int, int] | None = None, interpret: bool = False) -> jax.Array:
-    """``x [1, K] @ dequantize(w).T`` (+ ``residual [1, N]`` float32) -> ``[1, N]`` float32 for a ``w``
-    of one of ``FORMATS``; ``x`` may be an ``ops.Activation`` (the norm's x float32); ``tiling``: one of
-    ``TILINGS`` (default ``default_tiling``)."""
-    if interpret:
-        raise JaxquantError("gemv_cuda has no interpreter; use the Triton gemv")
-    n = w.shape[0]
+def _tiling_code(tiling: tuple[int, int] | None, n: int) -> int:
     tiling = tiling or default_tiling(n)
     if tiling not in TILINGS:
         raise JaxquantError(f"gemv_cuda: tiling {tiling} is not one of {TILINGS}")
+    rows, warps = tiling
+    return 10 * rows + warps
+
+
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
+def gemv(x: jax.Array | Activation, w: QTensor | tuple[QTensor, ...], residual: jax.Array | None = None,
+         tiling: tuple[int, int] | None = None, interpret: bool = False) -> jax.Array | tuple[jax.Array, ...]:
+    """``x [1, K] @ dequantize(w).T`` (+ ``residual [1, N]`` float32) -> ``[1, N]`` float32 for a ``w``
+    of one of ``FORMATS``; ``x`` may be an ``ops.Activation`` (the norm's x float32); ``tiling``: one of
+    ``TILINGS`` (default ``default_tiling``). ``w`` may be a tuple of weights (no residual): their
+    products, in one call that prepares ``x`` once (each further weight at its default tiling)."""
+    if interpret:
+        raise JaxquantError("gemv_cuda has no interpreter; use the Triton gemv")
+    w, *more = w if isinstance(w, tuple) else (w,)
+    if more and residual is not None:
+        raise JaxquantError("gemv_cuda: a residual is added to one weight's product, not to several")
+    n = w.shape[0]
     if not isinstance(x, Activation):
         prologue, eps, operands, rounding = PROLOGUES[None], 0.0, [x[0]], jnp.float32
     elif x.kind == "rms_norm":
@@ -150,11 +159,14 @@ def gemv(x: jax.Array | Activation, w: QTensor, residual: jax.Array | None = Non
     # the product, then the activations as quantize_activations gives them (scratch of the call)
     results = (jax.ShapeDtypeStruct((n,), jnp.float32), jax.ShapeDtypeStruct((blocks, 16), jnp.uint32),
                jax.ShapeDtypeStruct((blocks, 1), jnp.float32), jax.ShapeDtypeStruct((blocks, 4), jnp.int32))
+    results += tuple(jax.ShapeDtypeStruct((v.shape[0],), jnp.float32) for v in more)
     call = jax.ffi.ffi_call(FORMATS[w.fmt], results)
-    rows, warps = tiling
-    out, *_ = call(*(w.arrays[name] for name in sorted(w.arrays)), *operands, tiling=np.int64(10 * rows + warps),
-                   prologue=np.int64(prologue), round=np.int64(ROUNDING[jnp.dtype(rounding)]), eps=np.float32(eps))
-    return out[None]
+    operands += [v.arrays[name] for v in more for name in sorted(v.arrays)]
+    out, _, _, _, *outs = call(*(w.arrays[name] for name in sorted(w.arrays)), *operands,
+                               tiling=np.int64(_tiling_code(tiling, n)), prologue=np.int64(prologue),
+                               round=np.int64(ROUNDING[jnp.dtype(rounding)]), eps=np.float32(eps),
+                               more=",".join(f"{v.fmt}:{_tiling_code(None, v.shape[0])}" for v in more))
+    return tuple(y[None] for y in (out, *outs)) if more else out[None]
 
 
 # Batch decoding (2 to 8 activation rows) of Q4_K and Q6_K on the tensor cores (IMMA, exact integer sums),

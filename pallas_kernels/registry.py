@@ -41,8 +41,9 @@ QMM_MAX_M = 256
 @dataclasses.dataclass(frozen=True)
 class Kernel:
     """``fn(x [M, K], w: QTensor, interpret: bool) -> [M, N] float32`` for shapes ``supports`` accepts.
-    A kernel that ``fuses`` also takes ``x`` as a ``jaxquant.ops.Activation`` (which it computes)
-    and ``residual=`` (float32 ``[M, N]``, added to the product)."""
+    A kernel that ``fuses`` also takes ``x`` as a ``jaxquant.ops.Activation`` (which it computes),
+    ``residual=`` (float32 ``[M, N]``, added to the product), and ``w`` as a tuple of weights that
+    its ``fn`` takes each (their products, the input prepared once)."""
 
     fmt: str
     op: str

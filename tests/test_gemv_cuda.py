@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import pallas_kernels
+from jaxquant.ops import Activation
 from pallas_kernels import gemv_cuda
 from pallas_kernels.gemv import quantize_activations
-from jaxquant.ops import Activation
 from pallas_kernels.testing import random_qtensor
 
 

@@ -147,6 +147,9 @@ def test_activation_input_and_residual(kind):
     plain = ops.qdot(act.value(), w)
     np.testing.assert_array_equal(ops.qdot(act, w), plain)
     np.testing.assert_array_equal(ops.qdot(act, w, residual=r), plain + r)
+    w2 = random_qtensor("Q6_K", 32, 512, jax.random.key(3))
+    for got, want in zip(ops.qdots(act, [w, w2]), [plain, ops.qdot(act.value(), w2)]):
+        np.testing.assert_array_equal(got, want)
     with pytest.raises(JaxquantError, match="residual of shape"):
         ops.qdot(act, w, residual=r[..., :47])
     with pytest.raises(JaxquantError, match="unknown kind"):
@@ -156,13 +159,16 @@ def test_activation_input_and_residual(kind):
 def test_fusing_kernel_gets_the_activation_and_residual(monkeypatch):
     """On a GPU, a kernel that ``fuses`` receives the ``Activation`` itself (rows flattened) and a
     float32 residual [M, N]; a residual it could not add as the unfused sum does (bfloat16) is added
-    by XLA, and the kernel gets the computed input."""
+    by XLA, and the kernel gets the computed input. ``qdots`` hands it all its weights at once."""
     calls = []
 
     def fn(x, w, residual=None, interpret=False):
         calls.append((type(x).__name__, x.x.shape if isinstance(x, ops.Activation) else x.shape,
-                      None if residual is None else residual.shape))
-        y = ops._xla_dot(x.value() if isinstance(x, ops.Activation) else x, w)
+                      None if residual is None else residual.shape, len(w) if isinstance(w, tuple) else 1))
+        xin = x.value() if isinstance(x, ops.Activation) else x
+        if isinstance(w, tuple):
+            return tuple(ops._xla_dot(xin, v) for v in w)
+        y = ops._xla_dot(xin, w)
         return y if residual is None else y + residual
 
     kern = pallas_kernels.Kernel("Q4_K", "gemv", "cuda", fn, lambda m, n, k: True, fuses=True)
@@ -176,7 +182,11 @@ def test_fusing_kernel_gets_the_activation_and_residual(monkeypatch):
     np.testing.assert_array_equal(ops.qdot(act, w, residual=r), want)
     np.testing.assert_array_equal(ops.qdot(act, w, residual=r.astype(jnp.bfloat16)),
                                   ops._xla_dot(act.value()[0], w)[None] + r.astype(jnp.bfloat16))
-    assert calls == [("Activation", (1, 512), (1, 48)), ("ArrayImpl", (1, 512), None)]
+    w2 = random_qtensor("Q6_K", 32, 512, jax.random.key(3))
+    for got, v in zip(ops.qdots(act, [w, w2]), [w, w2]):
+        np.testing.assert_array_equal(got, ops._xla_dot(act.value()[0], v)[None])
+    assert calls == [("Activation", (1, 512), (1, 48), 1), ("ArrayImpl", (1, 512), None, 1),
+                     ("Activation", (1, 512), None, 2)]
 
 
 def test_kernel_activations_beyond_float16_range():

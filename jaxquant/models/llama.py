@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from jaxquant.config import ModelConfig
 from jaxquant.models.base import KV, Layer, LayerCtx, heads, linear, qk_norm, self_attention
-from jaxquant.ops import Activation
+from jaxquant.ops import Activation, qdots
 
 REQUIRED = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -24,12 +24,11 @@ def qkv(layer: Layer, x: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Ar
     nq, nkv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     if layer.attn_qkv is not None:
         q, k, v = jnp.split(linear(x, layer.attn_qkv, layer.attn_qkv_bias), [nq, nq + nkv], axis=-1)
-    elif layer.attn_qk is not None:
-        q, k = jnp.split(linear(x, layer.attn_qk, layer.attn_qk_bias), [nq], axis=-1)
-        v = linear(x, layer.attn_v, layer.attn_v_bias)
-    else:
-        q, k, v = (linear(x, w, b) for w, b in ((layer.attn_q, layer.attn_q_bias), (layer.attn_k, layer.attn_k_bias),
-                                                 (layer.attn_v, layer.attn_v_bias)))
+    else:  # one input, prepared once for all where the kernel can
+        ws, bs = ((layer.attn_qk, layer.attn_v), (layer.attn_qk_bias, layer.attn_v_bias)) if layer.attn_qk is not None \
+            else ((layer.attn_q, layer.attn_k, layer.attn_v), (layer.attn_q_bias, layer.attn_k_bias, layer.attn_v_bias))
+        ys = [y if b is None else y + b for y, b in zip(qdots(x, ws), bs)]
+        q, k, v = (*jnp.split(ys[0], [nq], axis=-1), ys[1]) if len(ys) == 2 else ys
     q, k, v = heads(q, cfg.n_heads), heads(k, cfg.n_kv_heads), heads(v, cfg.n_kv_heads)
     if cfg.qk_norm:
         q, k = qk_norm(q, k, layer, cfg)

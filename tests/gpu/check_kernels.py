@@ -7,7 +7,8 @@ bytes and bf16 activations; the kernel ``qdot`` selects (and, at M = 1, every ti
 gemv of the format, and the Triton gemv where the CUDA one displaces it; up to 8 rows, every split of
 the CUDA batch kernel) must match the float32 reference to a relative error (Frobenius norm) below 2e-3.
 The CUDA gemv also runs fused, as a decoder calls it: its input an RMS norm (bf16) with a residual
-added, or a gated unit (SiLU), against the reference product of ``Activation.value()``.
+added, a gated unit (SiLU), or an RMS norm shared by the weight and a Q6_K one (one call, as q/k
+and v), against the reference products of ``Activation.value()``.
 Exits non-zero on any failure or a missing kernel.
 """
 
@@ -30,7 +31,7 @@ from pallas_kernels import gemv_cuda
 from pallas_kernels.testing import random_qtensor
 
 TOL = 2e-3
-FUSED = ("rms_norm+residual", "silu")
+FUSED = ("rms_norm+residual", "silu", "shared")
 
 
 def operands(variant: str | None, x: jax.Array):
@@ -43,7 +44,7 @@ def operands(variant: str | None, x: jax.Array):
         return act, act.value(), False
     weight = jnp.linspace(0.2, 3, x.shape[1])
     act = Activation(x.astype(jnp.float32) * 40, "rms_norm", weight, 1e-6, jnp.dtype(jnp.bfloat16))
-    return act, act.value(), True
+    return act, act.value(), variant != "shared"
 
 
 def main() -> int:
@@ -84,17 +85,24 @@ def main() -> int:
                         cases.append((fmt, shape, m, x, w, dataclasses.replace(cuda, fmt=f"{fmt} batch/{s}", fn=fn),
                                       None))
 
+    # K -> the second weight of "shared" cases (an argument of every case's program, used by those)
+    second = {k: random_qtensor("Q6_K", 1024, k, jax.random.key(k)) for k in {c[4].shape[1] for c in cases}}
+
     def compile_case(case):
         *_, x, w, kern, variant = case
-        def both(x, w):  # the kernel and the reference, compiled together
+
+        def both(x, w, w2):  # the kernel and the reference, compiled together
             xk, xr, residual = operands(variant, x)
             ref = jnp.dot(xr.astype(jnp.float32), w.dequantize(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
+            if variant == "shared":  # and a second weight of another format and height
+                ref2 = jnp.dot(xr.astype(jnp.float32), w2.dequantize(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
+                return jnp.concatenate(kern.fn(xk, (w, w2)), -1), jnp.concatenate([ref, ref2], -1)
             if not residual:
                 return kern.fn(xk, w, interpret=False).astype(jnp.float32), ref
             res = jnp.linspace(-1, 1, ref.shape[1]) * jnp.sqrt(jnp.mean(ref * ref))  # as large as the product
             return kern.fn(xk, w, residual=res[None], interpret=False), ref + res
 
-        return jax.jit(both).lower(x, w).compile()
+        return jax.jit(both).lower(x, w, second[w.shape[1]]).compile()
 
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:  # Triton/XLA compiles overlap
@@ -107,7 +115,7 @@ def main() -> int:
         _, shape, m, x, w, kern, _ = case
         fmt = f"{kern.fmt} {kern.op}/{kern.backend}"
         try:
-            y, ref = fut.result()(x, w)
+            y, ref = fut.result()(x, w, second[w.shape[1]])
             err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
             ok = err < TOL and bool(jnp.isfinite(y).all())
         except Exception as e:  # a kernel that fails to compile or run is a failure too
