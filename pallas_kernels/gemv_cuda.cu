@@ -1038,6 +1038,7 @@ JQ_HD void scale_min_k4(const uint32_t (&s)[3], int j, float& sc, float& mn) {
 // Q4_K: tile j is sub-block j; a lane's A bytes are qs bytes 32 (j / 2) + 8t .. + 7 of rows g,
 // g + 8, nibble j % 2.
 struct Q4KBatch {
+  static constexpr int kAhead = 2;  // steps of weights in flight (batch_lane)
   using Args = Q4K::Args;
   static Args args(const void* const* a) { return Q4K::args(a); }
   struct W {
@@ -1091,6 +1092,7 @@ struct Q4KBatch {
 // lane's A bytes are elements 4t .. 4t + 3 of it: ql word at 64 h + 32 (j % 2) + 16 l16 + 4t,
 // nibble j / 2, and qh word at 32 h + 16 l16 + 4t, bits 2j, 2j + 1.
 struct Q6KBatch {
+  static constexpr int kAhead = 1;
   using Args = Q6K::Args;
   static Args args(const void* const* a) { return Q6K::args(a); }
   struct W {
@@ -1154,11 +1156,19 @@ template <class B, int S>
 JQ_HD void batch_lane(const typename B::Args& w, const uint4* __restrict__ xb, const float4* __restrict__ xs, int nb,
                       int row0, int part, int lane, float (&acc)[4]) {
   for (int i = 0; i < 4; ++i) acc[i] = 0.f;
-  typename B::W cur = B::load(w, row0, nb, part, lane);
+  // Weights B::kAhead steps ahead: ptxas sinks a load to the end of the loop's body (after the
+  // step's IMMAs; SASS, NOTES-gpu.md session 9), so one step ahead leaves it only the branch back to
+  // land in. Two for Q4_K (105 registers); Q6_K's would take over 128.
+  typename B::W cur = B::load(w, row0, nb, part, lane), nxt = B::load(w, row0, nb, part + S, lane);
   for (int sb = part; sb < nb; sb += S) {
-    const typename B::W nxt = B::load(w, row0, nb, sb + S, lane);
+    const typename B::W after = B::load(w, row0, nb, sb + B::kAhead * S, lane);
     B::step(w, cur, xb, xs, nb, row0, sb, lane, acc);
-    cur = nxt;
+    if constexpr (B::kAhead == 2) {
+      cur = nxt;
+      nxt = after;
+    } else {
+      cur = after;
+    }
   }
 }
 
