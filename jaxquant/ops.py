@@ -141,7 +141,7 @@ def qdot(x: jax.Array | Activation, w, *, residual: jax.Array | None = None, bac
     if is_q and "perm" in w.arrays:  # act order: gather x's columns once, not the weight's (registry doc)
         x2 = jnp.take(x2, w.arrays["perm"], axis=1)
         w = QTensor({k: a for k, a in w.arrays.items() if k != "perm"}, w.fmt, w.shape, w.dtype)
-        x = x2
+        x = x2  # a fusing kernel gets the gathered input, computed here
     name = resolve_backend(backend)
     if is_q and jax.device_count() > 1 and splittable(w):
         names = tuple(w.arrays)

@@ -635,6 +635,18 @@ void host_gemv(const typename F::Args& w, const Operands& o) {
 enum Prologue : int64_t { kAsIs = 0, kRmsNorm = 1, kSilu = 2, kGeluTanh = 3 };
 enum Rounding : int64_t { kToF32 = 0, kToBF16 = 1, kToF16 = 2 };
 
+// The prologues by code: fn(std::integral_constant<int, P>{}), false if none.
+template <class Fn>
+bool with_prologue(int64_t prologue, Fn&& fn) {
+  switch (prologue) {
+    case kAsIs: fn(std::integral_constant<int, kAsIs>{}); return true;
+    case kRmsNorm: fn(std::integral_constant<int, kRmsNorm>{}); return true;
+    case kSilu: fn(std::integral_constant<int, kSilu>{}); return true;
+    case kGeluTanh: fn(std::integral_constant<int, kGeluTanh>{}); return true;
+    default: return false;
+  }
+}
+
 JQ_HD float to_float(float v) { return v; }
 JQ_HD float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 JQ_HD float to_float(__half v) { return __half2float(v); }
@@ -741,8 +753,8 @@ JQ_HD void quantize_block(const float (&v)[32], uint32_t (&words)[16], float& dx
   sums[3] = 0;
 }
 
-__device__ void store_quantized(const float (&v)[32], uint4* __restrict__ words, float* __restrict__ dx,
-                                int4* __restrict__ sums, int b) {
+JQ_HD void store_quantized(const float (&v)[32], uint4* __restrict__ words, float* __restrict__ dx,
+                           int4* __restrict__ sums, int b) {
   uint32_t w[16];
   int s[4];
   quantize_block(v, w, dx[b], s);
@@ -819,14 +831,14 @@ ffi::Error prepare_x(cudaStream_t stream, int64_t prologue, int64_t round, float
   } else {
     const auto go = [&](auto* typed) {
       using T = std::remove_cv_t<std::remove_pointer_t<decltype(typed)>>;
-      const dim3 grid((blocks + 31) / 32);
-      switch (prologue) {
-        case kAsIs: return launch_early(stream, grid, 32, quantize_kernel<T, kAsIs>, typed, round, w4, dx, s4, blocks);
-        case kSilu: return launch_early(stream, grid, 32, quantize_kernel<T, kSilu>, typed, round, w4, dx, s4, blocks);
-        case kGeluTanh:
-          return launch_early(stream, grid, 32, quantize_kernel<T, kGeluTanh>, typed, round, w4, dx, s4, blocks);
-        default: return cudaErrorInvalidValue;
-      }
+      cudaError_t e = cudaErrorInvalidValue;
+      with_prologue(prologue, [&](auto p) {
+        if constexpr (decltype(p)::value != kRmsNorm) {
+          e = launch_early(stream, (blocks + 31) / 32, 32, quantize_kernel<T, decltype(p)::value>, typed, round, w4,
+                           dx, s4, blocks);
+        }
+      });
+      return e;
     };
     switch (x.element_type()) {
       case ffi::DataType::F32: err = go(static_cast<const float*>(x.untyped_data())); break;
@@ -1354,32 +1366,26 @@ extern "C" int jq_gemv_host(const char* fmt, int64_t tiling, const void* const* 
 // for an unknown prologue.
 extern "C" int jq_prepare_host(int64_t prologue, int64_t round, const float* x, const float* weight, float eps,
                                int blocks, float* values, uint32_t* words, float* dx, int* sums) {
-  if (prologue < kAsIs || prologue > kGeluTanh) return 1;
   const int k = 32 * blocks;
-  float scale = 0.f;
-  if (prologue == kRmsNorm) {
-    float sum_sq = 0.f;
-    for (int b = 0; b < blocks; ++b) {
-      float v[32];
-      load32(x + 32 * static_cast<size_t>(b), v);
-      sum_sq += sum_squares(v);
-    }
-    scale = norm_scale(sum_sq, k, eps);
-  }
-  for (int b = 0; b < blocks; ++b) {
-    float v[32];
-    switch (prologue) {
-      case kAsIs: prologue_block<kAsIs>(x, weight, scale, round, k, b, v); break;
-      case kRmsNorm: prologue_block<kRmsNorm>(x, weight, scale, round, k, b, v); break;
-      case kSilu: prologue_block<kSilu>(x, weight, scale, round, k, b, v); break;
-      default: prologue_block<kGeluTanh>(x, weight, scale, round, k, b, v); break;
-    }
-    uint32_t w[16];
-    int s[4];
-    quantize_block(v, w, dx[b], s);
-    memcpy(values + 32 * static_cast<size_t>(b), v, sizeof(v));
-    memcpy(words + 16 * static_cast<size_t>(b), w, sizeof(w));
-    memcpy(sums + 4 * static_cast<size_t>(b), s, sizeof(s));
-  }
-  return 0;
+  return with_prologue(prologue, [&](auto p) {
+           constexpr int P = decltype(p)::value;
+           float scale = 0.f;
+           if constexpr (P == kRmsNorm) {
+             float sum_sq = 0.f;
+             for (int b = 0; b < blocks; ++b) {
+               float v[32];
+               load32(x + 32 * static_cast<size_t>(b), v);
+               sum_sq += sum_squares(v);
+             }
+             scale = norm_scale(sum_sq, k, eps);
+           }
+           for (int b = 0; b < blocks; ++b) {
+             float v[32];
+             prologue_block<P>(x, weight, scale, round, k, b, v);
+             memcpy(values + 32 * static_cast<size_t>(b), v, sizeof(v));
+             store_quantized(v, reinterpret_cast<uint4*>(words), dx, reinterpret_cast<int4*>(sums), b);
+           }
+         })
+             ? 0
+             : 1;
 }

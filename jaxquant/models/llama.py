@@ -40,8 +40,8 @@ def ffn(layer: Layer, x: jax.Array | Activation, cfg: ModelConfig, residual: jax
     ``ffn_gate``, ``ffn_up`` holds the gate rows, then the up rows."""
     if layer.ffn_gate is None:
         gate_up = linear(x, layer.ffn_up)
-    else:
-        gate_up = jnp.concatenate([linear(x, layer.ffn_gate), linear(x, layer.ffn_up)], -1)
+    else:  # one input, prepared once for both where the kernel can
+        gate_up = jnp.concatenate(qdots(x, (layer.ffn_gate, layer.ffn_up)), -1)
     return linear(Activation(gate_up, cfg.activation), layer.ffn_down, residual=residual)
 
 
