@@ -91,7 +91,7 @@ def sweep_configs(fmt: str, k: int, n: int, m: int, which: str = "all"):
 
     if m == 1 and fmt in gemv_cuda.FORMATS and gemv_cuda.available():
         for tiling in gemv_cuda.TILINGS:
-            yield f"cuda (rows, warps, ahead)={tiling}", (lambda x, w, t=tiling: gemv_cuda.gemv(x, w, tiling=t))
+            yield f"cuda (rows, warps)={tiling}", (lambda x, w, t=tiling: gemv_cuda.gemv(x, w, tiling=t))
     if 1 < m <= 8 and fmt in gemv_cuda.BATCH_FORMATS and gemv_cuda.available():
         for warps in gemv_cuda.BATCH_WARPS:
             yield f"cuda batch warps={warps}", (lambda x, w, s=warps: gemv_cuda.batch(x, w, warps=s))

@@ -488,46 +488,37 @@ struct Q5K {
 
 // A group of S warps owns rows row0 .. row0 + R - 1 and splits K: a step of a warp reads 4 units of
 // 128 code bytes of each row (lane = 8 (unit within 4) + chunk), the group's warps interleaved; the
-// weights of A steps ahead are loaded before this step's are used (ptxas sinks those loads to the
-// end of the loop's body: with A = 1 they have only the branch back to land in). This is one
-// lane's share: part ``part`` of the group, its partial sum of each row (0 where the rows are past
-// N: not ``live``).
-template <class F, int R, int S, int A>
+// next step's weights are loaded before this step's are used. This is one lane's share: part
+// ``part`` of the group, its partial sum of each row (0 where the rows are past N: not ``live``).
+template <class F, int R, int S>
 JQ_HD void lane_sums(const typename F::Args& w, const uint4* __restrict__ xw, const float* __restrict__ dx,
                      const int* __restrict__ xs, int nb, int row0, bool live, int part, int lane, float (&acc)[R]) {
-  static_assert(A == 1 || A == 2);
   constexpr int kStep = 4 * S;
   const int c = lane & 7, first = 4 * part + (lane >> 3);
   const auto load = [&](int r, int sb) {  // past the row's end: its last block again, not used
     return F::load_w(w, static_cast<size_t>(row0 + r) * nb + (sb < nb ? sb : nb - 1), c);
   };
-  typename F::W cur[R], nxt[R], ahead[R];  // nxt: A = 2 only
+  typename F::W cur[R], nxt[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     acc[r] = 0.f;
     if (live) cur[r] = load(r, first);
-    if (live && A == 2) nxt[r] = load(r, first + kStep);
   }
   wait_for_previous_kernel();  // the activations come from it
   for (int sb = first; live && sb < nb; sb += kStep) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) ahead[r] = load(r, sb + A * kStep);
+    for (int r = 0; r < R; ++r) nxt[r] = load(r, sb + kStep);
     const typename F::X x = F::load_x(xw, dx, xs, sb, c);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       acc[r] += F::dot(cur[r], x, c);
-      if constexpr (A == 2) {
-        cur[r] = nxt[r];
-        nxt[r] = ahead[r];
-      } else {
-        cur[r] = ahead[r];
-      }
+      cur[r] = nxt[r];
     }
   }
 }
 
 // The lanes' partial sums meet through shuffles, the S warps' in shared memory (fixed order).
-template <class F, int R, int S, int A>
+template <class F, int R, int S>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(typename F::Args w, const uint4* __restrict__ xw,
                                                              const float* __restrict__ dx,
                                                              const int* __restrict__ xs,
@@ -538,7 +529,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(typename F::Args w, c
   const int row0 = (blockIdx.x * (kWarps / S) + warp / S) * R;
   const bool live = row0 < n;  // n % R == 0: a group's rows are all in or all out
   float acc[R];
-  lane_sums<F, R, S, A>(w, xw, dx, xs, nb, row0, live, part, lane, acc);
+  lane_sums<F, R, S>(w, xw, dx, xs, nb, row0, live, part, lane, acc);
 #pragma unroll
   for (int r = 0; r < R; ++r) {
 #pragma unroll
@@ -573,45 +564,42 @@ struct Operands {
   int n, nb;
 };
 
-template <int R_, int S_, int A_ = 1>
+template <int R_, int S_>
 struct Tiling {
-  static constexpr int R = R_, S = S_, A = A_;
+  static constexpr int R = R_, S = S_;
 };
 
-// The tilings built, rows a warp, warps a row and steps of weights ahead, as 100 A + 10 R + S
-// (gemv_cuda.TILINGS): fn(Tiling<R, S, A>{}), false if none.
+// The tilings built, rows a warp x warps a row (gemv_cuda.TILINGS): fn(Tiling<R, S>{}), false if none.
 template <class Fn>
 bool with_tiling(int64_t tiling, Fn&& fn) {
   switch (tiling) {
-    case 141: fn(Tiling<4, 1>{}); return true;
-    case 142: fn(Tiling<4, 2>{}); return true;
-    case 124: fn(Tiling<2, 4>{}); return true;
-    case 221: fn(Tiling<2, 1, 2>{}); return true;
-    case 222: fn(Tiling<2, 2, 2>{}); return true;
+    case 41: fn(Tiling<4, 1>{}); return true;
+    case 42: fn(Tiling<4, 2>{}); return true;
+    case 24: fn(Tiling<2, 4>{}); return true;
     default: return false;
   }
 }
 
-template <class F, int R, int S, int A>
+template <class F, int R, int S>
 cudaError_t launch(cudaStream_t stream, const typename F::Args& w, const Operands& o) {
   static const cudaError_t attr =  // L1 over shared memory: the kernel uses next to none
-      cudaFuncSetAttribute(gemv_kernel<F, R, S, A>, cudaFuncAttributePreferredSharedMemoryCarveout, 0);
+      cudaFuncSetAttribute(gemv_kernel<F, R, S>, cudaFuncAttributePreferredSharedMemoryCarveout, 0);
   if (attr != cudaSuccess) return attr;
   constexpr int kRows = R * kWarps / S;  // a block's
-  return launch_early(stream, (o.n + kRows - 1) / kRows, kWarps * 32, gemv_kernel<F, R, S, A>, w,
+  return launch_early(stream, (o.n + kRows - 1) / kRows, kWarps * 32, gemv_kernel<F, R, S>, w,
                       static_cast<const uint4*>(o.xw), static_cast<const float*>(o.dx), static_cast<const int*>(o.xs),
                       o.res, o.out, o.n, o.nb);
 }
 
 // The kernel's lanes one after another on the host (the lanes' sums added in another order).
-template <class F, int R, int S, int A>
+template <class F, int R, int S>
 void host_gemv(const typename F::Args& w, const Operands& o) {
   for (int row0 = 0; row0 < o.n; row0 += R) {
     float total[R] = {};
     for (int part = 0; part < S; ++part) {
       for (int lane = 0; lane < 32; ++lane) {
         float acc[R];
-        lane_sums<F, R, S, A>(w, static_cast<const uint4*>(o.xw), static_cast<const float*>(o.dx),
+        lane_sums<F, R, S>(w, static_cast<const uint4*>(o.xw), static_cast<const float*>(o.dx),
                            static_cast<const int*>(o.xs), o.nb, row0, true, part, lane, acc);
         for (int r = 0; r < R; ++r) total[r] += acc[r];
       }
@@ -885,7 +873,7 @@ ffi::Error launch_weight(cudaStream_t stream, int64_t tiling, const ffi::Remaini
       blocks = dims[1];
     }
   }
-  if (blocks % F::kUnitBlocks || blocks / F::kUnitBlocks * F::kUnitX32 != x32 ||
+  if (blocks % F::kUnitBlocks || blocks / F::kUnitBlocks * F::kUnitX32 != x32 || tiling < 10 || n % (tiling / 10) ||
       out->element_count() != static_cast<size_t>(n)) {
     return ffi::Error::InvalidArgument("gemv_cuda: operand shapes do not match");
   }
@@ -893,10 +881,7 @@ ffi::Error launch_weight(cudaStream_t stream, int64_t tiling, const ffi::Remaini
   o.n = static_cast<int>(n);
   o.nb = static_cast<int>(blocks / F::kUnitBlocks);
   cudaError_t err = cudaSuccess;
-  const auto go = [&](auto t) {  // a row group is all in or all out (gemv_kernel's `live`)
-    using T = decltype(t);
-    err = o.n % T::R ? cudaErrorInvalidValue : launch<F, T::R, T::S, T::A>(stream, F::args(data), o);
-  };
+  const auto go = [&](auto t) { err = launch<F, decltype(t)::R, decltype(t)::S>(stream, F::args(data), o); };
   if (!with_tiling(tiling, go)) return ffi::Error::InvalidArgument("gemv_cuda: no kernel for this tiling");
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("gemv_cuda: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
@@ -1352,10 +1337,7 @@ extern "C" int jq_gemv_host(const char* fmt, int64_t tiling, const void* const* 
   int rc = 2;
   const auto on = [&](auto format) {
     using F = decltype(format);
-    const auto go = [&](auto t) {
-      using T = decltype(t);
-      host_gemv<F, T::R, T::S, T::A>(F::args(arrays), o);
-    };
+    const auto go = [&](auto t) { host_gemv<F, decltype(t)::R, decltype(t)::S>(F::args(arrays), o); };
     rc = with_tiling(tiling, go) ? 0 : 2;
   };
   return with_format(fmt, on) ? rc : 1;

@@ -49,9 +49,8 @@ FORMATS = {f: f"jq_gemv_{f.lower()}" for f in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "
 # super-block of the K-quants): K must be whole units
 UNIT = {**dict.fromkeys(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL"), 256), "Q8_0": 128,
         **dict.fromkeys(("Q4_K", "Q5_K", "Q6_K", "IQ4_XS"), 256)}
-# (rows a warp, warps splitting a row's K, steps of weights loaded ahead): the template instances;
-# the first three each some shape's fastest (sessions 7, 8), the two-ahead ones not yet timed
-TILINGS = ((4, 1, 1), (4, 2, 1), (2, 4, 1), (2, 1, 2), (2, 2, 2))
+# (rows a warp, warps splitting a row's K): the template instances, each some shape's fastest
+TILINGS = ((4, 1), (4, 2), (2, 4))
 # what the call computes from its x before quantizing (gemv_cuda.cu's Prologue), and the dtype it
 # rounds that to (Rounding)
 PROLOGUES = {None: 0, "rms_norm": 1, "silu": 2, "gelu_tanh": 3}
@@ -118,26 +117,25 @@ def supports(fmt: str, m: int, n: int, k: int) -> bool:
     return fmt in FORMATS and m == 1 and k % UNIT[fmt] == 0 and n % 4 == 0 and available()
 
 
-def default_tiling(n: int) -> tuple[int, int, int]:
+def default_tiling(n: int) -> tuple[int, int]:
     """About 2048 warps (16 an SM), from 4 rows a warp and K split over 1, 2 or 4 warps. The fastest
     of 7 tilings for Q4_K and Q6_K on the H200 at N = 1024, 4096 (K = 4096, 14336) and N >= 14336
     (benchmarks/RESULTS.md, session 7; Q6_K at N >= 14336 within 3% of 2 rows a warp), and of the
     3 built for each other format at N = 4096 and 14336 (session 8)."""
-    return (4, 1, 1) if n >= 8192 else (4, 2, 1) if n >= 4096 else (2, 4, 1)
+    return (4, 1) if n >= 8192 else (4, 2) if n >= 4096 else (2, 4)
 
 
-def tiling_code(tiling: tuple[int, int, int] | None, n: int) -> int:
-    """gemv_cuda.cu's code of ``tiling`` (default ``default_tiling(n)``): 100 ahead + 10 rows + warps."""
+def _tiling_code(tiling: tuple[int, int] | None, n: int) -> int:
     tiling = tiling or default_tiling(n)
     if tiling not in TILINGS:
         raise JaxquantError(f"gemv_cuda: tiling {tiling} is not one of {TILINGS}")
-    rows, warps, ahead = tiling
-    return 100 * ahead + 10 * rows + warps
+    rows, warps = tiling
+    return 10 * rows + warps
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
 def gemv(x: jax.Array | Activation, w: QTensor | tuple[QTensor, ...], residual: jax.Array | None = None,
-         tiling: tuple[int, int, int] | None = None, interpret: bool = False) -> jax.Array | tuple[jax.Array, ...]:
+         tiling: tuple[int, int] | None = None, interpret: bool = False) -> jax.Array | tuple[jax.Array, ...]:
     """``x [1, K] @ dequantize(w).T`` (+ ``residual [1, N]`` float32) -> ``[1, N]`` float32 for a ``w``
     of one of ``FORMATS``; ``x`` may be an ``ops.Activation`` (the norm's x float32); ``tiling``: one of
     ``TILINGS`` (default ``default_tiling``). ``w`` may be a tuple of weights (no residual): their
@@ -165,9 +163,9 @@ def gemv(x: jax.Array | Activation, w: QTensor | tuple[QTensor, ...], residual: 
     call = jax.ffi.ffi_call(FORMATS[w.fmt], results)
     operands += [v.arrays[name] for v in more for name in sorted(v.arrays)]
     out, _, _, _, *outs = call(*(w.arrays[name] for name in sorted(w.arrays)), *operands,
-                               tiling=np.int64(tiling_code(tiling, n)), prologue=np.int64(prologue),
+                               tiling=np.int64(_tiling_code(tiling, n)), prologue=np.int64(prologue),
                                round=np.int64(ROUNDING[jnp.dtype(rounding)]), eps=np.float32(eps),
-                               more=",".join(f"{v.fmt}:{tiling_code(None, v.shape[0])}" for v in more))
+                               more=",".join(f"{v.fmt}:{_tiling_code(None, v.shape[0])}" for v in more))
     return tuple(y[None] for y in (out, *outs)) if more else out[None]
 
 
