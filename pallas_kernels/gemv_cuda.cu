@@ -609,11 +609,11 @@ void host_gemv(const typename F::Args& w, const Operands& o) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The gemvs' activations by gemv.quantize_activations' rule, a thread a block of 32: int16 values
-// floor(x / dx + 1/2) with dx = amax / 32767 (NaN where a value is NaN), as 16 words (word i: elements
-// 4i, 4i + 1; word 8 + i: 4i + 2, 4i + 3), dx, and the integer sums of each half, of both, and a 0.
-// One small kernel in place of the Pallas one (2.1-2.6 us a call on the H200, 4 calls a layer), in
-// the gemv's FFI call, so that the gemv launched after it may start reading its weights at once.
+// The gemvs' activations by gemv.quantize_activations' rule: int16 values floor(x / dx + 1/2) with
+// dx = amax / 32767 (NaN where a value is NaN) per block of 32, as 16 words (word i: elements 4i,
+// 4i + 1; word 8 + i: 4i + 2, 4i + 3), dx, and the integer sums of each half, of both, and a 0.
+// A small kernel in the gemv's FFI call (in place of XLA's and Pallas' kernels), so that the gemv
+// launched after it may start reading its weights at once.
 //
 // Before quantizing, the kernel computes the product's input from the call's x (a Prologue,
 // gemv_cuda.PROLOGUES, as ops.Activation defines it): x as it is; x's RMS norm times a weight,
@@ -643,26 +643,6 @@ JQ_HD float rounded(float v, int64_t to) {  // to the compute dtype and back, as
   return to == kToBF16 ? __bfloat162float(__float2bfloat16_rn(v)) : to == kToF16 ? __half2float(__float2half_rn(v)) : v;
 }
 
-template <class T>
-JQ_HD void load32(const T* __restrict__ p, float (&v)[32]) {  // 16-byte aligned
-  constexpr int kVec = 16 / sizeof(T);
-#pragma unroll
-  for (int j = 0; j < 32 / kVec; ++j) {
-    const uint4 u = ldg(reinterpret_cast<const uint4*>(p) + j);
-    T e[kVec];
-    memcpy(e, &u, sizeof(u));
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) v[kVec * j + i] = to_float(e[i]);
-  }
-}
-
-JQ_HD float sum_squares(const float (&v)[32]) {
-  float s = 0.f;
-#pragma unroll
-  for (int i = 0; i < 32; ++i) s += v[i] * v[i];
-  return s;
-}
-
 JQ_HD float norm_scale(float sum_sq, int k, float eps) {  // rsqrt(mean(x * x) + eps)
 #ifdef __CUDA_ARCH__
   return rsqrtf(sum_sq / static_cast<float>(k) + eps);
@@ -680,125 +660,105 @@ JQ_HD float gated(float g, float u) {  // jax.nn.silu / gelu(approximate=True) o
   }
 }
 
-// The product's inputs of block b (of k): x's own (kAsIs), or the prologue's, rounded to ``round``.
-// kRmsNorm takes float32 x, its weight and the norm's scale.
+// The product's input i (of k): x's own (kAsIs), or the prologue's, rounded to ``round``. kRmsNorm
+// takes float32 x, its weight and the norm's scale.
 template <int P, class T>
-JQ_HD void prologue_block(const T* __restrict__ x, const float* __restrict__ weight, float scale, int64_t round,
-                          int k, int b, float (&v)[32]) {
-  load32(x + 32 * static_cast<size_t>(b), v);
+JQ_HD float prologue_value(const T* __restrict__ x, const float* __restrict__ weight, float scale, int64_t round,
+                           int k, size_t i) {
+  const float v = to_float(ldg(x + i));
   if constexpr (P == kRmsNorm) {
-    float w[32];
-    load32(weight + 32 * static_cast<size_t>(b), w);
-#pragma unroll
-    for (int i = 0; i < 32; ++i) v[i] = rounded(v[i] * scale * w[i], round);
-  } else if constexpr (P != kAsIs) {
-    float u[32];
-    load32(x + k + 32 * static_cast<size_t>(b), u);
-#pragma unroll
-    for (int i = 0; i < 32; ++i) v[i] = rounded(gated<P>(v[i], u[i]), round);
+    return rounded(v * scale * ldg(weight + i), round);
+  } else if constexpr (P == kAsIs) {
+    return v;
+  } else {
+    return rounded(gated<P>(v, to_float(ldg(x + k + i))), round);
   }
 }
 
-JQ_HD float scaled_plus_half(float v, float inv) {  // v * inv + 0.5, two roundings (no FMA), as XLA
-#ifdef __CUDA_ARCH__
-  return __fadd_rn(__fmul_rn(v, inv), 0.5f);
-#else
-  return v * inv + 0.5f;
-#endif
-}
+JQ_HD float block_scale(float amax, bool nan) { return nan ? NAN : amax * (1.0f / 32767.0f); }  // as XLA: amax / 32767
 
-JQ_HD void quantize_block(const float (&v)[32], uint32_t (&words)[16], float& dx, int (&sums)[4]) {
-  float m[16];
-  bool nan = false;
-#pragma unroll
-  for (int i = 0; i < 16; ++i) {
-    m[i] = fmaxf(fabsf(v[2 * i]), fabsf(v[2 * i + 1]));
-    nan |= std::isnan(v[2 * i]) || std::isnan(v[2 * i + 1]);
-  }
-#pragma unroll
-  for (int w = 8; w > 0; w >>= 1) {  // a tree: fmaxf is exact in any order (NaN is counted apart)
-#pragma unroll
-    for (int i = 0; i < w; ++i) m[i] = fmaxf(m[i], m[i + w]);
-  }
-  dx = nan ? NAN : m[0] * (1.0f / 32767.0f);  // as XLA computes amax / 32767
+JQ_HD int quantized(float v, float dx) {
   const float inv = dx > 0.f ? 1.0f / dx : 0.f;
-  int q[32];
-#pragma unroll
+#ifdef __CUDA_ARCH__
+  const float r = __fadd_rn(__fmul_rn(v, inv), 0.5f);  // two roundings (no FMA), as XLA
+#else
+  const float r = v * inv + 0.5f;
+#endif
+  return static_cast<int>(fminf(fmaxf(floorf(r), -32767.f), 32767.f));
+}
+
+// One block on the host (jq_prepare_host). fmaxf is exact in any order (NaN is counted apart).
+void quantize_block(const float (&v)[32], uint32_t* __restrict__ words, float& dx, int4& sums) {
+  float amax = 0.f;
+  bool nan = false;
   for (int i = 0; i < 32; ++i) {
-    q[i] = static_cast<int>(fminf(fmaxf(floorf(scaled_plus_half(v[i], inv)), -32767.f), 32767.f));
+    amax = fmaxf(amax, fabsf(v[i]));
+    nan |= std::isnan(v[i]);
   }
-#pragma unroll
+  dx = block_scale(amax, nan);
+  int q[32], half[2] = {0, 0};
+  for (int i = 0; i < 32; ++i) half[i / 16] += q[i] = quantized(v[i], dx);
   for (int i = 0; i < 8; ++i) {
     words[i] = (static_cast<uint32_t>(q[4 * i]) & 0xFFFFu) | (static_cast<uint32_t>(q[4 * i + 1]) << 16);
     words[8 + i] = (static_cast<uint32_t>(q[4 * i + 2]) & 0xFFFFu) | (static_cast<uint32_t>(q[4 * i + 3]) << 16);
   }
-  int half[2] = {0, 0};
-#pragma unroll
-  for (int i = 0; i < 32; ++i) half[i / 16] += q[i];
-  sums[0] = half[0];
-  sums[1] = half[1];
-  sums[2] = half[0] + half[1];
-  sums[3] = 0;
+  sums = make_int4(half[0], half[1], half[0] + half[1], 0);
 }
 
-JQ_HD void store_quantized(const float (&v)[32], uint4* __restrict__ words, float* __restrict__ dx,
-                           int4* __restrict__ sums, int b) {
-  uint32_t w[16];
-  int s[4];
-  quantize_block(v, w, dx[b], s);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) words[4 * b + j] = make_uint4(w[4 * j], w[4 * j + 1], w[4 * j + 2], w[4 * j + 3]);
-  sums[b] = make_int4(s[0], s[1], s[2], s[3]);
-}
+// A warp a block of 32, a lane an element: the scale and sums through shuffles; kPrepWarps blocks
+// a thread block. The norm's scale needs all of x: each thread block sums the squares of the whole
+// of x itself (16 KB from L2 at K = 4096) rather than wait for another kernel.
+constexpr int kPrepWarps = 8;
+constexpr unsigned kAll = 0xFFFFFFFFu;
 
-// Both kernels release the gemv after them at once (it may start reading its weights) and wait for
-// the kernel before them, which wrote x.
-template <class T, int P>
-__global__ void __launch_bounds__(32) quantize_kernel(const T* __restrict__ x, int64_t round, uint4* __restrict__ words,
-                                                      float* __restrict__ dx, int4* __restrict__ sums, int blocks) {
-  release_dependents();
-  wait_for_previous_kernel();
-  const int b = blockIdx.x * 32 + threadIdx.x;
-  if (b >= blocks) return;
-  float v[32];
-  prologue_block<P>(x, nullptr, 0.f, round, 32 * blocks, b, v);
-  store_quantized(v, words, dx, sums, b);
-}
-
-// The norm needs all of x first: one block, a thread a block of 32 at a time (x is read twice, the
-// second time from L1).
-constexpr int kNormThreads = 256;
-
-__global__ void __launch_bounds__(kNormThreads) norm_quantize_kernel(const float* __restrict__ x,
-                                                                     const float* __restrict__ weight, float eps,
-                                                                     int64_t round, uint4* __restrict__ words,
-                                                                     float* __restrict__ dx, int4* __restrict__ sums,
-                                                                     int blocks) {
-  release_dependents();
-  wait_for_previous_kernel();
-  __shared__ float warp_sums[kNormThreads / 32];
-  __shared__ float scale;
+__device__ float sum_squares(const float* __restrict__ x, int k) {  // every thread gets the sum
+  __shared__ float part[kPrepWarps];
   float s = 0.f;
-  for (int b = threadIdx.x; b < blocks; b += kNormThreads) {
-    float v[32];
-    load32(x + 32 * static_cast<size_t>(b), v);
-    s += sum_squares(v);
+  for (int i = 4 * threadIdx.x; i < k; i += 4 * kPrepWarps * 32) {
+    const float4 v = ldg(reinterpret_cast<const float4*>(x + i));
+    s += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
   }
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, o);
-  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = s;
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(kAll, s, o);
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    float total = 0.f;
+  float total = 0.f;
 #pragma unroll
-    for (int w = 0; w < kNormThreads / 32; ++w) total += warp_sums[w];
-    scale = norm_scale(total, 32 * blocks, eps);
+  for (int w = 0; w < kPrepWarps; ++w) total += part[w];
+  return total;
+}
+
+// Releases the gemv after it at once (it may start reading its weights) and waits for the kernel
+// before it, which wrote x.
+template <class T, int P>
+__global__ void __launch_bounds__(kPrepWarps * 32) prepare_kernel(const T* __restrict__ x, const float* __restrict__ weight,
+                                                                  float eps, int64_t round, uint32_t* __restrict__ words,
+                                                                  float* __restrict__ dx, int4* __restrict__ sums,
+                                                                  int blocks) {
+  release_dependents();
+  wait_for_previous_kernel();
+  const int lane = threadIdx.x % 32, b = blockIdx.x * kPrepWarps + threadIdx.x / 32, k = 32 * blocks;
+  float scale = 0.f;
+  if constexpr (P == kRmsNorm) scale = norm_scale(sum_squares(x, k), k, eps);
+  if (b >= blocks) return;
+  const float v = prologue_value<P>(x, weight, scale, round, k, 32 * static_cast<size_t>(b) + lane);
+  const bool nan = __any_sync(kAll, std::isnan(v));
+  float amax = fabsf(v);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kAll, amax, o));
+  const float d = block_scale(amax, nan);
+  const int q = quantized(v, d), next = __shfl_down_sync(kAll, q, 1);
+  if (lane % 2 == 0) {  // lanes 4i and 4i + 2 write words i and 8 + i
+    words[16 * static_cast<size_t>(b) + lane / 4 + (lane % 4 ? 8 : 0)] =
+        (static_cast<uint32_t>(q) & 0xFFFFu) | (static_cast<uint32_t>(next) << 16);
   }
-  __syncthreads();
-  for (int b = threadIdx.x; b < blocks; b += kNormThreads) {
-    float v[32];
-    prologue_block<kRmsNorm>(x, weight, scale, round, 32 * blocks, b, v);
-    store_quantized(v, words, dx, sums, b);
+  int half = q;
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) half += __shfl_xor_sync(kAll, half, o);
+  const int other = __shfl_xor_sync(kAll, half, 16);
+  if (lane == 0) {
+    dx[b] = d;
+    sums[b] = make_int4(half, other, half + other, 0);
   }
 }
 
@@ -806,34 +766,28 @@ __global__ void __launch_bounds__(kNormThreads) norm_quantize_kernel(const float
 // the norm's f32) into words, dx, sums. Launched early: it reads nothing before it waits.
 ffi::Error prepare_x(cudaStream_t stream, int64_t prologue, int64_t round, float eps, const ffi::AnyBuffer& x,
                      const float* weight, int blocks, uint32_t* words, float* dx, int* sums) {
-  if (reinterpret_cast<uintptr_t>(x.untyped_data()) % 16 || reinterpret_cast<uintptr_t>(weight) % 16) {
-    return ffi::Error::InvalidArgument("gemv_cuda: activations and norm weights must be 16-byte aligned");
+  if (reinterpret_cast<uintptr_t>(x.untyped_data()) % 16) {
+    return ffi::Error::InvalidArgument("gemv_cuda: activations must be 16-byte aligned");
   }
-  auto* w4 = reinterpret_cast<uint4*>(words);
-  auto* s4 = reinterpret_cast<int4*>(sums);
+  if (prologue == kRmsNorm && x.element_type() != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument("gemv_cuda: the norm's x must be f32");
+  }
   cudaError_t err = cudaErrorInvalidValue;
-  if (prologue == kRmsNorm) {
-    if (x.element_type() != ffi::DataType::F32) return ffi::Error::InvalidArgument("gemv_cuda: the norm's x must be f32");
-    err = launch_early(stream, 1, kNormThreads, norm_quantize_kernel, static_cast<const float*>(x.untyped_data()),
-                       weight, eps, round, w4, dx, s4, blocks);
-  } else {
-    const auto go = [&](auto* typed) {
-      using T = std::remove_cv_t<std::remove_pointer_t<decltype(typed)>>;
-      cudaError_t e = cudaErrorInvalidValue;
-      with_prologue(prologue, [&](auto p) {
-        if constexpr (decltype(p)::value != kRmsNorm) {
-          e = launch_early(stream, (blocks + 31) / 32, 32, quantize_kernel<T, decltype(p)::value>, typed, round, w4,
-                           dx, s4, blocks);
-        }
-      });
-      return e;
-    };
-    switch (x.element_type()) {
-      case ffi::DataType::F32: err = go(static_cast<const float*>(x.untyped_data())); break;
-      case ffi::DataType::BF16: err = go(static_cast<const __nv_bfloat16*>(x.untyped_data())); break;
-      case ffi::DataType::F16: err = go(static_cast<const __half*>(x.untyped_data())); break;
-      default: return ffi::Error::InvalidArgument("gemv_cuda: activations must be f32, bf16 or f16");
-    }
+  const auto go = [&](auto* typed) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(typed)>>;
+    with_prologue(prologue, [&](auto p) {
+      constexpr int P = decltype(p)::value;
+      if constexpr (P != kRmsNorm || std::is_same_v<T, float>) {
+        err = launch_early(stream, (blocks + kPrepWarps - 1) / kPrepWarps, kPrepWarps * 32, prepare_kernel<T, P>, typed,
+                           weight, eps, round, words, dx, reinterpret_cast<int4*>(sums), blocks);
+      }
+    });
+  };
+  switch (x.element_type()) {
+    case ffi::DataType::F32: go(static_cast<const float*>(x.untyped_data())); break;
+    case ffi::DataType::BF16: go(static_cast<const __nv_bfloat16*>(x.untyped_data())); break;
+    case ffi::DataType::F16: go(static_cast<const __half*>(x.untyped_data())); break;
+    default: return ffi::Error::InvalidArgument("gemv_cuda: activations must be f32, bf16 or f16");
   }
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("gemv_cuda prepare_x: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
@@ -1351,21 +1305,14 @@ extern "C" int jq_prepare_host(int64_t prologue, int64_t round, const float* x, 
   const int k = 32 * blocks;
   return with_prologue(prologue, [&](auto p) {
            constexpr int P = decltype(p)::value;
-           float scale = 0.f;
-           if constexpr (P == kRmsNorm) {
-             float sum_sq = 0.f;
-             for (int b = 0; b < blocks; ++b) {
-               float v[32];
-               load32(x + 32 * static_cast<size_t>(b), v);
-               sum_sq += sum_squares(v);
-             }
-             scale = norm_scale(sum_sq, k, eps);
-           }
+           float sum_sq = 0.f;
+           for (int i = 0; P == kRmsNorm && i < k; ++i) sum_sq += x[i] * x[i];
+           const float scale = norm_scale(sum_sq, k, eps);
            for (int b = 0; b < blocks; ++b) {
              float v[32];
-             prologue_block<P>(x, weight, scale, round, k, b, v);
+             for (int i = 0; i < 32; ++i) v[i] = prologue_value<P>(x, weight, scale, round, k, 32 * b + i);
              memcpy(values + 32 * static_cast<size_t>(b), v, sizeof(v));
-             store_quantized(v, reinterpret_cast<uint4*>(words), dx, reinterpret_cast<int4*>(sums), b);
+             quantize_block(v, words + 16 * static_cast<size_t>(b), dx[b], reinterpret_cast<int4*>(sums)[b]);
            }
          })
              ? 0

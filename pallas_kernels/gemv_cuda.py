@@ -171,16 +171,18 @@ def gemv(x: jax.Array | Activation, w: QTensor | tuple[QTensor, ...], residual: 
 
 # Batch decoding (2 to 8 activation rows) of Q4_K and Q6_K on the tensor cores (IMMA, exact integer sums),
 # checked on the CPU by tests/test_gemv_cuda.py through its lanes' emulation and on the H200 (60/60).
-# qdot does not select it (BATCH_SELECTED): at M = 8 it lost to qmm but for Q4_K at K = 14336 (28.2
-# against 33.7 us; Q6_K 46.2 against 47.0), and would need about twice its speed to matter
-# (benchmarks/RESULTS.md, session 8).
+# qdot selects it for Q4_K's large matrices only: at M = 8 on the H200 it beat qmm at K = 14336,
+# N = 4096 (27.0 against 34.0 us) and 4096x14336 (29.0 against 33.1), not at 4096x1024 (6.8 against
+# 5.5); Q6_K's lost or tied (43.8 / 46.5 against 43.2 / 47.3) (benchmarks/RESULTS.md, session 10).
 BATCH_FORMATS = {"Q4_K": "jq_batch_q4_k", "Q6_K": "jq_batch_q6_k"}
-BATCH_SELECTED: frozenset[str] = frozenset()
+BATCH_SELECTED: frozenset[str] = frozenset({"Q4_K"})
+BATCH_MIN_WEIGHTS = 1 << 25  # N x K: the FFN's matrices of an 8B model, not its attention's
 BATCH_WARPS = (1, 2, 4, 8)  # warps of a block splitting K, one block a 16-row group
 
 
 def batch_supports(fmt: str, m: int, n: int, k: int) -> bool:
-    return fmt in BATCH_SELECTED and 2 <= m <= 8 and k % 256 == 0 and n % 16 == 0 and available()
+    return (fmt in BATCH_SELECTED and 2 <= m <= 8 and n * k >= BATCH_MIN_WEIGHTS and k % 256 == 0 and n % 16 == 0
+            and available())
 
 
 def batch_warps(n: int) -> int:

@@ -46,7 +46,7 @@ def test_builds_for_hopper_without_spills(lib, tmp_path):
     kernels = re.findall(r"Compiling entry function '(\w+)'", report)
     assert len(kernels) == (len(gemv_cuda.FORMATS) * len(gemv_cuda.TILINGS)
                             + len(gemv_cuda.BATCH_FORMATS) * len(gemv_cuda.BATCH_WARPS)
-                            + 3 * 3 + 1)  # quantize_kernel: 3 dtypes x (as is, 2 gated units); the norm's
+                            + 3 * 3 + 1)  # prepare_kernel: 3 dtypes x (as is, 2 gated units), and the norm on f32
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert len(spills) == len(kernels) and all(s == ("0", "0") for s in spills)
     registers = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
