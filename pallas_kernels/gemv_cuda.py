@@ -10,7 +10,7 @@ is ``gemv.py``'s (same activation quantization, integer dot products, per-group 
 results equal the Triton kernel's up to the order of float32 sums.
 
 A gemv's FFI call quantizes the activations itself (``quantize_activations``' rule in a CUDA
-kernel, a thread a block of 32) and launches the product to start while that runs (programmatic
+kernel, a warp a block of 32) and launches the product to start while that runs (programmatic
 dependent launch: the first weights are read before it waits for the activations);
 ``JAXQUANT_CUDA_PDL=0`` launches each kernel after the previous one ends. That kernel also computes
 an ``ops.Activation`` input (RMS norm, gated unit) before quantizing it, and the product adds a

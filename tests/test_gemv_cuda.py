@@ -202,6 +202,17 @@ def test_selected_only_where_it_runs(fmt):
     assert pallas_kernels.select(w, 1, interpret=True).backend == "triton"
 
 
+def test_batch_selected_where_it_was_timed_faster(monkeypatch):
+    """qdot takes the batch kernel (where built) for Q4_K's large matrices at M = 2..8 only: it beat
+    qmm there on the H200 and lost at 4096x1024 and for Q6_K (RESULTS.md, session 10)."""
+    monkeypatch.setattr(gemv_cuda, "available", lambda: True)
+    for n, k in ((14336, 4096), (4096, 14336), (28672, 4096)):
+        assert gemv_cuda.batch_supports("Q4_K", 8, n, k) and gemv_cuda.batch_supports("Q4_K", 2, n, k)
+        assert not gemv_cuda.batch_supports("Q4_K", 9, n, k) and not gemv_cuda.batch_supports("Q6_K", 8, n, k)
+    for n, k in ((1024, 4096), (4096, 4096), (5120, 4096)):
+        assert not gemv_cuda.batch_supports("Q4_K", 8, n, k)
+
+
 def test_no_interpreter():
     w = random_qtensor("Q4_K", 64, 512, jax.random.key(0))
     with pytest.raises(Exception, match="no interpreter"):
