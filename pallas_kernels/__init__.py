@@ -1,5 +1,6 @@
 """GPU kernels for quantized matmuls (Pallas, and CUDA through the XLA FFI), reached through
-``jaxquant.ops.qdot``."""
+``jaxquant.ops.qdot``; and a CUDA decode attention (``attention_cuda``) that
+``jaxquant.models.base.self_attention`` reaches for one sequence's decode step."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 // Matrix-vector products of llama.cpp's 4- to 8-bit block formats at M = 1 in CUDA, called from JAX
-// through the XLA FFI (gemv_cuda.py builds this file with the machine's nvcc at first use).
+// through the XLA FFI (cuda_lib.py builds this file with the machine's nvcc at first use).
 //
 // Same arithmetic as gemv.py (int16 activations per 32 with float32 scales and integer sums, dp2a
 // on the weights' integer codes, scales and mins per group in float32); what Triton would not give:
@@ -14,29 +14,14 @@
 // A format is a struct: kArrays (its QTensor's arrays, sorted by name, as args() takes them),
 // kUnitBlocks / kUnitX32 (format blocks / activation blocks of 32 in a unit), W (a lane's loads of
 // one row and unit: load_w), X (its activations: load_x) and dot(W, X, chunk) -> float.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <string>
-#include <string_view>
-#include <type_traits>
-
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "cuda_common.cuh"
 
 namespace {
 
 constexpr int kWarps = 4;  // per block
 
-// A lane's work is host code too: jq_gemv_host runs it lane by lane on the CPU, so the CPU suite
-// checks the kernels' indexing and arithmetic against dequantize + dot (tests/test_gemv_cuda.py).
-#define JQ_HD __host__ __device__ __forceinline__
+// A lane's work is host code too (JQ_HD): jq_gemv_host runs it lane by lane on the CPU, so the CPU
+// suite checks the kernels' indexing and arithmetic against dequantize + dot (tests/test_gemv_cuda.py).
 
 JQ_HD uint4 ld_stream(const uint4* p) {  // read once: keep L1 for the activations
 #ifdef __CUDA_ARCH__
@@ -57,49 +42,6 @@ JQ_HD uint2 ld_stream(const uint2* p) {
 #else
   return *p;
 #endif
-}
-
-template <class T>
-JQ_HD T ldg(const T* p) {
-#ifdef __CUDA_ARCH__
-  return __ldg(p);
-#else
-  return *p;
-#endif
-}
-
-// Programmatic dependent launch (sm_90): a kernel launched with launch_early() may start while the
-// kernel before it in the stream runs (once that one has released its dependents, or ended), read
-// what the previous kernel cannot have written (the weights), and waits before anything else.
-JQ_HD void wait_for_previous_kernel() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-JQ_HD void release_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-// JAXQUANT_CUDA_PDL=0 launches every kernel after the previous one has ended (for comparison).
-template <class... Params, class... Args>
-cudaError_t launch_early(cudaStream_t stream, dim3 grid, dim3 block, void (*kernel)(Params...), Args... args) {
-  static const bool early = [] {
-    const char* v = std::getenv("JAXQUANT_CUDA_PDL");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = early ? 1 : 0;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.stream = stream;
-  config.attrs = &attr;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
 }
 
 // dp2a: two int16 of a (packed) times bytes 0, 1 (HI: 2, 3) of b, signed, plus c.
@@ -635,10 +577,6 @@ bool with_prologue(int64_t prologue, Fn&& fn) {
   }
 }
 
-JQ_HD float to_float(float v) { return v; }
-JQ_HD float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-JQ_HD float to_float(__half v) { return __half2float(v); }
-
 JQ_HD float rounded(float v, int64_t to) {  // to the compute dtype and back, as XLA's cast
   return to == kToBF16 ? __bfloat162float(__float2bfloat16_rn(v)) : to == kToF16 ? __half2float(__float2half_rn(v)) : v;
 }
@@ -731,10 +669,9 @@ __device__ float sum_squares(const float* __restrict__ x, int k) {  // every thr
 // Releases the gemv after it at once (it may start reading its weights) and waits for the kernel
 // before it, which wrote x.
 template <class T, int P>
-__global__ void __launch_bounds__(kPrepWarps * 32) prepare_kernel(const T* __restrict__ x, const float* __restrict__ weight,
-                                                                  float eps, int64_t round, uint32_t* __restrict__ words,
-                                                                  float* __restrict__ dx, int4* __restrict__ sums,
-                                                                  int blocks) {
+__global__ void __launch_bounds__(kPrepWarps * 32)
+    prepare_kernel(const T* __restrict__ x, const float* __restrict__ weight, float eps, int64_t round,
+                   uint32_t* __restrict__ words, float* __restrict__ dx, int4* __restrict__ sums, int blocks) {
   release_dependents();
   wait_for_previous_kernel();
   const int lane = threadIdx.x % 32, b = blockIdx.x * kPrepWarps + threadIdx.x / 32, k = 32 * blocks;

@@ -1,9 +1,8 @@
 """Matrix-vector products (M = 1) of llama.cpp's 4- to 8-bit block formats, and of Q4_K / Q6_K for
 up to 8 activation rows (``batch``), as CUDA kernels called through the XLA FFI.
 
-``gemv_cuda.cu`` holds the kernels; this module compiles it with the machine's ``nvcc`` at first use
-(15-20 s; cached under ``$JAXQUANT_CACHE/cuda`` by the source's and the toolchain's hash),
-registers its handlers with XLA, and ``pallas_kernels`` registers them as kernels of backend ``"cuda"``.
+``gemv_cuda.cu`` holds the kernels (built into ``cuda_lib``'s library); this module registers its
+handlers with XLA, and ``pallas_kernels`` registers them as kernels of backend ``"cuda"``.
 Triton would not issue a row block's loads together ahead of their use, nor keep the activations
 in L1 (its launches carve 233 KB of shared memory out of it): NOTES-gpu.md, session 6. The arithmetic
 is ``gemv.py``'s (same activation quantization, integer dot products, per-group float32 scales), so
@@ -22,16 +21,8 @@ Without ``nvcc`` or a GPU the kernels are unavailable and ``qdot`` uses the Trit
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import warnings
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -40,9 +31,9 @@ import numpy as np
 from jaxquant.errors import JaxquantError
 from jaxquant.ops import Activation
 from jaxquant.qtensor import QTensor
+from pallas_kernels import cuda_lib
 from pallas_kernels.gemv import quantize_activations
 
-SOURCE = Path(__file__).with_name("gemv_cuda.cu")
 FORMATS = {f: f"jq_gemv_{f.lower()}" for f in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K",
                                                "IQ4_NL", "IQ4_XS")}
 # weights a lane group's 128 code bytes hold (4 blocks of Q8_0, 8 of the other legacy formats, one
@@ -57,51 +48,11 @@ PROLOGUES = {None: 0, "rms_norm": 1, "silu": 2, "gelu_tanh": 3}
 ROUNDING = {jnp.dtype(jnp.float32): 0, jnp.dtype(jnp.bfloat16): 1, jnp.dtype(jnp.float16): 2}
 
 
-def nvcc() -> str | None:
-    found = shutil.which("nvcc")
-    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    return found or (str(Path(home) / "bin" / "nvcc") if (Path(home) / "bin" / "nvcc").exists() else None)
-
-
-def compile_command(compiler: str, arch: str, out: Path, *extra: str) -> list[str]:
-    return [compiler, "-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-shared",
-            "-maxrregcount=128",  # else ptxas held Q6_K's 2-row kernel to 64 registers and spilled in its loop
-            "-Xcompiler", "-fPIC,-Wno-return-type", "-diag-suppress", "940,2473",  # warnings in XLA's FFI headers
-            "-I", jax.ffi.include_dir(), *extra, str(SOURCE), "-o", str(out)]
-
-
-def build(arch: str, cache: Path | None = None) -> Path:
-    """The shared library for compute capability ``arch`` ("90"), compiled unless cached."""
-    compiler = nvcc()
-    if compiler is None:
-        raise JaxquantError("gemv_cuda: nvcc not found (PATH or $CUDA_HOME/bin)")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + jax.ffi.include_dir().encode()).hexdigest()[:16]
-    cache = cache or Path(os.environ.get("JAXQUANT_CACHE", Path.home() / ".cache" / "jaxquant")) / "cuda"
-    lib = cache / f"gemv_cuda-sm{arch}-{key}.so"
-    if not lib.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        print(f"jaxquant: compiling the CUDA kernels for sm_{arch} (once, ~20 s) into {lib}", file=sys.stderr,
-              flush=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            part = Path(tmp) / lib.name
-            done = subprocess.run(compile_command(compiler, arch, part), capture_output=True, text=True, check=False)
-            if done.returncode:
-                raise JaxquantError(f"gemv_cuda: nvcc failed:\n{done.stderr[-4000:]}")
-            part.replace(lib)  # atomic: concurrent builders leave one complete file
-    return lib
-
-
 @functools.cache
 def available() -> bool:
     """Whether the kernels are built and registered (first call on a GPU compiles them)."""
-    if jax.default_backend() != "gpu" or os.environ.get("JAXQUANT_CUDA_GEMV", "1") == "0":
-        return False
-    try:
-        arch = jax.devices()[0].compute_capability.replace(".", "")
-        lib = ctypes.CDLL(str(build(arch)))
-    except (JaxquantError, OSError, AttributeError, subprocess.SubprocessError) as e:
-        warnings.warn(f"CUDA gemv kernels unavailable, using Triton's: {e}", RuntimeWarning, stacklevel=2)
+    lib = cuda_lib.load() if os.environ.get("JAXQUANT_CUDA_GEMV", "1") != "0" else None
+    if lib is None:
         return False
     for name in (*FORMATS.values(), *BATCH_FORMATS.values()):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="CUDA")

@@ -28,3 +28,15 @@ def qwen25_path() -> str:
     import real_models
 
     return str(real_models.qwen25_coder_path())
+
+
+@pytest.fixture(scope="session")
+def cuda_library(tmp_path_factory):
+    """jaxquant's CUDA kernels compiled for sm_90 by this machine's nvcc (the CPU tests run their host twins)."""
+    from pallas_kernels import cuda_lib
+
+    assert cuda_lib.nvcc() is not None, "nvcc is part of this machine's image (and of the GPU's)"
+    cache = tmp_path_factory.mktemp("cuda")
+    path = cuda_lib.build("90", cache)
+    assert cuda_lib.build("90", cache) == path  # cached
+    return path

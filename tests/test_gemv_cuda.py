@@ -17,18 +17,14 @@ import pytest
 
 import pallas_kernels
 from jaxquant.ops import Activation
-from pallas_kernels import gemv_cuda
+from pallas_kernels import attention_cuda, cuda_lib, gemv_cuda
 from pallas_kernels.gemv import quantize_activations
 from pallas_kernels.testing import random_qtensor
 
 
 @pytest.fixture(scope="module")
-def lib(tmp_path_factory):
-    assert gemv_cuda.nvcc() is not None, "nvcc is part of this machine's image (and of the GPU's)"
-    cache = tmp_path_factory.mktemp("cuda")
-    path = gemv_cuda.build("90", cache)
-    assert gemv_cuda.build("90", cache) == path  # cached
-    handle = ctypes.CDLL(str(path))
+def lib(cuda_library):
+    handle = ctypes.CDLL(str(cuda_library))
     handle.jq_gemv_host.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p),
                                     *[ctypes.c_void_p] * 5, ctypes.c_int, ctypes.c_int]
     handle.jq_batch_host.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p),
@@ -38,15 +34,16 @@ def lib(tmp_path_factory):
     return handle
 
 
-def test_builds_for_hopper_without_spills(lib, tmp_path):
-    for name in (*gemv_cuda.FORMATS.values(), *gemv_cuda.BATCH_FORMATS.values()):
+def test_library_builds_for_hopper_without_spills(lib, tmp_path):
+    for name in (*gemv_cuda.FORMATS.values(), *gemv_cuda.BATCH_FORMATS.values(), attention_cuda.NAME):
         assert getattr(lib, name)
-    report = subprocess.run(gemv_cuda.compile_command(gemv_cuda.nvcc(), "90", tmp_path / "v.so", "-Xptxas", "-v"),
+    report = subprocess.run(cuda_lib.compile_command(cuda_lib.nvcc(), "90", tmp_path / "v.so", "-Xptxas", "-v"),
                             capture_output=True, text=True, check=True).stderr
     kernels = re.findall(r"Compiling entry function '(\w+)'", report)
     assert len(kernels) == (len(gemv_cuda.FORMATS) * len(gemv_cuda.TILINGS)
                             + len(gemv_cuda.BATCH_FORMATS) * len(gemv_cuda.BATCH_WARPS)
-                            + 3 * 3 + 1)  # prepare_kernel: 3 dtypes x (as is, 2 gated units), and the norm on f32
+                            + 3 * 3 + 1  # prepare_kernel: 3 dtypes x (as is, 2 gated units), and the norm on f32
+                            + 2 * 2 * len(attention_cuda.DIMS))  # attend and combine: 2 cache dtypes x head dims
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert len(spills) == len(kernels) and all(s == ("0", "0") for s in spills)
     registers = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
