@@ -300,8 +300,9 @@ def _fused_decode(q: jax.Array, cache_k: jax.Array, ctx: LayerCtx) -> bool:
 
 
 def _cuda_decode(q: jax.Array, cache_k: jax.Array, ctx: LayerCtx) -> bool:
-    """Whether one sequence's decode step attends through jaxquant's CUDA kernels (which rope q
-    themselves): where cuDNN's would serve, and the kernel is selected and built for the shape."""
+    """Whether one sequence's decode step attends through jaxquant's CUDA kernels (which rope q and
+    k and write the cache themselves): where cuDNN's would serve, and the kernels are selected and
+    built for the shape."""
     if not (q.shape[0] == 1 and _fused_decode(q, cache_k, ctx)):
         return False
     from pallas_kernels import attention_cuda
@@ -314,11 +315,16 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv: KV, ctx: LayerC
     """Rope q [B, T, H, D] and k [B, T, KV, D], write k and v into the cache at slot = position
     (padding into the last slot), attend over the cache. Returns ([B, T, H * D], updated (k, v) cache)."""
     cfg, pos = ctx.cfg, ctx.positions
-    cuda = _cuda_decode(q, kv[0], ctx)
-    k = rope(k, pos, ctx.inv_freq, cfg.rope_neox)
-    q = q if cuda else rope(q, pos, ctx.inv_freq, cfg.rope_neox)
     cache_k, cache_v = kv
     b, t, n_heads, d = q.shape
+    scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5  # 0: head_dim, as the config says
+    if _cuda_decode(q, cache_k, ctx):
+        from pallas_kernels import attention_cuda
+
+        out, cache_k, cache_v = attention_cuda.decode_attention(q, k, v, cache_k, cache_v, pos, ctx.inv_freq,
+                                                                scale=scale, neox=cfg.rope_neox)
+        return out.reshape(b, t, n_heads * d), (cache_k, cache_v)
+    q, k = rope(q, pos, ctx.inv_freq, cfg.rope_neox), rope(k, pos, ctx.inv_freq, cfg.rope_neox)
     s, n_kv = cache_k.shape[1], cache_k.shape[2]
     slot = jnp.where(pos >= 0, pos, s - 1)
     if b == t == 1:  # one sequence decoding: an in-place update (a scatter would check its bounds)
@@ -329,12 +335,6 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv: KV, ctx: LayerC
         cache_k = cache_k.at[rows, slot].set(k.astype(cache_k.dtype), mode="drop")
         cache_v = cache_v.at[rows, slot].set(v.astype(cache_v.dtype), mode="drop")
 
-    scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5  # 0: head_dim, as the config says
-    if cuda:
-        from pallas_kernels import attention_cuda
-
-        out = attention_cuda.decode_attention(q, cache_k, cache_v, pos, ctx.inv_freq, scale=scale, neox=cfg.rope_neox)
-        return out.reshape(b, t, n_heads * d), (cache_k, cache_v)
     if _fused_decode(q, cache_k, ctx):
         out = jax.nn.dot_product_attention(q.astype(cache_k.dtype), cache_k, cache_v, scale=scale,
                                            key_value_seq_lengths=jnp.maximum(pos[:, 0] + 1, 1), implementation="cudnn")
