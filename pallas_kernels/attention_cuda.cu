@@ -91,23 +91,33 @@ JQ_HD float score(const float* qs, const T* k, float scale) {
   return acc * scale;
 }
 
-// A lane's D / 32 dimensions of a value row, weighted by p, into o.
+// A lane's D / 32 consecutive dimensions of a value row (one load).
 template <class T, int D>
-JQ_HD void add_value(float p, const T* v, int lane, float (&o)[D / 32]) {
-  constexpr int kPer = D / 32;
-  T e[kPer];
-  if constexpr (kPer * sizeof(T) == 16) {
+struct ValuePart {
+  T e[D / 32];
+};
+
+template <class T, int D>
+JQ_HD ValuePart<T, D> value_part(const T* v, int lane) {
+  constexpr int kBytes = D / 32 * sizeof(T);
+  ValuePart<T, D> x;
+  if constexpr (kBytes == 16) {
     const uint4 u = reinterpret_cast<const uint4*>(v)[lane];
-    memcpy(e, &u, sizeof(u));
-  } else if constexpr (kPer * sizeof(T) == 8) {
+    memcpy(x.e, &u, sizeof(u));
+  } else if constexpr (kBytes == 8) {
     const uint2 u = reinterpret_cast<const uint2*>(v)[lane];
-    memcpy(e, &u, sizeof(u));
+    memcpy(x.e, &u, sizeof(u));
   } else {
     const uint32_t u = reinterpret_cast<const uint32_t*>(v)[lane];
-    memcpy(e, &u, sizeof(u));
+    memcpy(x.e, &u, sizeof(u));
   }
+  return x;
+}
+
+template <class T, int D>
+JQ_HD void add_value(float p, const ValuePart<T, D>& x, float (&o)[D / 32]) {
 #pragma unroll
-  for (int i = 0; i < kPer; ++i) o[i] += p * to_float(e[i]);
+  for (int i = 0; i < D / 32; ++i) o[i] += p * to_float(x.e[i]);
 }
 
 template <class T, int D>
@@ -168,10 +178,21 @@ __global__ void __launch_bounds__(kMaxGroup * 32)
   for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(kAll, l, o);
   float out[D / 32] = {};
   const int n = last - first + 1 < kChunk ? last - first + 1 : kChunk;
+  constexpr int kBatch = 8;  // value rows loaded together before their products (else one L2 trip a slot)
 #pragma unroll
   for (int j = 0; j < J; ++j) {
-    for (int t = 0; t < 32 && 32 * j + t < n; ++t) {
-      add_value<T, D>(__shfl_sync(kAll, p[j], t), cache_row<T, D>(v, g, first + 32 * j + t, kv_head), lane, out);
+    for (int t0 = 0; t0 < 32 && 32 * j + t0 < n; t0 += kBatch) {
+      ValuePart<T, D> x[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {  // past the chunk's end: its last row again, weighted 0
+        const int t = 32 * j + t0 + u < n ? 32 * j + t0 + u : n - 1;
+        x[u] = value_part<T, D>(cache_row<T, D>(v, g, first + t, kv_head), lane);
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const float w = __shfl_sync(kAll, p[j], t0 + u);
+        if (32 * j + t0 + u < n) add_value<T, D>(w, x[u], out);
+      }
     }
   }
   const size_t at = static_cast<size_t>(h) * g.chunks + chunk;
@@ -284,7 +305,9 @@ void attend_host(const float* q, const float* k_new, const float* v_new, T* k, T
       for (int t = 0; t < n; ++t) l += p[t] = expf(p[t] - m);
       for (int lane = 0; lane < 32; ++lane) {
         float o[D / 32] = {};
-        for (int t = 0; t < n; ++t) add_value<T, D>(p[t], cache_row<T, D>(v, g, first + t, h / group), lane, o);
+        for (int t = 0; t < n; ++t) {
+          add_value<T, D>(p[t], value_part<T, D>(cache_row<T, D>(v, g, first + t, h / group), lane), o);
+        }
         for (int i = 0; i < D / 32; ++i) part_o[static_cast<size_t>(c) * D + lane * (D / 32) + i] = o[i];
       }
       part_ml[c] = make_float2(m, l);
