@@ -138,8 +138,6 @@ JQ_HD float combined(const float* __restrict__ o, const float2* __restrict__ ml,
   return num / den;
 }
 
-constexpr unsigned kAll = 0xFFFFFFFFu;
-
 template <class T, int D>
 __global__ void __launch_bounds__(kMaxGroup * 32)
     attend_kernel(const float* __restrict__ q, const float* __restrict__ k_new, const float* __restrict__ v_new, T* k,
@@ -166,16 +164,14 @@ __global__ void __launch_bounds__(kMaxGroup * 32)
     p[j] = s <= last ? score<T, D>(qs[warp], cache_row<T, D>(k, g, s, kv_head), g.scale) : -INFINITY;
     m = fmaxf(m, p[j]);
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(kAll, m, o));
+  m = warp_max(m);
   float l = 0.f;
 #pragma unroll
   for (int j = 0; j < J; ++j) {
     p[j] = first + lane + 32 * j <= last ? expf(p[j] - m) : 0.f;
     l += p[j];
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(kAll, l, o);
+  l = warp_sum(l);
   float out[D / 32] = {};
   const int n = last - first + 1 < kChunk ? last - first + 1 : kChunk;
   constexpr int kBatch = 8;  // value rows loaded together before their products (else one L2 trip a slot)

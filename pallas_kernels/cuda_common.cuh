@@ -1,6 +1,6 @@
 // What the CUDA kernels' files share (cuda_lib.py compiles them into one library): headers, the
-// JQ_HD marker of code that runs on the device and, in the CPU tests, on the host, cached loads,
-// and the programmatic dependent launch.
+// JQ_HD marker of code that runs on the device and, in the CPU tests, on the host, warp reductions,
+// cached loads and the programmatic dependent launch.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -22,6 +22,22 @@ namespace ffi = xla::ffi;
 namespace {
 
 #define JQ_HD __host__ __device__ __forceinline__
+
+constexpr unsigned kAll = 0xFFFFFFFFu;  // every lane of a warp
+
+// The sum and the max of v over a warp's lanes, in every lane (an xor butterfly: each lane adds the
+// same pairs, so all hold the same float).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kAll, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kAll, v, o));
+  return v;
+}
 
 template <class T>
 JQ_HD T ldg(const T* p) {

@@ -473,10 +473,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(typename F::Args w, c
   float acc[R];
   lane_sums<F, R, S>(w, xw, dx, xs, nb, row0, live, part, lane, acc);
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xFFFFFFFFu, acc[r], o);
-  }
+  for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
   if constexpr (S > 1) {
     __shared__ float parts[kWarps][R];
     if (lane < R) {
@@ -647,7 +644,6 @@ void quantize_block(const float (&v)[32], uint32_t* __restrict__ words, float& d
 // a thread block. The norm's scale needs all of x: each thread block sums the squares of the whole
 // of x itself (16 KB from L2 at K = 4096) rather than wait for another kernel.
 constexpr int kPrepWarps = 8;
-constexpr unsigned kAll = 0xFFFFFFFFu;
 
 __device__ float sum_squares(const float* __restrict__ x, int k) {  // every thread gets the sum
   __shared__ float part[kPrepWarps];
@@ -656,8 +652,7 @@ __device__ float sum_squares(const float* __restrict__ x, int k) {  // every thr
     const float4 v = ldg(reinterpret_cast<const float4*>(x + i));
     s += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(kAll, s, o);
+  s = warp_sum(s);
   if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
   __syncthreads();
   float total = 0.f;
@@ -680,9 +675,7 @@ __global__ void __launch_bounds__(kPrepWarps * 32)
   if (b >= blocks) return;
   const float v = prologue_value<P>(x, weight, scale, round, k, 32 * static_cast<size_t>(b) + lane);
   const bool nan = __any_sync(kAll, std::isnan(v));
-  float amax = fabsf(v);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kAll, amax, o));
+  const float amax = warp_max(fabsf(v));
   const float d = block_scale(amax, nan);
   const int q = quantized(v, d), next = __shfl_down_sync(kAll, q, 1);
   if (lane % 2 == 0) {  // lanes 4i and 4i + 2 write words i and 8 + i
