@@ -29,17 +29,6 @@ struct Geometry {
   float scale;
 };
 
-template <class T>
-JQ_HD T cast(float v);
-template <>
-JQ_HD __nv_bfloat16 cast(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-JQ_HD __half cast(float v) {
-  return __float2half_rn(v);
-}
-
 // The last slot attended to: the position (slots 0 .. pos hold the sequence), within the cache; a
 // padding position (< 0) attends to slot 0, as cuDNN's path (sequence length max(pos + 1, 1)).
 JQ_HD int last_slot(int pos, int slots) { return pos < 0 ? 0 : pos < slots ? pos : slots - 1; }

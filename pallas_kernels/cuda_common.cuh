@@ -86,4 +86,15 @@ JQ_HD float to_float(float v) { return v; }
 JQ_HD float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 JQ_HD float to_float(__half v) { return __half2float(v); }
 
+template <class T>  // rounded to nearest even
+JQ_HD T cast(float v);
+template <>
+JQ_HD __nv_bfloat16 cast(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+JQ_HD __half cast(float v) {
+  return __float2half_rn(v);
+}
+
 }  // namespace

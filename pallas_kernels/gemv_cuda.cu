@@ -575,7 +575,7 @@ bool with_prologue(int64_t prologue, Fn&& fn) {
 }
 
 JQ_HD float rounded(float v, int64_t to) {  // to the compute dtype and back, as XLA's cast
-  return to == kToBF16 ? __bfloat162float(__float2bfloat16_rn(v)) : to == kToF16 ? __half2float(__float2half_rn(v)) : v;
+  return to == kToBF16 ? to_float(cast<__nv_bfloat16>(v)) : to == kToF16 ? to_float(cast<__half>(v)) : v;
 }
 
 JQ_HD float norm_scale(float sum_sq, int k, float eps) {  // rsqrt(mean(x * x) + eps)
