@@ -4,8 +4,9 @@ and key, the cache writes, the scores, softmax and weighted values in two kernel
 cache, then their combination), in place of XLA's rope of q, its cache updates and cuDNN's attention
 with its memset.
 
-``models.base.self_attention`` takes it for a batch-1 decode step where ``supports`` holds and it is
-selected: not yet (``JAXQUANT_CUDA_ATTENTION=1`` selects it), until timed against cuDNN on the GPU.
+``models.base.self_attention`` takes it for a batch-1 decode step where ``supports`` holds, unless
+``JAXQUANT_CUDA_ATTENTION=0`` (cuDNN's path, for comparison): on the H200 it made the 8B-shaped
+Q4_K_M decode 1.19x faster (400.3 against 336.5 tok/s, 397 kernels a token against 492).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def available() -> bool:
 
 
 def selected() -> bool:
-    return os.environ.get("JAXQUANT_CUDA_ATTENTION", "0") == "1"
+    return os.environ.get("JAXQUANT_CUDA_ATTENTION", "1") != "0"
 
 
 def supports(heads: int, kv_heads: int, head_dim: int, rope_dim: int, dtype) -> bool:

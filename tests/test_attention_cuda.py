@@ -91,9 +91,10 @@ def test_host_entry_rejects_unknown_dtype_and_dim(lib):
     assert host_attention(lib, q, kv, kv, cache, cache, 0, np.ones(64), 1.0, False, dim=96)[0] == 2
 
 
-def test_not_selected_until_timed(monkeypatch):
-    """The decode step keeps cuDNN's attention unless JAXQUANT_CUDA_ATTENTION=1 (not yet timed on the GPU)."""
+def test_selected_unless_switched_off(monkeypatch):
+    """The decode step takes the CUDA attention (faster than cuDNN's on the H200) unless
+    JAXQUANT_CUDA_ATTENTION=0."""
     monkeypatch.delenv("JAXQUANT_CUDA_ATTENTION", raising=False)
-    assert not attention_cuda.selected()
-    monkeypatch.setenv("JAXQUANT_CUDA_ATTENTION", "1")
     assert attention_cuda.selected()
+    monkeypatch.setenv("JAXQUANT_CUDA_ATTENTION", "0")
+    assert not attention_cuda.selected()
