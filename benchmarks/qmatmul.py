@@ -87,14 +87,14 @@ def sweep_configs(fmt: str, k: int, n: int, m: int, which: str = "all"):
     the default of the Triton ``gemv`` (M = 1; ``which="gemv"``: the default only) or
     ``qmm`` (large M runs the dequantize + dot path, which has no tiling to sweep)."""
     import pallas_kernels as pk
-    from pallas_kernels import gemv, gemv_cuda, gemv_ggml, qmm
+    from pallas_kernels import batch_cuda, gemv, gemv_cuda, gemv_ggml, qmm
 
     if m == 1 and fmt in gemv_cuda.FORMATS and gemv_cuda.available():
         for tiling in gemv_cuda.TILINGS:
             yield f"cuda (rows, warps)={tiling}", (lambda x, w, t=tiling: gemv_cuda.gemv(x, w, tiling=t))
-    if 1 < m <= 8 and fmt in gemv_cuda.BATCH_FORMATS and gemv_cuda.available():
-        for warps in gemv_cuda.BATCH_WARPS:
-            yield f"cuda batch warps={warps}", (lambda x, w, s=warps: gemv_cuda.batch(x, w, warps=s))
+    if 1 < m <= batch_cuda.MAX_M and fmt in batch_cuda.FORMATS and batch_cuda.available():
+        for warps in batch_cuda.WARPS:
+            yield f"cuda batch warps={warps}", (lambda x, w, s=warps: batch_cuda.batch(x, w, warps=s))
     gdec = {d.fmt: d for d in gemv_ggml.DECODERS}.get(fmt)
     if m == 1 and gdec is not None and which == "gemv":
         yield "triton default", (lambda x, w: gemv.gemv(x, w, gdec))

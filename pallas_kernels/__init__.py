@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 
 from pallas_kernels import (
+    batch_cuda,
     bitstream,
     bnb,
     dequant,
@@ -36,7 +37,7 @@ for _gdec in gemv_ggml.DECODERS:
 for _fmt in gemv_cuda.FORMATS:
     register(Kernel(_fmt, "gemv", "cuda", gemv_cuda.gemv, functools.partial(gemv_cuda.supports, _fmt),
                     fuses=gemv_cuda.fuses()))
-for _fmt in gemv_cuda.BATCH_FORMATS:
-    register(Kernel(_fmt, "batch", "cuda", gemv_cuda.batch, functools.partial(gemv_cuda.batch_supports, _fmt)))
+for _fmt in batch_cuda.FORMATS:
+    register(Kernel(_fmt, "batch", "cuda", batch_cuda.batch, functools.partial(batch_cuda.supports, _fmt)))
 
 __all__ = ["DECODERS", "QMM_MAX_M", "Kernel", "kernels", "lookup", "register", "select"]

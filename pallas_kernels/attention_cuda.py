@@ -5,8 +5,9 @@ cache, then their combination), in place of XLA's rope of q, its cache updates a
 with its memset.
 
 ``models.base.self_attention`` takes it for a batch-1 decode step where ``supports`` holds, unless
-``JAXQUANT_CUDA_ATTENTION=0`` (cuDNN's path, for comparison): on the H200 it made the 8B-shaped
-Q4_K_M decode 1.19x faster (400.3 against 336.5 tok/s, 397 kernels a token against 492).
+``JAXQUANT_CUDA_ATTENTION=0`` (cuDNN's path, for comparison): on the H200 the 8B-shaped Q4_K_M
+decode took 397 kernels a token against 492, 399.9 tok/s against 369.7 in the mean of three runs
+each (benchmarks/RESULTS.md, session 11).
 """
 
 from __future__ import annotations

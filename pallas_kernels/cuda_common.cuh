@@ -14,6 +14,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -47,6 +48,73 @@ JQ_HD T ldg(const T* p) {
   return *p;
 #endif
 }
+
+// A float16 as its 16 bits, for a loop to carry and convert where used (half_float).
+JQ_HD uint32_t ld_half(const __half* p) { return ldg(reinterpret_cast<const unsigned short*>(p)); }
+
+JQ_HD float half_float(uint32_t bits) {
+  __half_raw r;
+  r.x = static_cast<unsigned short>(bits);
+  return __half2float(__half(r));
+}
+
+JQ_HD uint4 ld_stream(const uint4* p) {  // read once: keep L1 for the activations
+#ifdef __CUDA_ARCH__
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+#else
+  return *p;
+#endif
+}
+
+JQ_HD uint2 ld_stream(const uint2* p) {
+#ifdef __CUDA_ARCH__
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+#else
+  return *p;
+#endif
+}
+
+JQ_HD uint32_t ld_stream(const uint32_t* p) {
+#ifdef __CUDA_ARCH__
+  uint32_t v;
+  asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+#else
+  return *p;
+#endif
+}
+
+JQ_HD uint32_t comp(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// The QTensor arrays of Q4_K and Q6_K in sorted field order (as the FFI calls pass them).
+struct Q4KArgs {
+  const __half* d;
+  const __half* dmin;
+  const uint4* qs;
+  const uint32_t* scales;
+  static Q4KArgs from(const void* const* a) {
+    return {static_cast<const __half*>(a[0]), static_cast<const __half*>(a[1]), static_cast<const uint4*>(a[2]),
+            static_cast<const uint32_t*>(a[3])};
+  }
+};
+
+struct Q6KArgs {
+  const __half* d;
+  const uint4* qh;
+  const uint4* ql;
+  const int8_t* scales;
+  static Q6KArgs from(const void* const* a) {
+    return {static_cast<const __half*>(a[0]), static_cast<const uint4*>(a[1]), static_cast<const uint4*>(a[2]),
+            static_cast<const int8_t*>(a[3])};
+  }
+};
 
 // Programmatic dependent launch (sm_90): a kernel launched with launch_early() may start while the
 // kernel before it in the stream runs (once that one has released its dependents, or ended), read

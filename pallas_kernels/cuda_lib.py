@@ -1,4 +1,4 @@
-"""The CUDA kernels' shared library: ``gemv_cuda.cu`` and ``attention_cuda.cu`` (with their common
+"""The CUDA kernels' shared library: ``gemv_cuda.cu``, ``batch_cuda.cu`` and ``attention_cuda.cu`` (with their common
 header) compiled with the machine's ``nvcc`` at first use (15-20 s), cached under
 ``$JAXQUANT_CACHE/cuda`` by the sources' and the toolchain's hash; ``load()`` opens it once.
 """
@@ -21,7 +21,7 @@ import jax
 from jaxquant.errors import JaxquantError
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "gemv_cuda.cu", HERE / "attention_cuda.cu")
+SOURCES = (HERE / "gemv_cuda.cu", HERE / "batch_cuda.cu", HERE / "attention_cuda.cu")
 HEADERS = (HERE / "cuda_common.cuh",)
 
 

@@ -23,27 +23,6 @@ constexpr int kWarps = 4;  // per block
 // A lane's work is host code too (JQ_HD): jq_gemv_host runs it lane by lane on the CPU, so the CPU
 // suite checks the kernels' indexing and arithmetic against dequantize + dot (tests/test_gemv_cuda.py).
 
-JQ_HD uint4 ld_stream(const uint4* p) {  // read once: keep L1 for the activations
-#ifdef __CUDA_ARCH__
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-#else
-  return *p;
-#endif
-}
-
-JQ_HD uint2 ld_stream(const uint2* p) {
-#ifdef __CUDA_ARCH__
-  uint2 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
-  return v;
-#else
-  return *p;
-#endif
-}
-
 // dp2a: two int16 of a (packed) times bytes 0, 1 (HI: 2, 3) of b, signed, plus c.
 template <bool HI>
 JQ_HD int dp2a(uint32_t a, uint32_t b, int c) {
@@ -67,10 +46,6 @@ JQ_HD uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
   for (int k = 0; k < 4; ++k) r |= static_cast<uint32_t>((v >> (8 * ((s >> (4 * k)) & 7))) & 0xFF) << (8 * k);
   return r;
 #endif
-}
-
-JQ_HD uint32_t comp(const uint4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
 // Activations of one block of 32, half h (elements 16 h .. 16 h + 15): the int16 pairs (4i, 4i + 1)
@@ -106,16 +81,8 @@ JQ_HD int dot16(const uint32_t (&q)[4], const XHalf& x) {
 // (16 qs bytes) is group c / 2, elements 16 (c % 2) .. + 15 of both sub-blocks.
 struct Q4K {
   static constexpr int kArrays = 4, kUnitBlocks = 1, kUnitX32 = 8;  // a unit: one super-block
-  struct Args {
-    const __half* d;
-    const __half* dmin;
-    const uint4* qs;
-    const uint32_t* scales;
-  };
-  static Args args(const void* const* a) {  // the QTensor's arrays by sorted field name
-    return {static_cast<const __half*>(a[0]), static_cast<const __half*>(a[1]), static_cast<const uint4*>(a[2]),
-            static_cast<const uint32_t*>(a[3])};
-  }
+  using Args = Q4KArgs;
+  static Args args(const void* const* a) { return Args::from(a); }
   // One row's block as the loop carries it a step ahead. Scalars are converted when loaded: with
   // __half / int8_t members nvcc 13.0 dropped every row after the first of Q6K's carried array
   // (their scales read as 0 in the PTX).
@@ -167,16 +134,8 @@ struct Q4K {
 // nibbles) and j + 2 (high), 16 elements each.
 struct Q6K {
   static constexpr int kArrays = 4, kUnitBlocks = 1, kUnitX32 = 8;
-  struct Args {
-    const __half* d;
-    const uint4* qh;
-    const uint4* ql;
-    const int8_t* scales;
-  };
-  static Args args(const void* const* a) {
-    return {static_cast<const __half*>(a[0]), static_cast<const uint4*>(a[1]), static_cast<const uint4*>(a[2]),
-            static_cast<const int8_t*>(a[3])};
-  }
+  using Args = Q6KArgs;
+  static Args args(const void* const* a) { return Args::from(a); }
   struct W {
     uint4 ql, qh;
     float sa, sb, d;
@@ -847,314 +806,6 @@ ffi::Error run(cudaStream_t stream, int64_t tiling, int64_t prologue, int64_t ro
   return ffi::Error::Success();
 }
 
-// ---------------------------------------------------------------------------------------------
-// Q4_K and Q6_K for up to 8 activation rows on the tensor cores, with gemv's arithmetic exactly:
-// IMMA (int8 x int8 -> int32) on the weights' codes, the int16 activations split into a signed high
-// and an unsigned low byte (two IMMAs: hi * 256 + lo); a tile is one scale group, so that its scale
-// (and min) apply to the tile's int32 sums: Q4_K's sub-block of 32 (m16n8k32), Q6_K's 16
-// (m16n8k16). A warp owns 16 rows (A) and the 8 activation rows (B, zero past M); the S warps of a
-// block split K.
-//
-// Fragments (PTX, .s8 / .u8), lane = 4 g + t: a0 / a1 rows g / g + 8 at k 4t .. 4t + 3, and for
-// k32 a2 / a3 the same rows at k 16 + 4t ..; b0 column g at k 4t .., for k32 b1 at 16 + 4t ..;
-// c0, c1 row g, columns 2t, 2t + 1; c2, c3 row g + 8. Q4_K permutes k alike in A and B: fragment k
-// 4t + i and 16 + 4t + i are elements 8t + i and 8t + 4 + i of the sub-block, so a lane's A bytes
-// are 8 consecutive qs bytes of each of its rows.
-
-struct BatchFrags {
-  uint32_t a[4], bh[2], bl[2];  // k16: a[0..1], bh[0], bl[0]
-};
-
-// The warp's 16 x 8 int32 product of one tile into c (this lane's four): on the GPU from each
-// lane's `mine`; on the host from every lane's `all(lane)`, placed as the PTX layout says.
-template <int K, class All>
-JQ_HD void imma(const BatchFrags& mine, const All& all, int lane, int (&c)[4]) {
-#ifdef __CUDA_ARCH__
-  int h[4], l[4];
-  if constexpr (K == 32) {
-    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%10, %10, %10, %10};"
-        : "=r"(h[0]), "=r"(h[1]), "=r"(h[2]), "=r"(h[3])
-        : "r"(mine.a[0]), "r"(mine.a[1]), "r"(mine.a[2]), "r"(mine.a[3]), "r"(mine.bh[0]), "r"(mine.bh[1]), "r"(0));
-    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%10, %10, %10, %10};"
-        : "=r"(l[0]), "=r"(l[1]), "=r"(l[2]), "=r"(l[3])
-        : "r"(mine.a[0]), "r"(mine.a[1]), "r"(mine.a[2]), "r"(mine.a[3]), "r"(mine.bl[0]), "r"(mine.bl[1]), "r"(0));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%7, %7, %7, %7};"
-        : "=r"(h[0]), "=r"(h[1]), "=r"(h[2]), "=r"(h[3])
-        : "r"(mine.a[0]), "r"(mine.a[1]), "r"(mine.bh[0]), "r"(0));
-    asm("mma.sync.aligned.m16n8k16.row.col.s32.s8.u8.s32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%7, %7, %7, %7};"
-        : "=r"(l[0]), "=r"(l[1]), "=r"(l[2]), "=r"(l[3])
-        : "r"(mine.a[0]), "r"(mine.a[1]), "r"(mine.bl[0]), "r"(0));
-  }
-  for (int i = 0; i < 4; ++i) c[i] = h[i] * 256 + l[i];
-#else
-  int a[16][32] = {}, b[32][8] = {};
-  for (int q = 0; q < 32; ++q) {
-    const BatchFrags f = all(q);
-    const int g = q >> 2, t = q & 3;
-    for (int i = 0; i < 4; ++i) {
-      const int sh = 8 * i;
-      a[g][4 * t + i] = static_cast<int8_t>(f.a[0] >> sh);
-      a[g + 8][4 * t + i] = static_cast<int8_t>(f.a[1] >> sh);
-      b[4 * t + i][g] = static_cast<int8_t>(f.bh[0] >> sh) * 256 + static_cast<uint8_t>(f.bl[0] >> sh);
-      if (K == 32) {
-        a[g][16 + 4 * t + i] = static_cast<int8_t>(f.a[2] >> sh);
-        a[g + 8][16 + 4 * t + i] = static_cast<int8_t>(f.a[3] >> sh);
-        b[16 + 4 * t + i][g] = static_cast<int8_t>(f.bh[1] >> sh) * 256 + static_cast<uint8_t>(f.bl[1] >> sh);
-      }
-    }
-  }
-  const int g = lane >> 2, t = lane & 3;
-  for (int i = 0; i < 4; ++i) {
-    const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
-    c[i] = 0;
-    for (int k = 0; k < K; ++k) c[i] += a[row][k] * b[k][col];
-  }
-#endif
-}
-
-// Activations (batch_activations): per row m and block of 32, 4 x 16 bytes (chunk t: the high bytes
-// of elements 8t .. 8t + 7, then their low bytes); per block and row, float4 (scale, scale * sum of
-// the block, scale * sum of each half).
-JQ_HD const uint4* batch_x(const uint4* xb, int nb, int row, int block) {
-  return xb + (static_cast<size_t>(row) * nb * 8 + block) * 4;
-}
-
-// ggml's get_scale_min_k4 of sub-block j from a row's 3 scale words.
-JQ_HD void scale_min_k4(const uint32_t (&s)[3], int j, float& sc, float& mn) {
-  const int k = 8 * (j & 3);
-  const uint32_t lo = j < 4 ? (s[0] >> k) & 63u : ((s[2] >> k) & 0xFu) | ((s[0] >> (k + 6)) & 3u) << 4;
-  const uint32_t hi = j < 4 ? (s[1] >> k) & 63u : ((s[2] >> (k + 4)) & 0xFu) | ((s[1] >> (k + 6)) & 3u) << 4;
-  sc = static_cast<float>(lo);
-  mn = static_cast<float>(hi);
-}
-
-// Q4_K: tile j is sub-block j; a lane's A bytes are qs bytes 32 (j / 2) + 8t .. + 7 of rows g,
-// g + 8, nibble j % 2.
-struct Q4KBatch {
-  static constexpr int kAhead = 2;  // steps of weights in flight (batch_lane)
-  using Args = Q4K::Args;
-  static Args args(const void* const* a) { return Q4K::args(a); }
-  struct W {
-    uint2 q[2][4];  // [row][pair of sub-blocks]
-    uint32_t s[2][3];
-    float d[2], dmin[2];
-  };
-  static JQ_HD W load(const Args& w, int row0, int nb, int sb, int lane) {
-    W o;
-    const int g = lane >> 2, t = lane & 3;
-    for (int r = 0; r < 2; ++r) {
-      const size_t blk = static_cast<size_t>(row0 + g + 8 * r) * nb + (sb < nb ? sb : nb - 1);
-      const uint2* q = reinterpret_cast<const uint2*>(w.qs + 8 * blk);
-      for (int p = 0; p < 4; ++p) o.q[r][p] = ld_stream(q + 4 * p + t);
-      for (int i = 0; i < 3; ++i) o.s[r][i] = ldg(w.scales + 3 * blk + i);
-      o.d[r] = __half2float(w.d[blk]);
-      o.dmin[r] = __half2float(w.dmin[blk]);
-    }
-    return o;
-  }
-  static JQ_HD BatchFrags frags(const W& w, const uint4* xb, int nb, int sb, int j, int lane) {
-    const int p = j >> 1, sh = 4 * (j & 1);
-    const uint4 x = ldg(batch_x(xb, nb, lane >> 2, 8 * sb + j) + (lane & 3));
-    return {{(w.q[0][p].x >> sh) & 0x0F0F0F0Fu, (w.q[1][p].x >> sh) & 0x0F0F0F0Fu, (w.q[0][p].y >> sh) & 0x0F0F0F0Fu,
-             (w.q[1][p].y >> sh) & 0x0F0F0F0Fu},
-            {x.x, x.y},
-            {x.z, x.w}};
-  }
-  static JQ_HD void step(const Args& w, const W& cur, const uint4* __restrict__ xb, const float4* __restrict__ xs,
-                         int nb, int row0, int sb, int lane, float (&acc)[4]) {
-    const int t = lane & 3;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      int c[4];
-      imma<32>(frags(cur, xb, nb, sb, j, lane),
-               [&](int l) { return frags(load(w, row0, nb, sb, l), xb, nb, sb, j, l); }, lane, c);
-      const size_t blk = static_cast<size_t>(8 * sb + j) * 8 + 2 * t;
-      const float4 x0 = ldg(xs + blk), x1 = ldg(xs + blk + 1);  // columns 2t, 2t + 1
-      for (int r = 0; r < 2; ++r) {
-        float sc, mn;
-        scale_min_k4(cur.s[r], j, sc, mn);
-        const float ds = cur.d[r] * sc, dm = cur.dmin[r] * mn;
-        acc[2 * r] += ds * x0.x * static_cast<float>(c[2 * r]) - dm * x0.y;
-        acc[2 * r + 1] += ds * x1.x * static_cast<float>(c[2 * r + 1]) - dm * x1.y;
-      }
-    }
-  }
-};
-
-// Q6_K: tile (h, j, l16) is the 16 elements 128 h + 32 j + 16 l16 .. (scale 8 h + 2 j + l16); a
-// lane's A bytes are elements 4t .. 4t + 3 of it: ql word at 64 h + 32 (j % 2) + 16 l16 + 4t,
-// nibble j / 2, and qh word at 32 h + 16 l16 + 4t, bits 2j, 2j + 1.
-struct Q6KBatch {
-  static constexpr int kAhead = 1;
-  using Args = Q6K::Args;
-  static Args args(const void* const* a) { return Q6K::args(a); }
-  struct W {
-    uint32_t ql[2][4][2], qh[2][4];  // [row][2 h + l16][j % 2]
-    uint4 sc[2];
-    float d[2];
-  };
-  static JQ_HD W load(const Args& w, int row0, int nb, int sb, int lane) {
-    W o;
-    const int g = lane >> 2, t = lane & 3;
-    for (int r = 0; r < 2; ++r) {
-      const size_t blk = static_cast<size_t>(row0 + g + 8 * r) * nb + (sb < nb ? sb : nb - 1);
-      const uint32_t* ql = reinterpret_cast<const uint32_t*>(w.ql + 8 * blk);
-      const uint32_t* qh = reinterpret_cast<const uint32_t*>(w.qh + 4 * blk);
-      for (int hl = 0; hl < 4; ++hl) {
-        const int h = hl >> 1, l16 = hl & 1;
-        o.ql[r][hl][0] = ldg(ql + 16 * h + 4 * l16 + t);
-        o.ql[r][hl][1] = ldg(ql + 16 * h + 8 + 4 * l16 + t);
-        o.qh[r][hl] = ldg(qh + 8 * h + 4 * l16 + t);
-      }
-      o.sc[r] = ldg(reinterpret_cast<const uint4*>(w.scales) + blk);
-      o.d[r] = __half2float(w.d[blk]);
-    }
-    return o;
-  }
-  static JQ_HD uint32_t codes(const W& w, int r, int hl, int j) {
-    return ((w.ql[r][hl][j & 1] >> (4 * (j >> 1))) & 0x0F0F0F0Fu) | (((w.qh[r][hl] >> (2 * j)) & 0x03030303u) << 4);
-  }
-  static JQ_HD BatchFrags frags(const W& w, const uint4* xb, int nb, int sb, int hl, int j, int lane) {
-    const int t = lane & 3, chunk = 2 * (hl & 1) + (t >> 1);  // elements 16 l16 + 4t .. in 8-element chunks
-    const int block = 8 * sb + 4 * (hl >> 1) + j;
-    const uint32_t* x = reinterpret_cast<const uint32_t*>(batch_x(xb, nb, lane >> 2, block) + chunk);
-    return {{codes(w, 0, hl, j), codes(w, 1, hl, j), 0, 0}, {ldg(x + (t & 1)), 0}, {ldg(x + 2 + (t & 1)), 0}};
-  }
-  static JQ_HD void step(const Args& w, const W& cur, const uint4* __restrict__ xb, const float4* __restrict__ xs,
-                         int nb, int row0, int sb, int lane, float (&acc)[4]) {
-    const int t = lane & 3;
-#pragma unroll
-    for (int hl = 0; hl < 4; ++hl) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        int c[4];
-        imma<16>(frags(cur, xb, nb, sb, hl, j, lane),
-                 [&](int l) { return frags(load(w, row0, nb, sb, l), xb, nb, sb, hl, j, l); }, lane, c);
-        const int l16 = hl & 1, group = 8 * (hl >> 1) + 2 * j + l16;
-        const size_t blk = static_cast<size_t>(8 * sb + 4 * (hl >> 1) + j) * 8 + 2 * t;
-        const float4 x0 = ldg(xs + blk), x1 = ldg(xs + blk + 1);
-        const float s0 = l16 ? x0.w : x0.z, s1 = l16 ? x1.w : x1.z;  // scale * sum of the half
-        for (int r = 0; r < 2; ++r) {
-          const int8_t sc = static_cast<int8_t>(comp(cur.sc[r], group >> 2) >> (8 * (group & 3)));
-          const float ds = cur.d[r] * static_cast<float>(sc);
-          acc[2 * r] += ds * (x0.x * static_cast<float>(c[2 * r]) - 32.f * s0);
-          acc[2 * r + 1] += ds * (x1.x * static_cast<float>(c[2 * r + 1]) - 32.f * s1);
-        }
-      }
-    }
-  }
-};
-
-template <class B, int S>
-JQ_HD void batch_lane(const typename B::Args& w, const uint4* __restrict__ xb, const float4* __restrict__ xs, int nb,
-                      int row0, int part, int lane, float (&acc)[4]) {
-  for (int i = 0; i < 4; ++i) acc[i] = 0.f;
-  // Weights B::kAhead steps ahead: ptxas sinks a load to the end of the loop's body (after the
-  // step's IMMAs; SASS, NOTES-gpu.md session 9), so one step ahead leaves it only the branch back to
-  // land in. Two for Q4_K (105 registers); Q6_K's would take over 128.
-  typename B::W cur = B::load(w, row0, nb, part, lane), nxt = B::load(w, row0, nb, part + S, lane);
-  for (int sb = part; sb < nb; sb += S) {
-    const typename B::W after = B::load(w, row0, nb, sb + B::kAhead * S, lane);
-    B::step(w, cur, xb, xs, nb, row0, sb, lane, acc);
-    if constexpr (B::kAhead == 2) {
-      cur = nxt;
-      nxt = after;
-    } else {
-      cur = after;
-    }
-  }
-}
-
-template <class B, int S>
-__global__ void __launch_bounds__(S * 32) batch_kernel(typename B::Args w, const uint4* __restrict__ xb,
-                                                       const float4* __restrict__ xs, float* __restrict__ out, int n,
-                                                       int nb, int m) {
-  const int lane = threadIdx.x & 31, part = threadIdx.x / 32, row0 = 16 * blockIdx.x;
-  float acc[4];
-  batch_lane<B, S>(w, xb, xs, nb, row0, part, lane, acc);
-  if constexpr (S > 1) {
-    __shared__ float parts[S][32][4];
-    for (int i = 0; i < 4; ++i) parts[part][lane][i] = acc[i];
-    __syncthreads();
-    if (part != 0) return;
-    for (int q = 1; q < S; ++q) {
-      for (int i = 0; i < 4; ++i) acc[i] += parts[q][lane][i];
-    }
-  }
-  const int g = lane >> 2, t = lane & 3;
-  for (int i = 0; i < 4; ++i) {
-    const int col = 2 * t + (i & 1);
-    if (col < m) out[static_cast<size_t>(col) * n + row0 + g + 8 * (i >> 1)] = acc[i];
-  }
-}
-
-struct BatchOperands {
-  const void *xb, *xs;
-  float* out;
-  int n, nb, m;
-};
-
-// The warps splitting K (gemv_cuda.BATCH_WARPS): fn(Tiling<16, S>{}), false if none.
-template <class Fn>
-bool with_warps(int64_t warps, Fn&& fn) {
-  switch (warps) {
-    case 1: fn(Tiling<16, 1>{}); return true;
-    case 2: fn(Tiling<16, 2>{}); return true;
-    case 4: fn(Tiling<16, 4>{}); return true;
-    case 8: fn(Tiling<16, 8>{}); return true;
-    default: return false;
-  }
-}
-
-template <class B, int S>
-void batch_host(const typename B::Args& w, const BatchOperands& o) {
-  for (int row0 = 0; row0 < o.n; row0 += 16) {
-    float total[32][4] = {};
-    for (int part = 0; part < S; ++part) {
-      for (int lane = 0; lane < 32; ++lane) {
-        float acc[4];
-        batch_lane<B, S>(w, static_cast<const uint4*>(o.xb), static_cast<const float4*>(o.xs), o.nb, row0, part,
-                         lane, acc);
-        for (int i = 0; i < 4; ++i) total[lane][i] += acc[i];
-      }
-    }
-    for (int lane = 0; lane < 32; ++lane) {
-      for (int i = 0; i < 4; ++i) {
-        const int col = 2 * (lane & 3) + (i & 1);
-        if (col < o.m) o.out[static_cast<size_t>(col) * o.n + row0 + (lane >> 2) + 8 * (i >> 1)] = total[lane][i];
-      }
-    }
-  }
-}
-
-// The format's 4 arrays (sorted by name), then the activations' bytes and scales; out [M, N].
-template <class B>
-ffi::Error batch(cudaStream_t stream, int64_t warps, ffi::AnyBuffer a0, ffi::AnyBuffer a1, ffi::AnyBuffer a2,
-                 ffi::AnyBuffer a3, ffi::AnyBuffer xb, ffi::AnyBuffer xs, ffi::Result<ffi::Buffer<ffi::F32>> out) {
-  const auto dims = a0.dimensions();  // d: [N, super-blocks]
-  if (dims.size() != 2) return ffi::Error::InvalidArgument("gemv_cuda batch: scales must be [N, blocks]");
-  const int64_t n = dims[0], nb = dims[1], m = n ? static_cast<int64_t>(out->element_count()) / n : 0;
-  if (n % 16 || m < 1 || m > 8 || m * n != static_cast<int64_t>(out->element_count()) ||
-      xb.element_count() != static_cast<size_t>(8 * nb * 8 * 64)) {
-    return ffi::Error::InvalidArgument("gemv_cuda batch: operand shapes do not match");
-  }
-  const void* a[] = {a0.untyped_data(), a1.untyped_data(), a2.untyped_data(), a3.untyped_data()};
-  cudaError_t err = cudaSuccess;
-  const bool known = with_warps(warps, [&](auto t) {
-    constexpr int S = decltype(t)::S;
-    batch_kernel<B, S><<<n / 16, S * 32, 0, stream>>>(B::args(a), static_cast<const uint4*>(xb.untyped_data()),
-                                                      static_cast<const float4*>(xs.untyped_data()),
-                                                      out->typed_data(), n, nb, m);
-    err = cudaGetLastError();
-  });
-  if (!known) return ffi::Error::InvalidArgument("gemv_cuda batch: no kernel for this many warps");
-  if (err != cudaSuccess) return ffi::Error::Internal(std::string("gemv_cuda batch: ") + cudaGetErrorString(err));
-  return ffi::Error::Success();
-}
-
 }  // namespace
 
 #define JQ_GEMV_HANDLER(name, F)                                                                          \
@@ -1183,35 +834,6 @@ JQ_GEMV_HANDLER(jq_gemv_q5_0, Q5Legacy<false>)
 JQ_GEMV_HANDLER(jq_gemv_q5_1, Q5Legacy<true>)
 JQ_GEMV_HANDLER(jq_gemv_iq4_nl, IQ4NL)
 JQ_GEMV_HANDLER(jq_gemv_iq4_xs, IQ4XS)
-
-#define JQ_BATCH_HANDLER(name, B)                                                                         \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, batch<B>,                                                           \
-                                ffi::Ffi::Bind()                                                          \
-                                    .Ctx<ffi::PlatformStream<cudaStream_t>>()                             \
-                                    .Attr<int64_t>("warps")                                               \
-                                    .Arg<ffi::AnyBuffer>()                                                \
-                                    .Arg<ffi::AnyBuffer>()                                                \
-                                    .Arg<ffi::AnyBuffer>()                                                \
-                                    .Arg<ffi::AnyBuffer>()                                                \
-                                    .Arg<ffi::AnyBuffer>()                                                \
-                                    .Arg<ffi::AnyBuffer>()                                                \
-                                    .Ret<ffi::Buffer<ffi::F32>>());
-
-JQ_BATCH_HANDLER(jq_batch_q4_k, Q4KBatch)
-JQ_BATCH_HANDLER(jq_batch_q6_k, Q6KBatch)
-
-// The batch kernels on the CPU (tests), their lanes one by one with an emulated IMMA: 0, or 1 for
-// an unknown format, 2 for an unknown number of warps.
-extern "C" int jq_batch_host(const char* fmt, int64_t warps, const void* const* arrays, const void* xb,
-                             const void* xs, float* out, int n, int nb, int m) {
-  const BatchOperands o{xb, xs, out, n, nb, m};
-  const auto on = [&](auto format) {
-    using B = decltype(format);
-    return with_warps(warps, [&](auto t) { batch_host<B, decltype(t)::S>(B::args(arrays), o); }) ? 0 : 2;
-  };
-  const std::string name(fmt);
-  return name == "Q4_K" ? on(Q4KBatch{}) : name == "Q6_K" ? on(Q6KBatch{}) : 1;
-}
 
 // The same product on the CPU (tests), nb in units, res nullable: 0, or 1 for an unknown format, 2
 // for an unknown tiling.

@@ -1,5 +1,5 @@
-"""Matrix-vector products (M = 1) of llama.cpp's 4- to 8-bit block formats, and of Q4_K / Q6_K for
-up to 8 activation rows (``batch``), as CUDA kernels called through the XLA FFI.
+"""Matrix-vector products (M = 1) of llama.cpp's 4- to 8-bit block formats as CUDA kernels called
+through the XLA FFI.
 
 ``gemv_cuda.cu`` holds the kernels (built into ``cuda_lib``'s library); this module registers its
 handlers with XLA, and ``pallas_kernels`` registers them as kernels of backend ``"cuda"``.
@@ -54,7 +54,7 @@ def available() -> bool:
     lib = cuda_lib.load() if os.environ.get("JAXQUANT_CUDA_GEMV", "1") != "0" else None
     if lib is None:
         return False
-    for name in (*FORMATS.values(), *BATCH_FORMATS.values()):
+    for name in FORMATS.values():
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="CUDA")
     return True
 
@@ -118,61 +118,3 @@ def gemv(x: jax.Array | Activation, w: QTensor | tuple[QTensor, ...], residual: 
                                round=np.int64(ROUNDING[jnp.dtype(rounding)]), eps=np.float32(eps),
                                more=",".join(f"{v.fmt}:{_tiling_code(None, v.shape[0])}" for v in more))
     return tuple(y[None] for y in (out, *outs)) if more else out[None]
-
-
-# Batch decoding (2 to 8 activation rows) of Q4_K and Q6_K on the tensor cores (IMMA, exact integer sums),
-# checked on the CPU by tests/test_gemv_cuda.py through its lanes' emulation and on the H200 (60/60).
-# qdot selects it for Q4_K's large matrices only: at M = 8 on the H200 it beat qmm at K = 14336,
-# N = 4096 (27.0 against 34.0 us) and 4096x14336 (29.0 against 33.1), not at 4096x1024 (6.8 against
-# 5.5); Q6_K's lost or tied (43.8 / 46.5 against 43.2 / 47.3) (benchmarks/RESULTS.md, session 10).
-BATCH_FORMATS = {"Q4_K": "jq_batch_q4_k", "Q6_K": "jq_batch_q6_k"}
-BATCH_SELECTED: frozenset[str] = frozenset({"Q4_K"})
-BATCH_MIN_WEIGHTS = 1 << 25  # N x K: the FFN's matrices of an 8B model, not its attention's
-BATCH_WARPS = (1, 2, 4, 8)  # warps of a block splitting K, one block a 16-row group
-
-
-def batch_supports(fmt: str, m: int, n: int, k: int) -> bool:
-    return (fmt in BATCH_SELECTED and 2 <= m <= 8 and n * k >= BATCH_MIN_WEIGHTS and k % 256 == 0 and n % 16 == 0
-            and available())
-
-
-def batch_warps(n: int) -> int:
-    """Warps splitting K so that the grid holds about 2048 warps (16 an SM)."""
-    return next((s for s in BATCH_WARPS if n // 16 * s >= 2048), BATCH_WARPS[-1])
-
-
-def batch_activations(x: jax.Array, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-    """``x [M <= 8, K]`` -> the batch kernel's activations, quantized by ``quantize_activations``
-    (rows padded to 8 with zeros): per row and block of 32, its int16 values as 4 x 16 bytes (lane
-    t: the high bytes of elements 8t .. 8t + 7, then their low bytes) ``[8, K / 32, 64]`` uint8; and
-    float32 ``[K / 32, 8, 4]``: each block's scale, and the scale times the sum of its values, of
-    its first and of its second 16."""
-    m, k = x.shape
-    words, dx, sums = quantize_activations(jnp.zeros((8, k), x.dtype).at[:m].set(x).reshape(-1), interpret)
-
-    def int16(v: jax.Array) -> jax.Array:
-        return jax.lax.bitcast_convert_type((v & 0xFFFF).astype(jnp.uint16), jnp.int16).astype(jnp.int32)
-
-    pairs, more = words[:, :8], words[:, 8:]  # elements 4i, 4i + 1 and 4i + 2, 4i + 3
-    q = jnp.stack([int16(pairs), int16(pairs >> 16), int16(more), int16(more >> 16)], -1).reshape(8, k // 32, 4, 8)
-    hi = jax.lax.bitcast_convert_type((q >> 8).astype(jnp.int8), jnp.uint8)
-    xb = jnp.concatenate([hi, (q & 0xFF).astype(jnp.uint8)], -1).reshape(8, k // 32, 64)
-    xs = dx * jnp.concatenate([jnp.ones_like(dx), sums[:, 2:3], sums[:, :2]], -1).astype(jnp.float32)
-    return xb, jnp.transpose(xs.reshape(8, k // 32, 4), (1, 0, 2))
-
-
-@functools.partial(jax.jit, static_argnames=("warps", "interpret"))
-def batch(x: jax.Array, w: QTensor, warps: int | None = None, interpret: bool = False) -> jax.Array:
-    """``x [M, K] @ dequantize(w).T`` -> ``[M, N]`` float32 for a Q4_K or Q6_K ``w`` and 1 <= M <= 8."""
-    if interpret:
-        raise JaxquantError("gemv_cuda has no interpreter; use the Triton kernels")
-    m, n = x.shape[0], w.shape[0]
-    if not 1 <= m <= 8 or w.fmt not in BATCH_FORMATS:
-        raise JaxquantError(f"gemv_cuda.batch: {w.fmt} with {m} activation rows "
-                            f"({', '.join(BATCH_FORMATS)}; 1 to 8 rows)")
-    warps = warps or batch_warps(n)
-    if warps not in BATCH_WARPS:
-        raise JaxquantError(f"gemv_cuda.batch: warps must be one of {BATCH_WARPS}, not {warps}")
-    xb, xs = batch_activations(x)
-    call = jax.ffi.ffi_call(BATCH_FORMATS[w.fmt], jax.ShapeDtypeStruct((m * n,), jnp.float32))
-    return call(*(w.arrays[k] for k in sorted(w.arrays)), xb, xs, warps=np.int64(warps)).reshape(m, n)

@@ -2,7 +2,7 @@
 
 ``op`` is ``"gemv"`` (one activation row, integer dot products on the CUDA cores, ``gemv.py``, for
 the formats it has; ``gemv_cuda.py`` for its 4- to 8-bit formats), ``"batch"`` (2 to 8
-rows, integer tensor-core products, ``gemv_cuda.batch``), ``"qmm"`` (up to ``QMM_MAX_M`` activation
+rows, bf16 tensor-core products, ``batch_cuda.batch``), ``"qmm"`` (up to ``QMM_MAX_M`` activation
 rows: packed weights decoded into the tensor cores' registers, ``qmm.py``) or ``"dequant"`` (more
 rows: one pass to a transient float16 copy, then XLA's dot). ``jaxquant.ops.qdot`` asks ``select``
 for a kernel and falls back to XLA (dequantize + dot) where none applies.

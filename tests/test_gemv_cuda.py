@@ -17,7 +17,7 @@ import pytest
 
 import pallas_kernels
 from jaxquant.ops import Activation
-from pallas_kernels import attention_cuda, cuda_lib, gemv_cuda
+from pallas_kernels import attention_cuda, batch_cuda, cuda_lib, gemv_cuda
 from pallas_kernels.gemv import quantize_activations
 from pallas_kernels.testing import random_qtensor
 
@@ -27,21 +27,19 @@ def lib(cuda_library):
     handle = ctypes.CDLL(str(cuda_library))
     handle.jq_gemv_host.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p),
                                     *[ctypes.c_void_p] * 5, ctypes.c_int, ctypes.c_int]
-    handle.jq_batch_host.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p),
-                                     *[ctypes.c_void_p] * 3, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     handle.jq_prepare_host.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
                                        ctypes.c_int, *[ctypes.c_void_p] * 4]
     return handle
 
 
 def test_library_builds_for_hopper_without_spills(lib, tmp_path):
-    for name in (*gemv_cuda.FORMATS.values(), *gemv_cuda.BATCH_FORMATS.values(), attention_cuda.NAME):
+    for name in (*gemv_cuda.FORMATS.values(), *batch_cuda.FORMATS.values(), attention_cuda.NAME):
         assert getattr(lib, name)
     report = subprocess.run(cuda_lib.compile_command(cuda_lib.nvcc(), "90", tmp_path / "v.so", "-Xptxas", "-v"),
                             capture_output=True, text=True, check=True).stderr
     kernels = re.findall(r"Compiling entry function '(\w+)'", report)
     assert len(kernels) == (len(gemv_cuda.FORMATS) * len(gemv_cuda.TILINGS)
-                            + len(gemv_cuda.BATCH_FORMATS) * len(gemv_cuda.BATCH_WARPS)
+                            + len(batch_cuda.FORMATS) * len(batch_cuda.WARPS) + 1  # and its prepare_kernel
                             + 3 * 3 + 1  # prepare_kernel: 3 dtypes x (as is, 2 gated units), and the norm on f32
                             + 2 * 2 * len(attention_cuda.DIMS))  # attend and combine: 2 cache dtypes x head dims
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
@@ -158,34 +156,11 @@ def test_lanes_equal_dequantize_dot(lib, fmt, tiling):
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 2e-3
 
 
-@pytest.mark.parametrize("warps", gemv_cuda.BATCH_WARPS)
-@pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("fmt", sorted(gemv_cuda.BATCH_FORMATS))
-def test_batch_lanes_equal_dequantize_dot(lib, fmt, m, warps):
-    """The batch kernel's lanes with an emulated IMMA (the PTX fragment layout): 2 row groups, 11
-    super-blocks (every warp's last step stops part-way), M activation rows of mixed magnitude."""
-    n, k = 32, 11 * 256
-    key = jax.random.key(m + 10 * warps + len(fmt))
-    w = random_qtensor(fmt, n, k, key)
-    x = jax.random.normal(jax.random.fold_in(key, 1), (m, k), jnp.float32) * jnp.logspace(-2, 3, m)[:, None]
-    ref = np.asarray(jnp.dot(x, w.dequantize(jnp.float32).T, precision=jax.lax.Precision.HIGHEST))
-    xb, xs = (np.ascontiguousarray(np.asarray(a)) for a in gemv_cuda.batch_activations(x, interpret=True))
-    arrays = [np.ascontiguousarray(np.asarray(w.arrays[name])) for name in sorted(w.arrays)]
-    out = np.full((m, n), np.nan, np.float32)
-    rc = lib.jq_batch_host(fmt.encode(), warps, (ctypes.c_void_p * 4)(*(a.ctypes.data for a in arrays)),
-                           xb.ctypes.data, xs.ctypes.data, out.ctypes.data, n, k // 256, m)
-    assert rc == 0
-    for row, want in zip(out, ref):
-        assert np.linalg.norm(row - want) / np.linalg.norm(want) < 2e-3
-
-
 def test_host_entry_rejects_unknown_format_and_tiling(lib):
     null = (ctypes.c_void_p * 4)()
     assert lib.jq_gemv_host(b"Q2_K", 41, null, None, None, None, None, None, 0, 0) == 1
     assert lib.jq_gemv_host(b"Q4_K", 44, null, None, None, None, None, None, 0, 0) == 2
     assert lib.jq_prepare_host(4, 0, None, None, 0.0, 0, None, None, None, None) == 1
-    assert lib.jq_batch_host(b"Q4_K", 3, null, None, None, None, 0, 0, 1) == 2
-    assert lib.jq_batch_host(b"Q8_0", 1, null, None, None, None, 0, 0, 1) == 1
 
 
 @pytest.mark.parametrize("fmt", sorted(gemv_cuda.FORMATS))
@@ -197,17 +172,6 @@ def test_selected_only_where_it_runs(fmt):
     cuda = gemv_cuda.available()
     assert pallas_kernels.select(w, 1).backend == ("cuda" if cuda else "triton")
     assert pallas_kernels.select(w, 1, interpret=True).backend == "triton"
-
-
-def test_batch_selected_where_it_was_timed_faster(monkeypatch):
-    """qdot takes the batch kernel (where built) for Q4_K's large matrices at M = 2..8 only: it beat
-    qmm there on the H200 and lost at 4096x1024 and for Q6_K (RESULTS.md, session 10)."""
-    monkeypatch.setattr(gemv_cuda, "available", lambda: True)
-    for n, k in ((14336, 4096), (4096, 14336), (28672, 4096)):
-        assert gemv_cuda.batch_supports("Q4_K", 8, n, k) and gemv_cuda.batch_supports("Q4_K", 2, n, k)
-        assert not gemv_cuda.batch_supports("Q4_K", 9, n, k) and not gemv_cuda.batch_supports("Q6_K", 8, n, k)
-    for n, k in ((1024, 4096), (4096, 4096), (5120, 4096)):
-        assert not gemv_cuda.batch_supports("Q4_K", 8, n, k)
 
 
 def test_no_interpreter():

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 import pallas_kernels as pk
 from jaxquant.ops import Activation
-from pallas_kernels import gemv_cuda
+from pallas_kernels import batch_cuda, gemv_cuda
 from pallas_kernels.testing import random_qtensor
 
 TOL = 2e-3
@@ -78,10 +78,10 @@ def main() -> int:
                         cases.append((fmt, shape, m, x, w, dataclasses.replace(cuda, fmt=f"{fmt} {variant}"), variant))
                     if kern.backend == "cuda":  # and the Triton gemv it displaces
                         cases.append((fmt, shape, m, x, w, pk.lookup(fmt, "gemv", "triton"), None))
-                if m <= 8 and fmt in gemv_cuda.BATCH_FORMATS and gemv_cuda.available():  # each split, selected or not
+                if m <= batch_cuda.MAX_M and fmt in batch_cuda.FORMATS and batch_cuda.available():  # each split
                     cuda = pk.lookup(fmt, "batch", "cuda")
-                    for s in gemv_cuda.BATCH_WARPS:
-                        fn = functools.partial(gemv_cuda.batch, warps=s)
+                    for s in batch_cuda.WARPS:
+                        fn = functools.partial(batch_cuda.batch, warps=s)
                         cases.append((fmt, shape, m, x, w, dataclasses.replace(cuda, fmt=f"{fmt} batch/{s}", fn=fn),
                                       None))
 

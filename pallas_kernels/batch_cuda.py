@@ -1,0 +1,75 @@
+"""Products of Q4_K and Q6_K weights with 2 to 8 activation rows (batched decoding) as CUDA
+kernels on the tensor cores (``batch_cuda.cu``, built into ``cuda_lib``'s library), called
+through the XLA FFI: bf16 MMA with float32 sums, the weights' codes exact in bf16 and every scale
+and min applied to a scale group's sums, so that a bf16 x gives dequantize + dot up to the order of
+float32 sums. The call prepares the activations in a kernel of its own and launches the product to
+start reading its weights meanwhile.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.errors import JaxquantError
+from jaxquant.qtensor import QTensor
+from pallas_kernels import cuda_lib, gemv_cuda
+
+FORMATS = {"Q4_K": "jq_batch_q4_k", "Q6_K": "jq_batch_q6_k"}
+# qdot takes them for the FFN's matrices of an 8B model (N x K >= MIN_WEIGHTS), where at M = 8 on the
+# H200 they tied or beat qmm (us, session 11): Q4_K 4096x14336 33.2 against 32.8, 14336x4096 30.6
+# against 33.6; Q6_K 41.5 against 43.1, 46.7 against 46.7. Not at 4096x1024 (8.9 / 9.1 against
+# 5.5 / 6.2: 64 blocks of 16 rows), nor above 8 rows (no kernel).
+SELECTED = frozenset(FORMATS)
+MIN_WEIGHTS = 1 << 25
+WARPS = (1, 2, 4, 8)  # warps of a block splitting K, one block a 16-row group
+MAX_M = 8
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernels are built and registered (first call on a GPU compiles them)."""
+    if not gemv_cuda.available():  # JAXQUANT_CUDA_GEMV=0 switches off both
+        return False
+    lib = cuda_lib.load()
+    for name in FORMATS.values():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="CUDA")
+    return True
+
+
+def supports(fmt: str, m: int, n: int, k: int) -> bool:
+    return (fmt in SELECTED and 2 <= m <= MAX_M and n * k >= MIN_WEIGHTS and k % 256 == 0 and n % 16 == 0
+            and available())
+
+
+def default_warps(n: int) -> int:
+    """Warps splitting K so that the grid holds about 2048 warps (16 an SM)."""
+    return next((s for s in WARPS if n // 16 * s >= 2048), WARPS[-1])
+
+
+@functools.partial(jax.jit, static_argnames=("warps", "interpret"))
+def batch(x: jax.Array, w: QTensor, warps: int | None = None, interpret: bool = False) -> jax.Array:
+    """``x [M, K] @ dequantize(w).T`` -> ``[M, N]`` float32 for a Q4_K or Q6_K ``w`` and 1 <= M <= 8.
+    A bf16 x enters the kernels as it is; another dtype as two products, of its bf16 rounding and
+    of the rest (2^-17 relative), a rare path (on GPU activations are bf16 by default)."""
+    if interpret:
+        raise JaxquantError("batch_cuda has no interpreter; use the Triton kernels")
+    m, k = x.shape
+    n = w.shape[0]
+    if w.fmt not in FORMATS or not 1 <= m <= MAX_M:
+        raise JaxquantError(f"batch_cuda: {w.fmt} with {m} activation rows ({', '.join(FORMATS)}; 1 to {MAX_M} rows)")
+    warps = warps or default_warps(n)
+    if warps not in WARPS:
+        raise JaxquantError(f"batch_cuda: warps must be one of {WARPS}, not {warps}")
+    if x.dtype != jnp.bfloat16:
+        hi = x.astype(jnp.bfloat16)
+        lo = (x.astype(jnp.float32) - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+        return batch(hi, w, warps) + batch(lo, w, warps)
+    results = (jax.ShapeDtypeStruct((m * n,), jnp.float32), jax.ShapeDtypeStruct((8, k), jnp.bfloat16),
+               jax.ShapeDtypeStruct((k // 16, 8), jnp.float32))
+    out, _, _ = jax.ffi.ffi_call(FORMATS[w.fmt], results)(*(w.arrays[a] for a in sorted(w.arrays)), x,
+                                                          warps=np.int64(warps))
+    return out.reshape(m, n)

@@ -1,0 +1,83 @@
+"""The CUDA batch kernels (``pallas_kernels/batch_cuda.cu``) on a machine without a GPU: their
+prepare kernel's arithmetic and their lanes' code, run one lane after another on the host with an
+emulated MMA (``jq_batch_host``, the PTX fragment layout), equal dequantize + dot; qdot takes them
+only where they were timed. (The kernels themselves run in tests/gpu/check_kernels.py.)"""
+
+from __future__ import annotations
+
+import ctypes
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels
+from pallas_kernels import batch_cuda
+from pallas_kernels.testing import random_qtensor
+
+
+@pytest.fixture(scope="module")
+def lib(cuda_library):
+    handle = ctypes.CDLL(str(cuda_library))
+    handle.jq_batch_host.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p),
+                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    return handle
+
+
+def host_batch(lib, fmt: str, warps: int, w, x: np.ndarray) -> tuple[int, np.ndarray]:
+    arrays = [np.ascontiguousarray(np.asarray(w.arrays[name])) for name in sorted(w.arrays)]
+    x = np.ascontiguousarray(x, np.float32)
+    m, n = x.shape[0], w.shape[0]
+    out = np.full((m, n), np.nan, np.float32)
+    rc = lib.jq_batch_host(fmt.encode(), warps, (ctypes.c_void_p * len(arrays))(*(a.ctypes.data for a in arrays)),
+                           x.ctypes.data, out.ctypes.data, n, w.shape[1] // 256, m)
+    return rc, out
+
+
+@pytest.mark.parametrize("warps", batch_cuda.WARPS)
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("fmt", sorted(batch_cuda.FORMATS))
+def test_lanes_equal_dequantize_dot(lib, fmt, m, warps):
+    """2 row groups, 11 super-blocks (every warp's last step stops part-way, odd step counts end on
+    the first of the two weight sets), M bf16 activation rows of mixed magnitude: float32 sums of
+    exact products, so within 1e-5 of the float32 dot of the same bf16 values."""
+    n, k = 32, 11 * 256
+    key = jax.random.key(m + 10 * warps + len(fmt))
+    w = random_qtensor(fmt, n, k, key)
+    x = (jax.random.normal(jax.random.fold_in(key, 1), (m, k), jnp.float32) * jnp.logspace(-2, 3, m)[:, None])
+    x = np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32))
+    ref = np.asarray(jnp.dot(x, w.dequantize(jnp.float32).T, precision=jax.lax.Precision.HIGHEST))
+    rc, out = host_batch(lib, fmt, warps, w, x)
+    assert rc == 0
+    for row, want in zip(out, ref):
+        assert np.linalg.norm(row - want) / np.linalg.norm(want) < 1e-5
+
+
+def test_host_entry_rejects_unknown_format_warps_and_rows(lib):
+    w = random_qtensor("Q4_K", 16, 256, jax.random.key(0))
+    x = np.ones((2, 256), np.float32)
+    assert host_batch(lib, "Q8_0", 1, w, x)[0] == 1
+    assert host_batch(lib, "Q4_K", 3, w, x)[0] == 2
+    assert host_batch(lib, "Q4_K", 1, w, np.ones((9, 256), np.float32))[0] == 2
+
+
+def test_selected_where_timed(monkeypatch):
+    """qdot takes them (where built) for the FFN-sized matrices at M = 2..8: they tied or beat qmm
+    there on the H200, and lost at 4096x1024 (RESULTS.md, session 11)."""
+    monkeypatch.setattr(batch_cuda, "available", lambda: True)
+    for fmt in ("Q4_K", "Q6_K"):
+        for n, k in ((14336, 4096), (4096, 14336), (28672, 4096)):
+            assert batch_cuda.supports(fmt, 8, n, k) and batch_cuda.supports(fmt, 2, n, k)
+            assert not batch_cuda.supports(fmt, 9, n, k) and not batch_cuda.supports(fmt, 1, n, k)
+        for n, k in ((1024, 4096), (4096, 4096), (5120, 4096)):
+            assert not batch_cuda.supports(fmt, 8, n, k)
+    assert not batch_cuda.supports("Q8_0", 8, 14336, 4096)
+    w = random_qtensor("Q4_K", 14336, 4096, jax.random.key(0))
+    assert pallas_kernels.select(w, 8).backend == "cuda" and pallas_kernels.select(w, 9).op == "qmm"
+
+
+def test_no_interpreter():
+    w = random_qtensor("Q4_K", 64, 512, jax.random.key(0))
+    with pytest.raises(Exception, match="no interpreter"):
+        batch_cuda.batch(jnp.ones((2, 512), jnp.bfloat16), w, interpret=True)
