@@ -54,7 +54,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Arra
     and the query ``q [H * D]`` roped by ``inv_freq [R / 2]`` (NEOX or NORM pairs), then ``q``'s
     attention over the slots 0 .. position (a padding position: slot 0) -> (``[H * D]`` in the
     cache's dtype, the updated caches: the operands' buffers, written in place where XLA donates them)."""
-    *_, slots, kv, d = cache_k.shape
+    *_, slots, _, d = cache_k.shape
     heads, chunks = q.size // d, -(-slots // CHUNK)
     call = jax.ffi.ffi_call(NAME, (jax.ShapeDtypeStruct((heads * d,), cache_k.dtype),
                                    jax.ShapeDtypeStruct((heads * chunks * d,), jnp.float32),

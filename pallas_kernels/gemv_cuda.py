@@ -32,7 +32,6 @@ from jaxquant.errors import JaxquantError
 from jaxquant.ops import Activation
 from jaxquant.qtensor import QTensor
 from pallas_kernels import cuda_lib
-from pallas_kernels.gemv import quantize_activations
 
 FORMATS = {f: f"jq_gemv_{f.lower()}" for f in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K",
                                                "IQ4_NL", "IQ4_XS")}
