@@ -1,4 +1,4 @@
-"""Offline instruction census of the Pallas GPU kernels, on a machine without a GPU.
+"""Offline instruction census of the Pallas and CUDA GPU kernels, on a machine without a GPU.
 
 Lowers ``qdot`` for CUDA (``jax.export`` with ``platforms=["cuda"]``), takes the Triton IR of each
 Pallas kernel as JAX emits it, compiles it for sm_90 with the ``triton`` package (its compiler and
@@ -8,6 +8,13 @@ of a kernel is not, and it answers "does this change remove work?" before a GPU 
 
     pip install triton==3.6.0      # the dev extra has it
     python benchmarks/sass.py --formats Q4_0,Q4_K --m 1,16 --shape 4096x14336 [--keep DIR]
+    python benchmarks/sass.py --cuda "gemv_kernel<.*Q4K|batch_kernel"    # the CUDA library's loops
+
+``--cuda`` builds ``pallas_kernels``' CUDA library with this machine's nvcc and prints, for each
+kernel whose (demangled) name matches, the order of its main loop's global loads (L) and dot
+products (D: IDP / IMMA / HMMA), and the register moves that read a register a load of the same
+loop wrote: each waits for that load, so a load followed by such a move is not a prefetch (nor is a
+load that ptxas sank to the loop's end, right before the branch back to its use).
 
 Uses JAX internals (the Pallas Triton lowering entry point); a development tool, not a test.
 """
@@ -85,17 +92,70 @@ def compile_sm90(ttir: str, num_warps: int, num_stages: int, workdir: str) -> tu
     return sass, " ".join(line.strip() for line in res.splitlines() if "REG" in line), k.asm["ttgir"]
 
 
-def innermost_loop(sass: str) -> collections.Counter:
-    """Opcode counts of the longest backward-branch loop (the K loop), or of the whole kernel."""
-    ins = [(int(m.group(1), 16), m.group(2), m.group(4)) for m in map(INSTR.match, sass.splitlines()) if m]
-    at = {a: i for i, (a, _, _) in enumerate(ins)}
+def loop_body(sass: str) -> list[tuple[int, str, str, str]]:
+    """(address, opcode, its modifiers, operands) of the longest backward-branch loop (the K loop),
+    or of the whole kernel."""
+    ins = [(int(m.group(1), 16), m.group(2), m.group(3) or "", m.group(4))
+           for m in map(INSTR.match, sass.splitlines()) if m]
+    at = {a: i for i, (a, *_) in enumerate(ins)}
     best: list = []
-    for i, (a, op, arg) in enumerate(ins):
+    for i, (a, op, _, arg) in enumerate(ins):
         t = re.search(r"0x([0-9a-f]+)", arg) if op == "BRA" else None
         if t and int(t.group(1), 16) <= a and int(t.group(1), 16) in at:
             body = ins[at[int(t.group(1), 16)]:i + 1]
             best = body if len(body) > len(best) else best
-    return collections.Counter(op for _, op, _ in (best or ins))
+    return best or ins
+
+
+def innermost_loop(sass: str) -> collections.Counter:
+    return collections.Counter(op for _, op, _, _ in loop_body(sass))
+
+
+def load_order(body: list[tuple[int, str, str, str]]) -> tuple[str, int]:
+    """The loop's streamed weight loads (W: no L1 allocation), other global loads (L) and dot
+    products (D) in order, runs counted ("L2 D56 W4"), and its register moves of a register loaded
+    in the loop."""
+    runs: list[list] = []
+    loaded: set[str] = set()
+    moves = 0
+    for _, op, mods, arg in body:
+        regs = re.findall(r"\bR\d+\b", arg)
+        if op == "MOV" or (op == "IMAD" and mods.startswith(".MOV")):
+            moves += any(r in loaded for r in regs[1:])
+        kind = ("W" if ".NA" in mods else "L") if op == "LDG" else "D" if op in ("IDP", "IMMA", "HMMA") else None
+        if op == "LDG" and regs:
+            loaded.add(regs[0])
+        if kind and runs and runs[-1][0] == kind:
+            runs[-1][1] += 1
+        elif kind:
+            runs.append([kind, 1])
+    return " ".join(f"{k}{c}" for k, c in runs), moves
+
+
+def cuda_census(pattern: str) -> None:
+    """``--cuda``: each matching CUDA kernel's main loop (see the module's docstring)."""
+    import shutil
+    from pathlib import Path
+
+    import triton
+
+    from pallas_kernels import cuda_lib
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = cuda_lib.build("90", Path(tmp))
+        sass = subprocess.run([tool, "-sass", str(lib)], capture_output=True, text=True, check=True).stdout
+    for part in re.split(r"\n\s+Function : ", sass)[1:]:
+        mangled, _, text = part.partition("\n")
+        name = mangled.strip()
+        if shutil.which("c++filt"):
+            name = subprocess.run(["c++filt", name], capture_output=True, text=True, check=True).stdout.strip()
+            name = name.replace("(anonymous namespace)::", "").split("(")[0].removeprefix("void ")
+        if not re.search(pattern, name):
+            continue
+        body = loop_body(text)
+        order, moves = load_order(body)
+        print(f"{name}: loop {len(body)} instructions; {order}; {moves} moves of loaded registers")
 
 
 def main() -> None:
@@ -107,7 +167,10 @@ def main() -> None:
     ap.add_argument("--m", default="1,16")
     ap.add_argument("--shape", default="4096x14336", help="KxN")
     ap.add_argument("--keep", help="write each kernel's Triton IR and SASS here")
+    ap.add_argument("--cuda", metavar="REGEX", help="the CUDA library's kernels matching REGEX instead")
     args = ap.parse_args()
+    if args.cuda:
+        return cuda_census(args.cuda)
     k, n = (int(v) for v in args.shape.split("x"))
     for fmt in args.formats.split(","):
         w = random_qtensor(fmt, n, k, jax.random.key(0))
