@@ -4,10 +4,10 @@ and key, the cache writes, the scores, softmax and weighted values in two kernel
 cache, then their combination), in place of XLA's rope of q, its cache updates and cuDNN's attention
 with its memset.
 
-``models.base.self_attention`` takes it for a batch-1 decode step where ``supports`` holds, unless
-``JAXQUANT_CUDA_ATTENTION=0`` (cuDNN's path, for comparison): on the H200 the 8B-shaped Q4_K_M
-decode took 397 kernels a token against 492, 399.9 tok/s against 369.7 in the mean of three runs
-each (benchmarks/RESULTS.md, session 11).
+``models.base.self_attention`` takes it for a batch-1 decode step where ``supports`` holds and
+``JAXQUANT_CUDA_ATTENTION=1`` selects it. Not by default: on the H200 it cut the 8B-shaped Q4_K_M
+decode from 492 kernels a token to 397 but not its time (388.9-405.7 tok/s in five runs against
+cuDNN's 412.7 in the one run not first on its machine, benchmarks/RESULTS.md, session 11).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def available() -> bool:
 
 
 def selected() -> bool:
-    return os.environ.get("JAXQUANT_CUDA_ATTENTION", "1") != "0"
+    return os.environ.get("JAXQUANT_CUDA_ATTENTION", "0") == "1"
 
 
 def supports(heads: int, kv_heads: int, head_dim: int, rope_dim: int, dtype) -> bool:
