@@ -277,9 +277,7 @@ __global__ void __launch_bounds__(kPrepWarps * 32)
   const int col = w / blocks, b = w % blocks;
   const __nv_bfloat16 v = col < m ? x[static_cast<size_t>(col) * k + 32 * b + lane] : __float2bfloat16_rn(0.f);
   xb[(static_cast<size_t>(col) * blocks + b) * 32 + swapped(lane)] = v;
-  float s = __bfloat162float(v);
-#pragma unroll
-  for (int o = 8; o > 0; o >>= 1) s += __shfl_xor_sync(kAll, s, o);
+  const float s = warp_sum<16>(__bfloat162float(v));
   if (lane % 16 == 0) xs[(static_cast<size_t>(b) * 8 + col) * 2 + lane / 16] = s;
 }
 

@@ -26,11 +26,12 @@ namespace {
 
 constexpr unsigned kAll = 0xFFFFFFFFu;  // every lane of a warp
 
-// The sum and the max of v over a warp's lanes, in every lane (an xor butterfly: each lane adds the
-// same pairs, so all hold the same float).
-__device__ __forceinline__ float warp_sum(float v) {
+// The sum and the max of v over a warp's lanes (warp_sum<16>: over each half warp), in every lane
+// (an xor butterfly: each lane adds the same pairs, so all hold the same float).
+template <int kLanes = 32, class T>
+__device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kAll, v, o);
+  for (int o = kLanes / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kAll, v, o);
   return v;
 }
 

@@ -641,10 +641,7 @@ __global__ void __launch_bounds__(kPrepWarps * 32)
     words[16 * static_cast<size_t>(b) + lane / 4 + (lane % 4 ? 8 : 0)] =
         (static_cast<uint32_t>(q) & 0xFFFFu) | (static_cast<uint32_t>(next) << 16);
   }
-  int half = q;
-#pragma unroll
-  for (int o = 8; o > 0; o >>= 1) half += __shfl_xor_sync(kAll, half, o);
-  const int other = __shfl_xor_sync(kAll, half, 16);
+  const int half = warp_sum<16>(q), other = __shfl_xor_sync(kAll, half, 16);
   if (lane == 0) {
     dx[b] = d;
     sums[b] = make_int4(half, other, half + other, 0);
