@@ -95,10 +95,10 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 @dataclasses.dataclass(frozen=True)
 class Activation:
     """A matmul input that ``qdot`` computes from ``x``: ``kind="rms_norm"``, ``rms_norm(x, weight,
-    eps)`` cast to ``dtype``; or a gated unit (``kind`` one of ``ACTIVATIONS``), ``act(gate) * up``
-    of ``x = [gate | up]`` (``weight`` None). The CUDA gemv computes it in the kernel that quantizes
-    its activations (one kernel where XLA's norm takes two and the gated unit one); every other
-    path multiplies ``value()``, the ops the model ran before."""
+    eps)``; or a gated unit (``kind`` one of ``ACTIVATIONS``), ``act(gate) * up`` of ``x = [gate |
+    up]`` in x's dtype (``weight`` None); either cast to ``dtype``, the compute dtype. The CUDA gemv
+    computes it in the kernel that quantizes its activations (one kernel where XLA's norm takes two
+    and the gated unit one); every other path multiplies ``value()``, the ops the model ran before."""
 
     x: jax.Array
     kind: str
@@ -114,7 +114,7 @@ class Activation:
         if self.kind == "rms_norm":
             return rms_norm(self.x, self.weight, self.eps).astype(self.dtype)
         gate, up = jnp.split(self.x, 2, axis=-1)
-        return ACTIVATIONS[self.kind](gate) * up
+        return (ACTIVATIONS[self.kind](gate) * up).astype(self.dtype)
 
 
 def qdot(x: jax.Array | Activation, w, *, residual: jax.Array | None = None, backend: str | None = None) -> jax.Array:

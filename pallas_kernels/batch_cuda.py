@@ -50,11 +50,21 @@ def default_warps(n: int) -> int:
     return next((s for s in WARPS if n // 16 * s >= 2048), WARPS[-1])
 
 
+def split_bf16(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """bf16 ``hi``, ``lo`` with ``hi + lo`` = x to 2^-16 relative: hi x's upper 16 bits, lo the
+    rest rounded. Bit operations, not ``x.astype(bf16).astype(f32)``, whose round trip XLA may drop
+    (excess precision allowed), making lo 0."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    hi = jax.lax.bitcast_convert_type((bits >> 16).astype(jnp.uint16), jnp.bfloat16)
+    rest = x.astype(jnp.float32) - jax.lax.bitcast_convert_type(bits & np.uint32(0xFFFF0000), jnp.float32)
+    return hi, rest.astype(jnp.bfloat16)
+
+
 @functools.partial(jax.jit, static_argnames=("warps", "interpret"))
 def batch(x: jax.Array, w: QTensor, warps: int | None = None, interpret: bool = False) -> jax.Array:
     """``x [M, K] @ dequantize(w).T`` -> ``[M, N]`` float32 for a Q4_K or Q6_K ``w`` and 1 <= M <= 8.
-    A bf16 x enters the kernels as it is; another dtype as two products, of its bf16 rounding and
-    of the rest (2^-17 relative), a rare path (on GPU activations are bf16 by default)."""
+    A bf16 x enters the kernels as it is; another dtype as two products (``split_bf16``), a rare
+    path (on GPU activations are bf16 by default)."""
     if interpret:
         raise JaxquantError("batch_cuda has no interpreter; use the Triton kernels")
     m, k = x.shape
@@ -65,8 +75,7 @@ def batch(x: jax.Array, w: QTensor, warps: int | None = None, interpret: bool = 
     if warps not in WARPS:
         raise JaxquantError(f"batch_cuda: warps must be one of {WARPS}, not {warps}")
     if x.dtype != jnp.bfloat16:
-        hi = x.astype(jnp.bfloat16)
-        lo = (x.astype(jnp.float32) - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+        hi, lo = split_bf16(x)
         return batch(hi, w, warps) + batch(lo, w, warps)
     results = (jax.ShapeDtypeStruct((m * n,), jnp.float32), jax.ShapeDtypeStruct((8, k), jnp.bfloat16),
                jax.ShapeDtypeStruct((k // 16, 8), jnp.float32))

@@ -101,8 +101,9 @@ def gemv(x: jax.Array | Activation, w: QTensor | tuple[QTensor, ...], residual: 
     elif x.kind == "rms_norm":
         prologue, eps, rounding = PROLOGUES["rms_norm"], x.eps, x.dtype
         operands = [x.x[0].astype(jnp.float32), x.weight.astype(jnp.float32)]
-    else:  # the gated unit of [gate | up], in x's dtype as jnp computes it
-        prologue, eps, operands, rounding = PROLOGUES[x.kind], 0.0, [x.x[0]], x.x.dtype
+    else:  # the gated unit of [gate | up], in x's dtype as jnp computes it, then in the compute dtype
+        narrow = min(jnp.dtype(x.x.dtype), jnp.dtype(x.dtype), key=lambda d: d.itemsize)
+        prologue, eps, operands, rounding = PROLOGUES[x.kind], 0.0, [x.x[0]], narrow
     if residual is not None:
         operands.append(residual[0].astype(jnp.float32))
     blocks = w.shape[1] // 32

@@ -81,3 +81,14 @@ def test_no_interpreter():
     w = random_qtensor("Q4_K", 64, 512, jax.random.key(0))
     with pytest.raises(Exception, match="no interpreter"):
         batch_cuda.batch(jnp.ones((2, 512), jnp.bfloat16), w, interpret=True)
+
+
+def test_split_bf16_keeps_float32_bits_under_jit():
+    """hi + lo holds float32 x to 2^-16 relative, compiled as the FFI caller compiles it (a round
+    trip through bf16 there would let XLA's excess precision make lo 0: the GPU's f32 case did)."""
+    x = np.asarray(jax.random.normal(jax.random.key(1), (8, 4096), jnp.float32)) * np.float32(1 + 2.0 ** -12)
+    hi, lo = jax.jit(batch_cuda.split_bf16)(jnp.asarray(x))
+    assert hi.dtype == lo.dtype == jnp.bfloat16
+    total = np.asarray(hi, np.float64) + np.asarray(lo, np.float64)
+    assert np.all(np.abs(total - x) <= 2.0 ** -16 * np.abs(x))
+    assert np.abs(np.asarray(lo, np.float32)).max() > 2.0 ** -14  # the rest is carried, not dropped

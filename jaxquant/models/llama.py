@@ -42,7 +42,8 @@ def ffn(layer: Layer, x: jax.Array | Activation, cfg: ModelConfig, residual: jax
         gate_up = linear(x, layer.ffn_up)
     else:  # one input, prepared once for both where the kernel can
         gate_up = jnp.concatenate(qdots(x, (layer.ffn_gate, layer.ffn_up)), -1)
-    return linear(Activation(gate_up, cfg.activation), layer.ffn_down, residual=residual)
+    # the hidden units in the compute dtype, as the norm gives x (a bf16 batch kernel input: one call)
+    return linear(Activation(gate_up, cfg.activation, dtype=x.dtype), layer.ffn_down, residual=residual)
 
 
 def attention(layer: Layer, x: jax.Array | Activation, kv: KV, ctx: LayerCtx, qkv=qkv,
