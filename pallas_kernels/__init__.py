@@ -38,6 +38,7 @@ for _fmt in gemv_cuda.FORMATS:
     register(Kernel(_fmt, "gemv", "cuda", gemv_cuda.gemv, functools.partial(gemv_cuda.supports, _fmt),
                     fuses=gemv_cuda.fuses()))
 for _fmt in batch_cuda.FORMATS:
-    register(Kernel(_fmt, "batch", "cuda", batch_cuda.batch, functools.partial(batch_cuda.supports, _fmt)))
+    register(Kernel(_fmt, "batch", "cuda", batch_cuda.batch, functools.partial(batch_cuda.supports, _fmt),
+                    fuses=gemv_cuda.fuses()))
 
 __all__ = ["DECODERS", "QMM_MAX_M", "Kernel", "kernels", "lookup", "register", "select"]

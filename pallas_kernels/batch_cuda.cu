@@ -243,7 +243,8 @@ JQ_HD size_t out_index(int i, int lane, int row0, int n) {
 
 template <class B, int S>
 __global__ void __launch_bounds__(S * 32, 16 / S)  // 16 warps an SM: at most 128 registers
-    batch_kernel(typename B::Args w, Acts x, float* __restrict__ out, int n, int nb, int m) {
+    batch_kernel(typename B::Args w, Acts x, const float* __restrict__ res, float* __restrict__ out, int n, int nb,
+                 int m) {
   const int lane = threadIdx.x & 31, part = threadIdx.x / 32, row0 = 16 * blockIdx.x;
   float acc[4];
   batch_lane<B, S>(w, x, nb, row0, part, lane, acc);
@@ -256,29 +257,41 @@ __global__ void __launch_bounds__(S * 32, 16 / S)  // 16 warps an SM: at most 12
       for (int i = 0; i < 4; ++i) acc[i] += parts[q][lane][i];
     }
   }
-  for (int i = 0; i < 4; ++i) {
-    if (2 * (lane & 3) + (i & 1) < m) out[out_index(i, lane, row0, n)] = acc[i];
+  for (int i = 0; i < 4; ++i) {  // res: written before x (the prepare kernel waited for it)
+    const size_t o = out_index(i, lane, row0, n);
+    if (2 * (lane & 3) + (i & 1) < m) out[o] = res != nullptr ? acc[i] + res[o] : acc[i];
   }
 }
 
 JQ_HD int swapped(int e) { return (e & ~3) | ((e & 1) << 1) | ((e >> 1) & 1); }  // 4i + 1 <-> 4i + 2
 
-// A warp a (column, block), a lane an element; kPrepWarps warps a thread block. Releases the product
-// at once and waits for the kernel before it, which wrote x.
-constexpr int kPrepWarps = 8;
+// The activations of column (row of x) `col` < 8 of the product: the Prologue P of its row of x
+// (zeros past M) in bf16, exact there: batch_cuda.py passes x as it is only in bf16, and a
+// prologue's value rounded to bf16. A thread block a column and kPrepBlocks blocks of 32 of it,
+// kPrepWarps warps, a lane an element; the norm's sum of squares of the whole row by each thread
+// block (16 KB at K = 4096, from L2). Releases the product at once and waits for the kernel before
+// it, which wrote x.
+constexpr int kPrepWarps = 8, kPrepBlocks = 32;
 
+JQ_HD size_t prepared_row(int p, int k) { return p == kSilu || p == kGeluTanh ? 2 * static_cast<size_t>(k) : k; }
+
+template <class T, int P>
 __global__ void __launch_bounds__(kPrepWarps * 32)
-    prepare_kernel(const __nv_bfloat16* __restrict__ x, int m, int k, __nv_bfloat16* __restrict__ xb,
-                   float* __restrict__ xs) {
+    prepare_kernel(const T* __restrict__ x, const float* __restrict__ weight, float eps, int64_t round, int m, int k,
+                   __nv_bfloat16* __restrict__ xb, float* __restrict__ xs) {
   release_dependents();
   wait_for_previous_kernel();
-  const int blocks = k / 32, lane = threadIdx.x % 32, w = blockIdx.x * kPrepWarps + threadIdx.x / 32;
-  if (w >= blocks * 8) return;
-  const int col = w / blocks, b = w % blocks;
-  const __nv_bfloat16 v = col < m ? x[static_cast<size_t>(col) * k + 32 * b + lane] : __float2bfloat16_rn(0.f);
-  xb[(static_cast<size_t>(col) * blocks + b) * 32 + swapped(lane)] = v;
-  const float s = warp_sum<16>(__bfloat162float(v));
-  if (lane % 16 == 0) xs[(static_cast<size_t>(b) * 8 + col) * 2 + lane / 16] = s;
+  const int col = blockIdx.y, blocks = k / 32, lane = threadIdx.x % 32, last = min(static_cast<int>(blockIdx.x + 1) * kPrepBlocks, blocks);
+  const T* row = x + (col < m ? col : 0) * prepared_row(P, k);
+  float scale = 0.f;
+  if constexpr (P == kRmsNorm) scale = norm_scale(sum_squares<kPrepWarps>(row, k), k, eps);
+  for (int b = blockIdx.x * kPrepBlocks + threadIdx.x / 32; b < last; b += kPrepWarps) {
+    const float v = col < m ? prologue_value<P>(row, weight, scale, round, k, 32 * static_cast<size_t>(b) + lane) : 0.f;
+    const __nv_bfloat16 h = cast<__nv_bfloat16>(v);
+    xb[(static_cast<size_t>(col) * blocks + b) * 32 + swapped(lane)] = h;
+    const float s = warp_sum<16>(to_float(h));
+    if (lane % 16 == 0) xs[(static_cast<size_t>(b) * 8 + col) * 2 + lane / 16] = s;
+  }
 }
 
 // The warps splitting K (batch_cuda.WARPS): fn(std::integral_constant<int, S>{}), false if none.
@@ -294,7 +307,7 @@ bool with_warps(int64_t warps, Fn&& fn) {
 }
 
 template <class B, int S>
-void batch_host(const typename B::Args& w, const Acts& x, float* out, int n, int nb, int m) {
+void batch_host(const typename B::Args& w, const Acts& x, const float* res, float* out, int n, int nb, int m) {
   for (int row0 = 0; row0 < n; row0 += 16) {
     float total[32][4] = {};
     for (int part = 0; part < S; ++part) {
@@ -306,36 +319,71 @@ void batch_host(const typename B::Args& w, const Acts& x, float* out, int n, int
     }
     for (int lane = 0; lane < 32; ++lane) {
       for (int i = 0; i < 4; ++i) {
-        if (2 * (lane & 3) + (i & 1) < m) out[out_index(i, lane, row0, n)] = total[lane][i];
+        const size_t o = out_index(i, lane, row0, n);
+        if (2 * (lane & 3) + (i & 1) < m) out[o] = res != nullptr ? total[lane][i] + res[o] : total[lane][i];
       }
     }
   }
 }
 
-// The format's 4 arrays (sorted by name), x [M <= 8, K] bf16; results: out [M, N], then the prepared
-// activations (scratch: bf16 [8, K] and f32 [K / 16, 8]).
+// The format's 4 arrays (sorted by name), x, then the norm's weight [K] (f32, kRmsNorm) and a
+// residual [M, N] (f32) added to the product, if any. x: [M <= 8, K] bf16 as it is, f32 [M, K] to
+// norm, or [M, 2K] (f32 or bf16) [gate | up]. Results: out [M, N], then the prepared activations
+// (scratch: bf16 [8, K] and f32 [K / 16, 8]).
 template <class B>
-ffi::Error batch(cudaStream_t stream, int64_t warps, ffi::AnyBuffer a0, ffi::AnyBuffer a1, ffi::AnyBuffer a2,
-                 ffi::AnyBuffer a3, ffi::Buffer<ffi::BF16> x, ffi::Result<ffi::Buffer<ffi::F32>> out,
-                 ffi::Result<ffi::Buffer<ffi::BF16>> xb, ffi::Result<ffi::Buffer<ffi::F32>> xs) {
+ffi::Error batch(cudaStream_t stream, int64_t warps, int64_t prologue, int64_t round, float eps, ffi::AnyBuffer a0,
+                 ffi::AnyBuffer a1, ffi::AnyBuffer a2, ffi::AnyBuffer a3, ffi::AnyBuffer x, ffi::RemainingArgs rest,
+                 ffi::Result<ffi::Buffer<ffi::F32>> out, ffi::Result<ffi::Buffer<ffi::BF16>> xb,
+                 ffi::Result<ffi::Buffer<ffi::F32>> xs) {
   const auto dims = a0.dimensions(), xdims = x.dimensions();  // d: [N, super-blocks]
   if (dims.size() != 2 || xdims.size() != 2) return ffi::Error::InvalidArgument("batch_cuda: d must be [N, blocks], x [M, K]");
-  const int64_t n = dims[0], nb = dims[1], m = xdims[0], k = xdims[1];
-  if (m < 1 || m > 8 || n % 16 || k != 256 * nb || out->element_count() != static_cast<size_t>(m * n) ||
-      xb->element_count() != static_cast<size_t>(8 * k) || xs->element_count() != static_cast<size_t>(k / 2)) {
+  const int64_t n = dims[0], nb = dims[1], m = xdims[0], k = 256 * nb;
+  const bool norm = prologue == kRmsNorm;
+  if (m < 1 || m > 8 || n % 16 || static_cast<size_t>(xdims[1]) != prepared_row(prologue, k) ||
+      out->element_count() != static_cast<size_t>(m * n) || xb->element_count() != static_cast<size_t>(8 * k) ||
+      xs->element_count() != static_cast<size_t>(k / 2) || rest.size() < (norm ? 1u : 0u) ||
+      rest.size() > (norm ? 2u : 1u)) {
     return ffi::Error::InvalidArgument("batch_cuda: operand shapes do not match");
+  }
+  const float* weight = nullptr;
+  const float* res = nullptr;
+  for (size_t i = 0; i < rest.size(); ++i) {
+    const auto b = rest.get<ffi::AnyBuffer>(i);
+    if (b.has_error()) return b.error();
+    const size_t want = norm && i == 0 ? static_cast<size_t>(k) : static_cast<size_t>(m * n);
+    if (b->element_type() != ffi::DataType::F32 || b->element_count() != want) {
+      return ffi::Error::InvalidArgument("batch_cuda: the norm's weight must be f32 [K], the residual f32 [M, N]");
+    }
+    (norm && i == 0 ? weight : res) = static_cast<const float*>(b->untyped_data());
   }
   const int blocks = static_cast<int>(k / 32);
   auto* xbf = reinterpret_cast<__nv_bfloat16*>(xb->untyped_data());
-  cudaError_t err = launch_early(stream, blocks, kPrepWarps * 32, prepare_kernel,
-                                 reinterpret_cast<const __nv_bfloat16*>(x.untyped_data()), static_cast<int>(m),
-                                 static_cast<int>(k), xbf, xs->typed_data());
+  cudaError_t err = cudaErrorInvalidValue;
+  const auto prepare = [&](auto* typed) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(typed)>>;
+    with_prologue(prologue, [&](auto p) {
+      constexpr int P = decltype(p)::value;
+      if constexpr ((P != kRmsNorm || std::is_same_v<T, float>) && (P != kAsIs || std::is_same_v<T, __nv_bfloat16>)) {
+        err = launch_early(stream, dim3((blocks + kPrepBlocks - 1) / kPrepBlocks, 8), kPrepWarps * 32,
+                           prepare_kernel<T, P>, typed, weight, eps, round, static_cast<int>(m), static_cast<int>(k),
+                           xbf, xs->typed_data());
+      }
+    });
+  };
+  switch (x.element_type()) {
+    case ffi::DataType::F32: prepare(static_cast<const float*>(x.untyped_data())); break;
+    case ffi::DataType::BF16: prepare(static_cast<const __nv_bfloat16*>(x.untyped_data())); break;
+    default: break;
+  }
+  if (err == cudaErrorInvalidValue) {
+    return ffi::Error::InvalidArgument("batch_cuda: x must be bf16 as it is, f32 to norm, f32 or bf16 gated");
+  }
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("batch_cuda prepare: ") + cudaGetErrorString(err));
   const void* a[] = {a0.untyped_data(), a1.untyped_data(), a2.untyped_data(), a3.untyped_data()};
   const Acts acts{reinterpret_cast<const uint2*>(xbf), reinterpret_cast<const float4*>(xs->typed_data()), blocks};
   const bool known = with_warps(warps, [&](auto sw) {
     constexpr int S = decltype(sw)::value;
-    err = launch_early(stream, static_cast<int>(n / 16), S * 32, batch_kernel<B, S>, B::Args::from(a), acts,
+    err = launch_early(stream, static_cast<int>(n / 16), S * 32, batch_kernel<B, S>, B::Args::from(a), acts, res,
                        out->typed_data(), static_cast<int>(n), static_cast<int>(nb), static_cast<int>(m));
   });
   if (!known) return ffi::Error::InvalidArgument("batch_cuda: no kernel for this many warps");
@@ -350,11 +398,15 @@ ffi::Error batch(cudaStream_t stream, int64_t warps, ffi::AnyBuffer a0, ffi::Any
                                 ffi::Ffi::Bind()                                                          \
                                     .Ctx<ffi::PlatformStream<cudaStream_t>>()                             \
                                     .Attr<int64_t>("warps")                                               \
+                                    .Attr<int64_t>("prologue")                                            \
+                                    .Attr<int64_t>("round")                                               \
+                                    .Attr<float>("eps")                                                   \
                                     .Arg<ffi::AnyBuffer>()                                                \
                                     .Arg<ffi::AnyBuffer>()                                                \
                                     .Arg<ffi::AnyBuffer>()                                                \
                                     .Arg<ffi::AnyBuffer>()                                                \
-                                    .Arg<ffi::Buffer<ffi::BF16>>()                                        \
+                                    .Arg<ffi::AnyBuffer>()                                                \
+                                    .RemainingArgs()                                                      \
                                     .Ret<ffi::Buffer<ffi::F32>>()                                         \
                                     .Ret<ffi::Buffer<ffi::BF16>>()                                        \
                                     .Ret<ffi::Buffer<ffi::F32>>());
@@ -362,31 +414,43 @@ ffi::Error batch(cudaStream_t stream, int64_t warps, ffi::AnyBuffer a0, ffi::Any
 JQ_BATCH_HANDLER(jq_batch_q4_k, Q4KBatch)
 JQ_BATCH_HANDLER(jq_batch_q6_k, Q6KBatch)
 
-// The batch kernels on the CPU (tests): x [M, K] (float32 holding bf16 values) through the prepare
-// kernel's arithmetic, then the lanes one by one with an emulated MMA into out [M, N]. 0, or 1 for an
-// unknown format, 2 for an unknown number of warps or more than 8 rows.
-extern "C" int jq_batch_host(const char* fmt, int64_t warps, const void* const* arrays, const float* x, float* out,
-                             int n, int nb, int m) {
+// The batch kernels on the CPU (tests): x (float32; as it is, bf16 values) through the prepare
+// kernel's arithmetic (its Prologue, the norm's sum in another order), then the lanes one by one
+// with an emulated MMA into out [M, N] (+ res, nullable). 0, or 1 for an unknown format, 2 for an
+// unknown number of warps or more than 8 rows, 3 for an unknown prologue.
+extern "C" int jq_batch_host(const char* fmt, int64_t warps, const void* const* arrays, int64_t prologue,
+                             int64_t round, const float* x, const float* weight, float eps, const float* res,
+                             float* out, int n, int nb, int m) {
   if (m < 1 || m > 8) return 2;
   const int k = 256 * nb, blocks = k / 32;
   std::vector<uint16_t> xb(static_cast<size_t>(8) * k);
   std::vector<float> xs(static_cast<size_t>(blocks) * 16);
-  for (int col = 0; col < 8; ++col) {
-    for (int b = 0; b < blocks; ++b) {
-      float half[2] = {0.f, 0.f};
-      for (int e = 0; e < 32; ++e) {
-        const __nv_bfloat16 v = __float2bfloat16_rn(col < m ? x[static_cast<size_t>(col) * k + 32 * b + e] : 0.f);
-        memcpy(&xb[(static_cast<size_t>(col) * blocks + b) * 32 + swapped(e)], &v, 2);
-        half[e / 16] += __bfloat162float(v);
+  const bool known_prologue = with_prologue(prologue, [&](auto p) {
+    constexpr int P = decltype(p)::value;
+    for (int col = 0; col < 8; ++col) {
+      const float* row = x + (col < m ? col : 0) * prepared_row(P, k);
+      float sum_sq = 0.f;
+      for (int i = 0; P == kRmsNorm && i < k; ++i) sum_sq += row[i] * row[i];
+      const float scale = norm_scale(sum_sq, k, eps);
+      for (int b = 0; b < blocks; ++b) {
+        float half[2] = {0.f, 0.f};
+        for (int e = 0; e < 32; ++e) {
+          const float v = col < m ? prologue_value<P>(row, weight, scale, round, k, 32 * static_cast<size_t>(b) + e) : 0.f;
+          const __nv_bfloat16 h = cast<__nv_bfloat16>(v);
+          memcpy(&xb[(static_cast<size_t>(col) * blocks + b) * 32 + swapped(e)], &h, 2);
+          half[e / 16] += to_float(h);
+        }
+        for (int i = 0; i < 2; ++i) xs[(static_cast<size_t>(b) * 8 + col) * 2 + i] = half[i];
       }
-      for (int i = 0; i < 2; ++i) xs[(static_cast<size_t>(b) * 8 + col) * 2 + i] = half[i];
     }
-  }
+  });
+  if (!known_prologue) return 3;
   const Acts acts{reinterpret_cast<const uint2*>(xb.data()), reinterpret_cast<const float4*>(xs.data()), blocks};
   const auto on = [&](auto format) {
     using B = decltype(format);
-    const bool known =
-        with_warps(warps, [&](auto sw) { batch_host<B, decltype(sw)::value>(B::Args::from(arrays), acts, out, n, nb, m); });
+    const bool known = with_warps(warps, [&](auto sw) {
+      batch_host<B, decltype(sw)::value>(B::Args::from(arrays), acts, res, out, n, nb, m);
+    });
     return known ? 0 : 2;
   };
   const std::string name(fmt);

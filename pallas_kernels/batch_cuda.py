@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.errors import JaxquantError
+from jaxquant.ops import Activation
 from jaxquant.qtensor import QTensor
 from pallas_kernels import cuda_lib, gemv_cuda
 
@@ -61,24 +62,44 @@ def split_bf16(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 @functools.partial(jax.jit, static_argnames=("warps", "interpret"))
-def batch(x: jax.Array, w: QTensor, warps: int | None = None, interpret: bool = False) -> jax.Array:
-    """``x [M, K] @ dequantize(w).T`` -> ``[M, N]`` float32 for a Q4_K or Q6_K ``w`` and 1 <= M <= 8.
-    A bf16 x enters the kernels as it is; another dtype as two products (``split_bf16``), a rare
-    path (on GPU activations are bf16 by default)."""
+def batch(x: jax.Array | Activation, w: QTensor | tuple[QTensor, ...], residual: jax.Array | None = None,
+          warps: int | None = None, interpret: bool = False) -> jax.Array | tuple[jax.Array, ...]:
+    """``x [M, K] @ dequantize(w).T`` (+ ``residual [M, N]`` float32) -> ``[M, N]`` float32 for a
+    Q4_K or Q6_K ``w`` and 1 <= M <= 8. A bf16 x enters the kernels as it is; another dtype as two
+    products (``split_bf16``), a rare path (on GPU activations are bf16 by default). ``x`` may be an
+    ``ops.Activation`` with dtype bf16 (the model's norm, gated unit), which the call computes in its
+    prepare kernel; ``w`` a tuple of weights (their products, no residual)."""
     if interpret:
         raise JaxquantError("batch_cuda has no interpreter; use the Triton kernels")
-    m, k = x.shape
-    n = w.shape[0]
+    if isinstance(w, tuple):
+        if residual is not None:
+            raise JaxquantError("batch_cuda: a residual is added to one weight's product, not to several")
+        return tuple(batch(x, v, warps=warps) for v in w)
+    if isinstance(x, Activation) and jnp.dtype(x.dtype) != jnp.bfloat16:  # its value is not exact in bf16
+        x = x.value()
+    m = x.x.shape[0] if isinstance(x, Activation) else x.shape[0]
+    k, n = w.shape[1], w.shape[0]
     if w.fmt not in FORMATS or not 1 <= m <= MAX_M:
         raise JaxquantError(f"batch_cuda: {w.fmt} with {m} activation rows ({', '.join(FORMATS)}; 1 to {MAX_M} rows)")
     warps = warps or default_warps(n)
     if warps not in WARPS:
         raise JaxquantError(f"batch_cuda: warps must be one of {WARPS}, not {warps}")
-    if x.dtype != jnp.bfloat16:
+    if not isinstance(x, Activation) and x.dtype != jnp.bfloat16:
         hi, lo = split_bf16(x)
-        return batch(hi, w, warps) + batch(lo, w, warps)
+        return batch(hi, w, residual, warps) + batch(lo, w, warps=warps)
+    if not isinstance(x, Activation):
+        prologue, eps, operands = gemv_cuda.PROLOGUES[None], 0.0, [x]
+    elif x.kind == "rms_norm":
+        prologue, eps = gemv_cuda.PROLOGUES["rms_norm"], x.eps
+        operands = [x.x.astype(jnp.float32), x.weight.astype(jnp.float32)]
+    else:  # the gated unit in x's dtype (f32 or bf16), rounded to bf16
+        prologue, eps, operands = gemv_cuda.PROLOGUES[x.kind], 0.0, [x.x if x.x.dtype == jnp.bfloat16
+                                                                     else x.x.astype(jnp.float32)]
+    if residual is not None:
+        operands.append(residual.astype(jnp.float32))
     results = (jax.ShapeDtypeStruct((m * n,), jnp.float32), jax.ShapeDtypeStruct((8, k), jnp.bfloat16),
                jax.ShapeDtypeStruct((k // 16, 8), jnp.float32))
-    out, _, _ = jax.ffi.ffi_call(FORMATS[w.fmt], results)(*(w.arrays[a] for a in sorted(w.arrays)), x,
-                                                          warps=np.int64(warps))
+    out, _, _ = jax.ffi.ffi_call(FORMATS[w.fmt], results)(
+        *(w.arrays[a] for a in sorted(w.arrays)), *operands, warps=np.int64(warps), prologue=np.int64(prologue),
+        round=np.int64(gemv_cuda.ROUNDING[jnp.dtype(jnp.bfloat16)]), eps=np.float32(eps))
     return out.reshape(m, n)

@@ -166,4 +166,79 @@ JQ_HD __half cast(float v) {
   return __float2half_rn(v);
 }
 
+// A product's input computed from the call's x (gemv_cuda.PROLOGUES, as ops.Activation defines it):
+// x as it is; x's RMS norm times a weight, rounded to the compute dtype (XLA's two kernels of a
+// norm); or the gated unit act(gate) * up of x = [gate | up] (XLA's one kernel). The gemv's and the
+// batch kernel's prepare kernels compute it before they quantize or lay out the activations.
+
+enum Prologue : int64_t { kAsIs = 0, kRmsNorm = 1, kSilu = 2, kGeluTanh = 3 };
+enum Rounding : int64_t { kToF32 = 0, kToBF16 = 1, kToF16 = 2 };
+
+// The prologues by code: fn(std::integral_constant<int, P>{}), false if none.
+template <class Fn>
+bool with_prologue(int64_t prologue, Fn&& fn) {
+  switch (prologue) {
+    case kAsIs: fn(std::integral_constant<int, kAsIs>{}); return true;
+    case kRmsNorm: fn(std::integral_constant<int, kRmsNorm>{}); return true;
+    case kSilu: fn(std::integral_constant<int, kSilu>{}); return true;
+    case kGeluTanh: fn(std::integral_constant<int, kGeluTanh>{}); return true;
+    default: return false;
+  }
+}
+
+JQ_HD float rounded(float v, int64_t to) {  // to the compute dtype and back, as XLA's cast
+  return to == kToBF16 ? to_float(cast<__nv_bfloat16>(v)) : to == kToF16 ? to_float(cast<__half>(v)) : v;
+}
+
+JQ_HD float norm_scale(float sum_sq, int k, float eps) {  // rsqrt(mean(x * x) + eps)
+#ifdef __CUDA_ARCH__
+  return rsqrtf(sum_sq / static_cast<float>(k) + eps);
+#else
+  return 1.0f / sqrtf(sum_sq / static_cast<float>(k) + eps);
+#endif
+}
+
+template <int P>
+JQ_HD float gated(float g, float u) {  // jax.nn.silu / gelu(approximate=True) of g, times u
+  if constexpr (P == kSilu) {
+    return g * (1.0f / (1.0f + expf(-g))) * u;
+  } else {
+    return g * (0.5f * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * (g * g * g))))) * u;
+  }
+}
+
+// The product's input i (of k): x's own (kAsIs), or the prologue's, rounded to ``round``. kRmsNorm
+// takes float32 x, its weight and the norm's scale.
+template <int P, class T>
+JQ_HD float prologue_value(const T* __restrict__ x, const float* __restrict__ weight, float scale, int64_t round,
+                           int k, size_t i) {
+  const float v = to_float(ldg(x + i));
+  if constexpr (P == kRmsNorm) {
+    return rounded(v * scale * ldg(weight + i), round);
+  } else if constexpr (P == kAsIs) {
+    return v;
+  } else {
+    return rounded(gated<P>(v, to_float(ldg(x + k + i))), round);
+  }
+}
+
+// The sum of x[0 .. k)^2 (16-byte aligned, k % 4 == 0) in every thread of a block of kWarps warps:
+// a norm's, summed by each thread block that needs it rather than by a kernel of its own.
+template <int kWarps>
+__device__ float sum_squares(const float* __restrict__ x, int k) {
+  __shared__ float part[kWarps];
+  float s = 0.f;
+  for (int i = 4 * threadIdx.x; i < k; i += 4 * kWarps * 32) {
+    const float4 v = ldg(reinterpret_cast<const float4*>(x + i));
+    s += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+  }
+  s = warp_sum(s);
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += part[w];
+  return total;
+}
+
 }  // namespace

@@ -513,61 +513,8 @@ void host_gemv(const typename F::Args& w, const Operands& o) {
 // A small kernel in the gemv's FFI call (in place of XLA's and Pallas' kernels), so that the gemv
 // launched after it may start reading its weights at once.
 //
-// Before quantizing, the kernel computes the product's input from the call's x (a Prologue,
-// gemv_cuda.PROLOGUES, as ops.Activation defines it): x as it is; x's RMS norm times a weight,
-// rounded to the compute dtype (XLA's two kernels of a norm); or the gated unit act(gate) * up of
-// x = [gate | up] (XLA's one kernel).
-
-enum Prologue : int64_t { kAsIs = 0, kRmsNorm = 1, kSilu = 2, kGeluTanh = 3 };
-enum Rounding : int64_t { kToF32 = 0, kToBF16 = 1, kToF16 = 2 };
-
-// The prologues by code: fn(std::integral_constant<int, P>{}), false if none.
-template <class Fn>
-bool with_prologue(int64_t prologue, Fn&& fn) {
-  switch (prologue) {
-    case kAsIs: fn(std::integral_constant<int, kAsIs>{}); return true;
-    case kRmsNorm: fn(std::integral_constant<int, kRmsNorm>{}); return true;
-    case kSilu: fn(std::integral_constant<int, kSilu>{}); return true;
-    case kGeluTanh: fn(std::integral_constant<int, kGeluTanh>{}); return true;
-    default: return false;
-  }
-}
-
-JQ_HD float rounded(float v, int64_t to) {  // to the compute dtype and back, as XLA's cast
-  return to == kToBF16 ? to_float(cast<__nv_bfloat16>(v)) : to == kToF16 ? to_float(cast<__half>(v)) : v;
-}
-
-JQ_HD float norm_scale(float sum_sq, int k, float eps) {  // rsqrt(mean(x * x) + eps)
-#ifdef __CUDA_ARCH__
-  return rsqrtf(sum_sq / static_cast<float>(k) + eps);
-#else
-  return 1.0f / sqrtf(sum_sq / static_cast<float>(k) + eps);
-#endif
-}
-
-template <int P>
-JQ_HD float gated(float g, float u) {  // jax.nn.silu / gelu(approximate=True) of g, times u
-  if constexpr (P == kSilu) {
-    return g * (1.0f / (1.0f + expf(-g))) * u;
-  } else {
-    return g * (0.5f * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * (g * g * g))))) * u;
-  }
-}
-
-// The product's input i (of k): x's own (kAsIs), or the prologue's, rounded to ``round``. kRmsNorm
-// takes float32 x, its weight and the norm's scale.
-template <int P, class T>
-JQ_HD float prologue_value(const T* __restrict__ x, const float* __restrict__ weight, float scale, int64_t round,
-                           int k, size_t i) {
-  const float v = to_float(ldg(x + i));
-  if constexpr (P == kRmsNorm) {
-    return rounded(v * scale * ldg(weight + i), round);
-  } else if constexpr (P == kAsIs) {
-    return v;
-  } else {
-    return rounded(gated<P>(v, to_float(ldg(x + k + i))), round);
-  }
-}
+// Before quantizing, the kernel computes the product's input from the call's x (a Prologue of
+// cuda_common.cuh, as ops.Activation defines it).
 
 JQ_HD float block_scale(float amax, bool nan) { return nan ? NAN : amax * (1.0f / 32767.0f); }  // as XLA: amax / 32767
 
@@ -604,22 +551,6 @@ void quantize_block(const float (&v)[32], uint32_t* __restrict__ words, float& d
 // of x itself (16 KB from L2 at K = 4096) rather than wait for another kernel.
 constexpr int kPrepWarps = 8;
 
-__device__ float sum_squares(const float* __restrict__ x, int k) {  // every thread gets the sum
-  __shared__ float part[kPrepWarps];
-  float s = 0.f;
-  for (int i = 4 * threadIdx.x; i < k; i += 4 * kPrepWarps * 32) {
-    const float4 v = ldg(reinterpret_cast<const float4*>(x + i));
-    s += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-  }
-  s = warp_sum(s);
-  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
-  __syncthreads();
-  float total = 0.f;
-#pragma unroll
-  for (int w = 0; w < kPrepWarps; ++w) total += part[w];
-  return total;
-}
-
 // Releases the gemv after it at once (it may start reading its weights) and waits for the kernel
 // before it, which wrote x.
 template <class T, int P>
@@ -630,7 +561,7 @@ __global__ void __launch_bounds__(kPrepWarps * 32)
   wait_for_previous_kernel();
   const int lane = threadIdx.x % 32, b = blockIdx.x * kPrepWarps + threadIdx.x / 32, k = 32 * blocks;
   float scale = 0.f;
-  if constexpr (P == kRmsNorm) scale = norm_scale(sum_squares(x, k), k, eps);
+  if constexpr (P == kRmsNorm) scale = norm_scale(sum_squares<kPrepWarps>(x, k), k, eps);
   if (b >= blocks) return;
   const float v = prologue_value<P>(x, weight, scale, round, k, 32 * static_cast<size_t>(b) + lane);
   const bool nan = __any_sync(kAll, std::isnan(v));
