@@ -20,12 +20,14 @@ from jaxquant.qtensor import QTensor
 from pallas_kernels import cuda_lib, gemv_cuda
 
 FORMATS = {"Q4_K": "jq_batch_q4_k", "Q6_K": "jq_batch_q6_k"}
-# qdot takes them for the FFN's matrices of an 8B model (N x K >= MIN_WEIGHTS), where at M = 8 on the
-# H200 they tied or beat qmm (us, session 11): Q4_K 4096x14336 33.2 against 32.8, 14336x4096 30.6
-# against 33.6; Q6_K 41.5 against 43.1, 46.7 against 46.7. Not at 4096x1024 (8.9 / 9.1 against
-# 5.5 / 6.2: 64 blocks of 16 rows), nor above 8 rows (no kernel).
+# qdot takes them for the matrices of an 8B model with N x K >= MIN_WEIGHTS, where at M = 8 on the
+# H200 they tied or beat qmm (us): the FFN's (session 11) Q4_K 4096x14336 33.2 against 32.8,
+# 14336x4096 30.6 against 33.6, Q6_K 41.5 against 43.1, 46.7 against 46.7; the attention's (session
+# 12, 4 warps) Q4_K 4096x4096 11.2 against 13.4, 4096x5120 12.9 against 15.0, Q6_K 16.6 against
+# 17.0, 18.7 against 18.6. Not at 4096x1024 (8.9 / 9.1 against 5.5 / 6.2: 64 blocks of 16 rows),
+# nor above 8 rows (no kernel).
 SELECTED = frozenset(FORMATS)
-MIN_WEIGHTS = 1 << 25
+MIN_WEIGHTS = 1 << 24
 WARPS = (1, 2, 4, 8)  # warps of a block splitting K, one block a 16-row group
 MAX_M = 8
 
@@ -46,9 +48,11 @@ def supports(fmt: str, m: int, n: int, k: int) -> bool:
             and available())
 
 
-def default_warps(n: int) -> int:
-    """Warps splitting K so that the grid holds about 2048 warps (16 an SM)."""
-    return next((s for s in WARPS if n // 16 * s >= 2048), WARPS[-1])
+def default_warps(n: int, k: int) -> int:
+    """Warps splitting K so that the grid holds about 2048 warps (16 an SM), each warp at least 4
+    super-blocks (at K = 4096, 4 warps beat 8: 12.9 against 14.1 us at 4096x5120)."""
+    most = max(s for s in WARPS if s == 1 or 1024 * s <= k)
+    return min(next((s for s in WARPS if n // 16 * s >= 2048), WARPS[-1]), most)
 
 
 def split_bf16(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -81,7 +85,7 @@ def batch(x: jax.Array | Activation, w: QTensor | tuple[QTensor, ...], residual:
     k, n = w.shape[1], w.shape[0]
     if w.fmt not in FORMATS or not 1 <= m <= MAX_M:
         raise JaxquantError(f"batch_cuda: {w.fmt} with {m} activation rows ({', '.join(FORMATS)}; 1 to {MAX_M} rows)")
-    warps = warps or default_warps(n)
+    warps = warps or default_warps(n, k)
     if warps not in WARPS:
         raise JaxquantError(f"batch_cuda: warps must be one of {WARPS}, not {warps}")
     if not isinstance(x, Activation) and x.dtype != jnp.bfloat16:

@@ -100,18 +100,20 @@ def test_host_entry_rejects_unknown_format_warps_rows_and_prologue(lib):
 
 
 def test_selected_where_timed(monkeypatch):
-    """qdot takes them (where built) for the FFN-sized matrices at M = 2..8: they tied or beat qmm
-    there on the H200, and lost at 4096x1024 (RESULTS.md, session 11)."""
+    """qdot takes them (where built) for an 8B model's FFN and q/k, o matrices at M = 2..8: they
+    tied or beat qmm there on the H200, and lost at 4096x1024 (RESULTS.md, sessions 11 and 12);
+    the warps splitting K as timed best there."""
     monkeypatch.setattr(batch_cuda, "available", lambda: True)
     for fmt in ("Q4_K", "Q6_K"):
-        for n, k in ((14336, 4096), (4096, 14336), (28672, 4096)):
+        for n, k in ((14336, 4096), (4096, 14336), (28672, 4096), (4096, 4096), (5120, 4096)):
             assert batch_cuda.supports(fmt, 8, n, k) and batch_cuda.supports(fmt, 2, n, k)
             assert not batch_cuda.supports(fmt, 9, n, k) and not batch_cuda.supports(fmt, 1, n, k)
-        for n, k in ((1024, 4096), (4096, 4096), (5120, 4096)):
-            assert not batch_cuda.supports(fmt, 8, n, k)
+        assert not batch_cuda.supports(fmt, 8, 1024, 4096)
     assert not batch_cuda.supports("Q8_0", 8, 14336, 4096)
     w = random_qtensor("Q4_K", 14336, 4096, jax.random.key(0))
     assert pallas_kernels.select(w, 8).backend == "cuda" and pallas_kernels.select(w, 9).op == "qmm"
+    assert [batch_cuda.default_warps(n, k) for n, k in ((5120, 4096), (4096, 4096), (14336, 4096), (4096, 14336),
+                                                        (128256, 4096), (4096, 3072), (512, 256))] == [4, 4, 4, 8, 1, 2, 1]
 
 
 @pytest.mark.parametrize(("kind", "fmt", "n", "k"), [("rms_norm", "Q4_K", 14336, 4096), ("silu", "Q6_K", 4096, 14336)])
