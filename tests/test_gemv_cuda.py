@@ -39,7 +39,8 @@ def test_library_builds_for_hopper_without_spills(lib, tmp_path):
                             capture_output=True, text=True, check=True).stderr
     kernels = re.findall(r"Compiling entry function '(\w+)'", report)
     assert len(kernels) == (len(gemv_cuda.FORMATS) * len(gemv_cuda.TILINGS)
-                            + len(batch_cuda.FORMATS) * len(batch_cuda.WARPS) + 1  # and its prepare_kernel
+                            + len(batch_cuda.FORMATS) * len(batch_cuda.WARPS)
+                            + 1 + 1 + 2 * 2  # its prepare_kernel: bf16 as is, the norm on f32, 2 gated units x 2 dtypes
                             + 3 * 3 + 1  # prepare_kernel: 3 dtypes x (as is, 2 gated units), and the norm on f32
                             + 2 * 2 * len(attention_cuda.DIMS))  # attend and combine: 2 cache dtypes x head dims
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
