@@ -2,8 +2,10 @@
 kernels on the tensor cores (``batch_cuda.cu``, built into ``cuda_lib``'s library), called
 through the XLA FFI: bf16 MMA with float32 sums, the weights' codes exact in bf16 and every scale
 and min applied to a scale group's sums, so that a bf16 x gives dequantize + dot up to the order of
-float32 sums. The call prepares the activations in a kernel of its own and launches the product to
-start reading its weights meanwhile.
+float32 sums. The call prepares the activations in a kernel of its own (computing an
+``ops.Activation`` input there: the model's RMS norm or gated unit, as the gemv's call does) and
+launches the product to start reading its weights meanwhile; the product adds a residual as it
+writes.
 """
 
 from __future__ import annotations
