@@ -9,8 +9,10 @@
 // with C the group's MMA sum and S the activations' sum over the group. No per-block activation
 // scale: x (bf16) enters the MMA exactly (batch_cuda.py splits another dtype into bf16 hi + lo).
 //
-// A prepare kernel in the same call writes the activations in the MMA's pair order with their sums
-// per 16 and releases the product, launched early (PDL), which reads its first weights meanwhile.
+// A prepare kernel in the same call computes the activations (x, or its Prologue: the model's RMS
+// norm or gated unit, in bf16), writes them in the MMA's pair order with their sums per 16 and
+// releases the product, launched early (PDL), which reads its first weights meanwhile and adds a
+// residual as it writes.
 // A warp owns 16 weight rows (MMA rows g and g + 8 a lane, g = lane / 4) and the 8 activation
 // columns (B column g a lane, zeros past M); the S warps of a block split K by super-blocks. A
 // lane's work is host code too (JQ_HD): jq_batch_host runs it lane by lane with an emulated MMA
