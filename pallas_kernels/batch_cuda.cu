@@ -93,6 +93,12 @@ struct Acts {
   JQ_HD float4 sums(int block, int t) const { return ldg(xs + 4 * static_cast<size_t>(block) + t); }
 };
 
+// The block of super-block sb (past the row's end: its last, loaded and not used) of the lane's row
+// r of the 16 (g + 8 r, g = lane / 4).
+JQ_HD size_t lane_block(int row0, int lane, int r, int nb, int sb) {
+  return static_cast<size_t>(row0 + (lane >> 2) + 8 * r) * nb + (sb < nb ? sb : nb - 1);
+}
+
 // ggml's get_scale_min_k4 of sub-block j from a row's 3 scale words.
 JQ_HD void scale_min_k4(const uint32_t (&s)[3], int j, float& sc, float& mn) {
   const int k = 8 * (j & 3);
@@ -114,9 +120,9 @@ struct Q4KBatch {
   };
   static JQ_HD W load(const Args& w, int row0, int nb, int sb, int lane) {
     W o;
-    const int g = lane >> 2, t = lane & 3;
+    const int t = lane & 3;
     for (int r = 0; r < 2; ++r) {
-      const size_t blk = static_cast<size_t>(row0 + g + 8 * r) * nb + (sb < nb ? sb : nb - 1);
+      const size_t blk = lane_block(row0, lane, r, nb, sb);
       const uint2* q = reinterpret_cast<const uint2*>(w.qs + 8 * blk);
       for (int p = 0; p < 4; ++p) o.q[r][p] = ld_stream(q + 4 * p + t);
       for (int i = 0; i < 3; ++i) o.s[r][i] = ldg(w.scales + 3 * blk + i);
@@ -167,9 +173,9 @@ struct Q6KBatch {
   };
   static JQ_HD W load(const Args& w, int row0, int nb, int sb, int lane) {
     W o;
-    const int g = lane >> 2, t = lane & 3;
+    const int t = lane & 3;
     for (int r = 0; r < 2; ++r) {
-      const size_t blk = static_cast<size_t>(row0 + g + 8 * r) * nb + (sb < nb ? sb : nb - 1);
+      const size_t blk = lane_block(row0, lane, r, nb, sb);
       const uint32_t* ql = reinterpret_cast<const uint32_t*>(w.ql + 8 * blk);
       const uint32_t* qh = reinterpret_cast<const uint32_t*>(w.qh + 4 * blk);
       for (int hl = 0; hl < 4; ++hl) {
@@ -238,9 +244,14 @@ JQ_HD void batch_lane(const typename B::Args& w, const Acts& x, int nb, int row0
   }
 }
 
-// The output of the lane's value i: row g + 8 (i / 2) of its block, column 2t + i % 2.
-JQ_HD size_t out_index(int i, int lane, int row0, int n) {
-  return static_cast<size_t>(2 * (lane & 3) + (i & 1)) * n + row0 + (lane >> 2) + 8 * (i >> 1);
+// Writes the lane's values (plus res's, if any): value i to row g + 8 (i / 2) of its block, column
+// 2t + i % 2 where that is < m.
+JQ_HD void store_lane(const float (&v)[4], int lane, int row0, int n, int m, const float* res, float* out) {
+  for (int i = 0; i < 4; ++i) {
+    const int col = 2 * (lane & 3) + (i & 1);
+    const size_t o = static_cast<size_t>(col) * n + row0 + (lane >> 2) + 8 * (i >> 1);
+    if (col < m) out[o] = res != nullptr ? v[i] + res[o] : v[i];
+  }
 }
 
 template <class B, int S>
@@ -259,10 +270,7 @@ __global__ void __launch_bounds__(S * 32, 16 / S)  // 16 warps an SM: at most 12
       for (int i = 0; i < 4; ++i) acc[i] += parts[q][lane][i];
     }
   }
-  for (int i = 0; i < 4; ++i) {  // res: written before x (the prepare kernel waited for it)
-    const size_t o = out_index(i, lane, row0, n);
-    if (2 * (lane & 3) + (i & 1) < m) out[o] = res != nullptr ? acc[i] + res[o] : acc[i];
-  }
+  store_lane(acc, lane, row0, n, m, res, out);  // res: written before x (the prepare kernel waited for it)
 }
 
 JQ_HD int swapped(int e) { return (e & ~3) | ((e & 1) << 1) | ((e >> 1) & 1); }  // 4i + 1 <-> 4i + 2
@@ -283,7 +291,8 @@ __global__ void __launch_bounds__(kPrepWarps * 32)
                    __nv_bfloat16* __restrict__ xb, float* __restrict__ xs) {
   release_dependents();
   wait_for_previous_kernel();
-  const int col = blockIdx.y, blocks = k / 32, lane = threadIdx.x % 32, last = min(static_cast<int>(blockIdx.x + 1) * kPrepBlocks, blocks);
+  const int col = blockIdx.y, blocks = k / 32, lane = threadIdx.x % 32;
+  const int last = min(static_cast<int>(blockIdx.x + 1) * kPrepBlocks, blocks);
   const T* row = x + (col < m ? col : 0) * prepared_row(P, k);
   float scale = 0.f;
   if constexpr (P == kRmsNorm) scale = norm_scale(sum_squares<kPrepWarps>(row, k), k, eps);
@@ -319,12 +328,7 @@ void batch_host(const typename B::Args& w, const Acts& x, const float* res, floa
         for (int i = 0; i < 4; ++i) total[lane][i] += acc[i];
       }
     }
-    for (int lane = 0; lane < 32; ++lane) {
-      for (int i = 0; i < 4; ++i) {
-        const size_t o = out_index(i, lane, row0, n);
-        if (2 * (lane & 3) + (i & 1) < m) out[o] = res != nullptr ? total[lane][i] + res[o] : total[lane][i];
-      }
-    }
+    for (int lane = 0; lane < 32; ++lane) store_lane(total[lane], lane, row0, n, m, res, out);
   }
 }
 
@@ -338,7 +342,9 @@ ffi::Error batch(cudaStream_t stream, int64_t warps, int64_t prologue, int64_t r
                  ffi::Result<ffi::Buffer<ffi::F32>> out, ffi::Result<ffi::Buffer<ffi::BF16>> xb,
                  ffi::Result<ffi::Buffer<ffi::F32>> xs) {
   const auto dims = a0.dimensions(), xdims = x.dimensions();  // d: [N, super-blocks]
-  if (dims.size() != 2 || xdims.size() != 2) return ffi::Error::InvalidArgument("batch_cuda: d must be [N, blocks], x [M, K]");
+  if (dims.size() != 2 || xdims.size() != 2) {
+    return ffi::Error::InvalidArgument("batch_cuda: d must be [N, blocks], x [M, K]");
+  }
   const int64_t n = dims[0], nb = dims[1], m = xdims[0], k = 256 * nb;
   const bool norm = prologue == kRmsNorm;
   if (m < 1 || m > 8 || n % 16 || static_cast<size_t>(xdims[1]) != prepared_row(prologue, k) ||
@@ -360,23 +366,16 @@ ffi::Error batch(cudaStream_t stream, int64_t warps, int64_t prologue, int64_t r
   }
   const int blocks = static_cast<int>(k / 32);
   auto* xbf = reinterpret_cast<__nv_bfloat16*>(xb->untyped_data());
-  cudaError_t err = cudaErrorInvalidValue;
-  const auto prepare = [&](auto* typed) {
+  cudaError_t err = cudaErrorInvalidValue;  // as left where x's dtype takes no kernel here
+  with_input(x, prologue, [&](const auto* typed, auto p) {
     using T = std::remove_cv_t<std::remove_pointer_t<decltype(typed)>>;
-    with_prologue(prologue, [&](auto p) {
-      constexpr int P = decltype(p)::value;
-      if constexpr ((P != kRmsNorm || std::is_same_v<T, float>) && (P != kAsIs || std::is_same_v<T, __nv_bfloat16>)) {
-        err = launch_early(stream, dim3((blocks + kPrepBlocks - 1) / kPrepBlocks, 8), kPrepWarps * 32,
-                           prepare_kernel<T, P>, typed, weight, eps, round, static_cast<int>(m), static_cast<int>(k),
-                           xbf, xs->typed_data());
-      }
-    });
-  };
-  switch (x.element_type()) {
-    case ffi::DataType::F32: prepare(static_cast<const float*>(x.untyped_data())); break;
-    case ffi::DataType::BF16: prepare(static_cast<const __nv_bfloat16*>(x.untyped_data())); break;
-    default: break;
-  }
+    constexpr int P = decltype(p)::value;
+    if constexpr (!std::is_same_v<T, __half> && (P != kAsIs || std::is_same_v<T, __nv_bfloat16>)) {
+      err = launch_early(stream, dim3((blocks + kPrepBlocks - 1) / kPrepBlocks, 8), kPrepWarps * 32,
+                         prepare_kernel<T, P>, typed, weight, eps, round, static_cast<int>(m), static_cast<int>(k),
+                         xbf, xs->typed_data());
+    }
+  });
   if (err == cudaErrorInvalidValue) {
     return ffi::Error::InvalidArgument("batch_cuda: x must be bf16 as it is, f32 to norm, f32 or bf16 gated");
   }
@@ -437,7 +436,8 @@ extern "C" int jq_batch_host(const char* fmt, int64_t warps, const void* const* 
       for (int b = 0; b < blocks; ++b) {
         float half[2] = {0.f, 0.f};
         for (int e = 0; e < 32; ++e) {
-          const float v = col < m ? prologue_value<P>(row, weight, scale, round, k, 32 * static_cast<size_t>(b) + e) : 0.f;
+          const size_t i = 32 * static_cast<size_t>(b) + e;
+          const float v = col < m ? prologue_value<P>(row, weight, scale, round, k, i) : 0.f;
           const __nv_bfloat16 h = cast<__nv_bfloat16>(v);
           memcpy(&xb[(static_cast<size_t>(col) * blocks + b) * 32 + swapped(e)], &h, 2);
           half[e / 16] += to_float(h);

@@ -186,6 +186,30 @@ bool with_prologue(int64_t prologue, Fn&& fn) {
   }
 }
 
+// fn(x's data as const T*, std::integral_constant<int, P>{}) for x's element type T (f32, bf16 or
+// f16) and the prologue code P, but not for a norm of x other than f32 (the norms take f32): the
+// prepare kernels' instances, chosen by a call's operands. False where there is none.
+template <class Fn>
+bool with_input(const ffi::AnyBuffer& x, int64_t prologue, Fn&& fn) {
+  bool found = false;
+  const auto typed = [&](const auto* data) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(data)>>;
+    with_prologue(prologue, [&](auto p) {
+      if constexpr (decltype(p)::value != kRmsNorm || std::is_same_v<T, float>) {
+        fn(data, p);
+        found = true;
+      }
+    });
+  };
+  switch (x.element_type()) {
+    case ffi::DataType::F32: typed(static_cast<const float*>(x.untyped_data())); break;
+    case ffi::DataType::BF16: typed(static_cast<const __nv_bfloat16*>(x.untyped_data())); break;
+    case ffi::DataType::F16: typed(static_cast<const __half*>(x.untyped_data())); break;
+    default: break;
+  }
+  return found;
+}
+
 JQ_HD float rounded(float v, int64_t to) {  // to the compute dtype and back, as XLA's cast
   return to == kToBF16 ? to_float(cast<__nv_bfloat16>(v)) : to == kToF16 ? to_float(cast<__half>(v)) : v;
 }

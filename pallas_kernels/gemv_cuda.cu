@@ -589,23 +589,14 @@ ffi::Error prepare_x(cudaStream_t stream, int64_t prologue, int64_t round, float
   if (prologue == kRmsNorm && x.element_type() != ffi::DataType::F32) {
     return ffi::Error::InvalidArgument("gemv_cuda: the norm's x must be f32");
   }
-  cudaError_t err = cudaErrorInvalidValue;
-  const auto go = [&](auto* typed) {
+  cudaError_t err = cudaSuccess;
+  const bool known = with_input(x, prologue, [&](const auto* typed, auto p) {
     using T = std::remove_cv_t<std::remove_pointer_t<decltype(typed)>>;
-    with_prologue(prologue, [&](auto p) {
-      constexpr int P = decltype(p)::value;
-      if constexpr (P != kRmsNorm || std::is_same_v<T, float>) {
-        err = launch_early(stream, (blocks + kPrepWarps - 1) / kPrepWarps, kPrepWarps * 32, prepare_kernel<T, P>, typed,
-                           weight, eps, round, words, dx, reinterpret_cast<int4*>(sums), blocks);
-      }
-    });
-  };
-  switch (x.element_type()) {
-    case ffi::DataType::F32: go(static_cast<const float*>(x.untyped_data())); break;
-    case ffi::DataType::BF16: go(static_cast<const __nv_bfloat16*>(x.untyped_data())); break;
-    case ffi::DataType::F16: go(static_cast<const __half*>(x.untyped_data())); break;
-    default: return ffi::Error::InvalidArgument("gemv_cuda: activations must be f32, bf16 or f16");
-  }
+    err = launch_early(stream, (blocks + kPrepWarps - 1) / kPrepWarps, kPrepWarps * 32,
+                       prepare_kernel<T, decltype(p)::value>, typed, weight, eps, round, words, dx,
+                       reinterpret_cast<int4*>(sums), blocks);
+  });
+  if (!known) return ffi::Error::InvalidArgument("gemv_cuda: activations must be f32, bf16 or f16 (a known prologue)");
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("gemv_cuda prepare_x: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }
